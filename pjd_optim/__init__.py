@@ -1,0 +1,22 @@
+"""Partial Jacobian descent as a one-line change: wrap any ``torch.optim`` optimizer.
+
+>>> optimizer = PartialJDOptimizer(base, model)   # groups flagged "considered": True
+>>> optimizer.step(losses)                        # per-instance losses, shape [B]
+"""
+
+from .gramian import GramianRule, register_gramian_rule
+from .optimizer import GramianMode, PartialJDOptimizer, StepInfo
+from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
+
+__all__ = [
+    "MGDA",
+    "DualProj",
+    "GramianMode",
+    "GramianRule",
+    "Mean",
+    "PartialJDOptimizer",
+    "StepInfo",
+    "UPGrad",
+    "Weighting",
+    "register_gramian_rule",
+]

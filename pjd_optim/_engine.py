@@ -1,0 +1,254 @@
+"""The Gramian ``G = J Jᵀ`` of the losses' Jacobian w.r.t. the considered parameters.
+
+Two ways, same result for models whose samples are independent:
+
+- :class:`HookedGramian` (default): taps on the considered modules save their inputs; one backward
+  from the losses with cotangent 1 (per objective column) gives each module's output gradients;
+  the per-layer rules turn (inputs, output gradients) into the module's Gramian. Parameters used by
+  several modules (tied weights) get their per-sample gradients summed across modules first.
+- :func:`autograd_gramian`: one vector-Jacobian product per loss (batched). Exact for any graph,
+  including batch-coupled ones, and slow.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from ._hooks import HookSet, ModuleCall, collecting, input_versions
+from .gramian import couples_batch, rule_for, sum_of_gramians
+
+Plan = dict[nn.Module, dict[str, nn.Parameter]]
+
+
+def plan_modules(model: nn.Module, considered: Sequence[nn.Parameter]) -> Plan:
+    """Which module owns which considered parameter, by local name.
+
+    A module owns its direct parameters; a module whose rule is ``recursive`` (e.g.
+    ``MultiheadAttention``) owns those of its whole subtree. A parameter may have several owners
+    (tied weights). Raises ``ValueError`` if some considered parameter has no owner in ``model``.
+    """
+    wanted = {id(p) for p in considered}
+    plan: Plan = {}
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        recursive = rule_for(module).recursive
+        named = module.named_parameters(recurse=recursive, remove_duplicate=False)
+        owned = {name: p for name, p in named if id(p) in wanted}
+        if owned:
+            plan[module] = owned
+        if not recursive:
+            for child in module.children():
+                visit(child)
+
+    visit(model)
+    owned_ids = {id(p) for params in plan.values() for p in params.values()}
+    missing = [p for p in considered if id(p) not in owned_ids]
+    if missing:
+        shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
+        raise ValueError(
+            f"{len(missing)} considered parameter(s) (shapes {shapes}) belong to no module of "
+            "`model`. Pass the model that uses them, or remove them from the considered groups."
+        )
+    return plan
+
+
+class HookedGramian:
+    """Hooks the planned modules of ``model`` and computes Gramians from their taps."""
+
+    def __init__(self, model: nn.Module, considered: Sequence[nn.Parameter]) -> None:
+        self.plan = plan_modules(model, considered)
+        owners: defaultdict[int, int] = defaultdict(int)
+        for params in self.plan.values():
+            for p in set(params.values()):
+                owners[id(p)] += 1
+        self.shared = {pid for pid, count in owners.items() if count > 1}
+        self.hooks = HookSet()
+        for module in self.plan:
+            self.hooks.tap(module)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self.hooks.mark(module, couples_batch)
+
+    def gramian(self, losses: Tensor) -> Tensor:
+        """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after)."""
+        calls = self.collect(losses)
+        by_module: dict[nn.Module, list[ModuleCall]] = defaultdict(list)
+        for call in calls:
+            by_module[call.module].append(call)
+        gramians: list[Tensor] = []
+        shared_grads: dict[int, Tensor] = {}
+        for module, module_calls in by_module.items():
+            params = {n: p for n, p in self.plan[module].items() if p.requires_grad}
+            own = {n: p for n, p in params.items() if id(p) not in self.shared}
+            tied = {n: p for n, p in params.items() if id(p) in self.shared}
+            rule = rule_for(module)
+            if own:
+                gramians.append(rule.gramian(module, module_calls, own))
+            if tied:
+                for name, grad in rule.per_sample_grads(module, module_calls, tied).items():
+                    key = id(tied[name])
+                    shared_grads[key] = shared_grads[key] + grad if key in shared_grads else grad
+        if shared_grads:
+            gramians.append(sum_of_gramians(list(shared_grads.values())))
+        dtype = gramians[0].dtype
+        for g in gramians[1:]:
+            dtype = torch.promote_types(dtype, g.dtype)
+        total = torch.stack([g.to(dtype) for g in gramians]).sum(dim=0)
+        return _objective_major_to_sample_major(total, losses)
+
+    def collect(self, losses: Tensor) -> list[ModuleCall]:
+        """Run the cotangent pass(es); return every reached call with its output gradients.
+
+        Losses ``[B, k...]`` take ``K = Π k`` passes (one per objective column); the calls are
+        returned with ``K·B`` rows, objective-major, inputs repeated ``K`` times.
+        """
+        batch = losses.shape[0]
+        columns = losses.reshape(batch, -1)
+        objectives = columns.shape[1]
+        grads: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
+        coupling: list[nn.Module] = []
+        for j in range(objectives):
+            cotangent = torch.zeros_like(columns)
+            cotangent[:, j] = 1
+            with collecting(self.hooks.token) as collector:
+                torch.autograd.grad(
+                    columns, self.hooks.anchor, cotangent, retain_graph=True, allow_unused=True
+                )
+            for call, call_grads in collector.calls:
+                grads.setdefault(call, []).append(call_grads)
+            coupling += collector.coupling
+        if coupling:
+            names = sorted({type(m).__name__ for m in coupling})
+            raise ValueError(
+                f"{', '.join(names)} in train mode sits between the considered parameters and the "
+                "losses and mixes the samples of the batch, so per-sample gradients do not factor. "
+                "Fix: put those layers in eval mode (module.eval(), or "
+                "timm.layers.freeze_batch_norm_2d), or pass gramian_mode='autograd' (exact, slow)."
+            )
+        if not grads:
+            raise ValueError(
+                "The losses do not depend on any considered parameter: check that the losses come "
+                "from a forward of `model` with gradients enabled after the optimizer was created."
+            )
+        for call in grads:
+            if input_versions(call) != call.versions:
+                raise ValueError(
+                    f"An input of {type(call.module).__name__} was modified in place after its "
+                    "forward; its saved activations are stale. Avoid in-place ops on that input."
+                )
+        if objectives == 1 and any(p[0][0].shape[0] != batch for p in grads.values()):
+            grads = self._scatter_to_losses(columns, grads)
+        ordered = sorted(grads.items(), key=lambda item: item[0].order)
+        return [_with_rows(call, passes, batch) for call, passes in ordered]
+
+    def _scatter_to_losses(
+        self, columns: Tensor, grads: dict[ModuleCall, list[tuple[Tensor, ...]]]
+    ) -> dict[ModuleCall, list[tuple[Tensor, ...]]]:
+        """Several forwards concatenated into one loss vector: find which loss each row of each
+        call feeds (one more pass, cotangent ``i + 1`` for loss ``i``, gives row ``r`` scaled by
+        its loss index) and spread every call's rows onto the ``B`` losses, with zero rows where
+        a call has no sample (those contribute nothing)."""
+        batch = columns.shape[0]
+        tags = torch.arange(1, batch + 1, dtype=columns.dtype, device=columns.device)
+        with collecting(self.hooks.token) as collector:
+            torch.autograd.grad(
+                columns, self.hooks.anchor, tags.unsqueeze(1), retain_graph=True, allow_unused=True
+            )
+        tagged = dict(collector.calls)
+        spread: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
+        for call, passes in grads.items():
+            ones = torch.cat([g.flatten(start_dim=1) for g in passes[0]], dim=1)
+            scaled = torch.cat([g.flatten(start_dim=1) for g in tagged[call]], dim=1)
+            pick = ones.abs().argmax(dim=1, keepdim=True)
+            ratio = scaled.gather(1, pick) / ones.gather(1, pick)
+            index = torch.where(ones.gather(1, pick) != 0, ratio.round() - 1, -1).long().squeeze(1)
+            live = index >= 0
+            if index[live].unique().numel() != int(live.sum()):
+                raise ValueError(
+                    f"Two rows of one call of {type(call.module).__name__} feed the same loss: "
+                    "losses must be per-instance (one row of the batch each)."
+                )
+            rows = ones.shape[0]
+
+            def place(x: object, rows: int = rows, index: Tensor = index, live: Tensor = live) -> object:
+                if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows:
+                    out = x.new_zeros(batch, *x.shape[1:])
+                    return out.index_copy_(0, index[live], x[live])
+                return x
+
+            moved = ModuleCall(
+                module=call.module,
+                args=tree_map(place, call.args),
+                kwargs=tree_map(place, call.kwargs),
+                tapped=call.tapped,
+                out_spec=call.out_spec,
+                order=call.order,
+            )
+            spread[moved] = [tuple(place(g) for g in passes[0])]  # type: ignore[misc]
+        return spread
+
+
+def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -> ModuleCall:
+    """``call`` with output gradients of the passes stacked objective-major and inputs repeated."""
+    objectives = len(passes)
+    rows = passes[0][0].shape[0]
+    if rows != batch:
+        raise ValueError(
+            f"{type(call.module).__name__} saw a batch of {rows} rows but the losses have "
+            f"{batch} rows. Losses must be per-instance with the batch on dim 0 of every "
+            "considered module's input and output; concatenate per-sample losses of separate "
+            "forwards in order, or use gramian_mode='autograd'."
+        )
+    stacked = tuple(torch.cat(grads, dim=0) for grads in zip(*passes, strict=True))
+
+    def repeat(x: object) -> object:
+        if objectives > 1 and isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch:
+            return x.repeat(objectives, *([1] * (x.ndim - 1)))
+        return x
+
+    return ModuleCall(
+        module=call.module,
+        args=tree_map(repeat, call.args),
+        kwargs=tree_map(repeat, call.kwargs),
+        tapped=call.tapped,
+        out_spec=call.out_spec,
+        order=call.order,
+        output_grads=stacked,
+    )
+
+
+def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
+    """Reorder a Gramian indexed (objective, sample) to ``losses.flatten()``'s (sample, objective)."""
+    batch = losses.shape[0]
+    objectives = losses.numel() // batch
+    if objectives == 1:
+        return gramian
+    g = gramian.view(objectives, batch, objectives, batch).permute(1, 0, 3, 2)
+    return g.reshape(batch * objectives, batch * objectives)
+
+
+def autograd_gramian(losses: Tensor, params: Iterable[nn.Parameter]) -> Tensor:
+    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
+    flat = losses.flatten()
+    inputs = [p for p in params if p.requires_grad]
+    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+    try:
+        jac = torch.autograd.grad(
+            flat, inputs, eye, retain_graph=True, is_grads_batched=True, materialize_grads=True
+        )
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad(flat, inputs, e, retain_graph=True, materialize_grads=True)
+            for e in eye
+        ]
+        jac = tuple(torch.stack(col) for col in zip(*rows, strict=True))
+    return sum_of_gramians(list(jac))

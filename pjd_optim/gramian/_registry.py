@@ -1,0 +1,89 @@
+"""Registry of per-layer Gramian rules.
+
+A rule knows, for one module type, how to turn the saved calls of a module (inputs ``A`` and
+output gradients ``Gy``, one row per sample) into
+
+- ``per_sample_grads``: ``{name: P}`` with ``P[i] = ∇_θ loss_i`` for each considered parameter
+  ``θ`` of the module (summed over every call of the module), and
+- ``gramian``: ``Σ_θ P_θ P_θᵀ`` (``[B, B]``), which fast rules compute without materialising
+  ``P`` (the "ghost" forms of DESIGN.md §3).
+
+The engine never looks at module types: it asks :func:`rule_for` and falls back to the generic
+rule (``torch.func`` per-sample VJPs), which is exact for any module whose samples are independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .._hooks import ModuleCall
+
+
+class GramianRule:
+    """Base class of per-layer rules. Subclasses implement at least :meth:`per_sample_grads`.
+
+    ``recursive = True`` means the rule covers the parameters of the module's sub-modules too
+    (for modules such as ``MultiheadAttention`` that use their children's parameters without
+    calling the children).
+    """
+
+    recursive: bool = False
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        """``{name: P}`` with ``P[i] = Σ_calls ∇_θ loss_i`` for each ``θ = params[name]``."""
+        raise NotImplementedError
+
+    def gramian(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> Tensor:
+        """``Σ_θ P_θ P_θᵀ`` over ``params``; by default from :meth:`per_sample_grads`."""
+        grads = self.per_sample_grads(module, calls, params)
+        return sum_of_gramians(list(grads.values()))
+
+
+def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:
+    """``Σ_k P_k P_kᵀ`` with each ``P_k`` flattened to ``[B, -1]``."""
+    flat = [p.flatten(start_dim=1) for p in per_sample]
+    matrix = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+    return matrix @ matrix.T
+
+
+_RULES: dict[type[nn.Module], GramianRule] = {}
+
+_M = TypeVar("_M", bound=type[GramianRule])
+
+
+def register_gramian_rule(*module_types: type[nn.Module]) -> Callable[[_M], _M]:
+    """Class decorator: use an instance of the decorated rule for ``module_types`` (and subclasses).
+
+    Example::
+
+        @register_gramian_rule(MyLayer)
+        class MyLayerRule(GramianRule):
+            def per_sample_grads(self, module, calls, params): ...
+    """
+
+    def register(rule_class: _M) -> _M:
+        rule = rule_class()
+        for module_type in module_types:
+            _RULES[module_type] = rule
+        return rule_class
+
+    return register
+
+
+def rule_for(module: nn.Module) -> GramianRule:
+    """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` the
+    module still uses; a subclass that overrides ``forward`` gets the generic rule."""
+    forward = type(module).forward
+    for klass in type(module).__mro__:
+        rule = _RULES.get(klass)  # type: ignore[arg-type]
+        if rule is not None and getattr(klass, "forward", None) is forward:
+            return rule
+    return _RULES[nn.Module]

@@ -1,0 +1,70 @@
+"""Generic exact rule: per-sample vector-Jacobian products with ``torch.func``.
+
+For a call ``y = f(θ, x)`` with output gradients ``Gy`` (row ``i`` = ∂loss_i/∂y_i), the per-sample
+gradient is ``P[i] = vjp(θ ↦ f(θ, x_i), Gy_i)``, vmapped over samples; calls of the same module are
+summed. Exact for any module whose samples are independent along dim 0, at the cost of
+re-running the module's forward (it must be deterministic: no active dropout inside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._hooks import ModuleCall, suspended
+from ._registry import GramianRule, register_gramian_rule
+
+
+def _per_sample_vjp(
+    module: nn.Module, call: ModuleCall, params: Mapping[str, nn.Parameter]
+) -> dict[str, Tensor]:
+    batch = call.output_grads[0].shape[0]
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    batched = [isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch for x in leaves]
+    samples = [x for x, b in zip(leaves, batched, strict=True) if b]
+    values = {name: p.detach() for name, p in params.items()}
+
+    def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
+        it = iter(xs)
+        filled = [next(it).unsqueeze(0) if b else x for x, b in zip(leaves, batched, strict=True)]
+        args, kwargs = tree_unflatten(filled, spec)
+
+        def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out = tree_flatten(functional_call(module, theta, tuple(args), kwargs))[0]
+            return tuple(out[k] for k in call.tapped)
+
+        _, pullback = vjp(forward, theta)
+        return pullback(tuple(g.unsqueeze(0) for g in gys))[0]
+
+    with suspended():
+        grads: dict[str, Tensor] = vmap(one_sample, in_dims=(None, 0, 0), randomness="different")(
+            values, samples, call.output_grads
+        )
+    return grads
+
+
+@register_gramian_rule(nn.Module)
+class GenericRule(GramianRule):
+    """Any module: per-sample gradients by vmapped ``torch.func.vjp``, summed over calls."""
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        total: dict[str, Tensor] = {}
+        for call in calls:
+            for name, grad in _per_sample_vjp(module, call, params).items():
+                total[name] = total[name] + grad if name in total else grad
+        return total
+
+
+@register_gramian_rule(nn.MultiheadAttention)
+class AttentionRule(GenericRule):
+    """``MultiheadAttention`` uses ``out_proj``'s parameters without calling ``out_proj``, so the
+    rule covers the parameters of its sub-modules too."""
+
+    recursive = True
+

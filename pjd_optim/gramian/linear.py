@@ -1,0 +1,110 @@
+"""Linear layers, and the grouped-linear kernel shared with convolutions.
+
+With inputs ``A`` ``[B, T, g, d]`` and output gradients ``Gy`` ``[B, T, g, p]`` (T positions, g
+independent groups), the per-sample weight gradient of group ``k`` is ``Σ_t Gy_itk A_itkᵀ`` and
+
+    G_ij = Σ_k Σ_{t,s} (a_itk · a_jsk)(g_itk · g_jsk)               (weight, "ghost" form)
+    G_ij += (Σ_t g_it) · (Σ_s g_js)                                   (bias)
+
+The ghost form costs ``g (BT)² (d + p)`` flops; materialising the per-sample gradients costs
+``g BT p d + g B² p d``. :func:`grouped_linear_gramian` picks the cheaper one per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .._hooks import ModuleCall
+from ._registry import GramianRule, register_gramian_rule
+
+Mode = Literal["auto", "ghost", "materialize"]
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """At least float32 (Gramians of half-precision activations lose too much)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def weight_grads(a: Tensor, gy: Tensor) -> Tensor:
+    """Per-sample weight gradients ``[B, g, p, d]`` from ``a`` ``[B,T,g,d]``, ``gy`` ``[B,T,g,p]``."""
+    return torch.einsum("btgp,btgd->bgpd", gy, a)
+
+
+def use_ghost(a: Tensor, gy: Tensor, mode: Mode) -> bool:
+    """The cost model of DESIGN.md §3: ghost iff ``(BT)²(d+p) < BTpd + B²pd``."""
+    if mode != "auto":
+        return mode == "ghost"
+    b, t, _, d = a.shape
+    p = gy.shape[-1]
+    return (b * t) ** 2 * (d + p) < b * t * p * d + b * b * p * d
+
+
+def weight_gramian(a: Tensor, gy: Tensor, mode: Mode = "auto") -> Tensor:
+    """``[B, B]`` Gramian of the per-sample weight gradients (see module docstring)."""
+    b, t, g, d = a.shape
+    if not use_ghost(a, gy, mode):
+        flat = weight_grads(a, gy).reshape(b, -1)
+        return flat @ flat.T
+    a_flat = a.reshape(b * t, g, d).transpose(0, 1)  # [g, BT, d]
+    g_flat = gy.reshape(b * t, g, -1).transpose(0, 1)  # [g, BT, p]
+    kernel = ((a_flat @ a_flat.transpose(1, 2)) * (g_flat @ g_flat.transpose(1, 2))).sum(0)
+    return kernel.view(b, t, b, t).sum(dim=(1, 3))
+
+
+def linear_factors(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+    """Inputs ``[B, T, 1, d]`` and output gradients ``[B, T, 1, p]``; extra leading dims and
+    the calls themselves are folded into ``T`` (a reused layer's gradient sums over uses)."""
+    inputs, grads = [], []
+    for call in calls:
+        x, gy = call.args[0], call.output_grads[0]
+        dtype = compute_dtype(gy)
+        inputs.append(x.reshape(x.shape[0], -1, 1, x.shape[-1]).to(dtype))
+        grads.append(gy.reshape(gy.shape[0], -1, 1, gy.shape[-1]).to(dtype))
+    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)
+
+
+class GroupedLinearRule(GramianRule):
+    """Shared logic of layers that factor as grouped linear maps; subclasses give ``factors``."""
+
+    def __init__(self, mode: Mode = "auto") -> None:
+        self.mode: Mode = mode
+
+    def factors(self, module: nn.Module, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        a, gy = self.factors(module, calls)
+        grads: dict[str, Tensor] = {}
+        if "weight" in params:
+            weight = params["weight"]
+            grads["weight"] = weight_grads(a, gy).reshape(a.shape[0], *weight.shape)
+        if "bias" in params:
+            grads["bias"] = gy.sum(dim=1).flatten(start_dim=1)
+        return grads
+
+    def gramian(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> Tensor:
+        a, gy = self.factors(module, calls)
+        b = a.shape[0]
+        gramian = a.new_zeros(b, b)
+        if "weight" in params:
+            gramian = gramian + weight_gramian(a, gy, self.mode)
+        if "bias" in params:
+            bias = gy.sum(dim=1).flatten(start_dim=1)
+            gramian = gramian + bias @ bias.T
+        return gramian
+
+
+@register_gramian_rule(nn.Linear)
+class LinearRule(GroupedLinearRule):
+    """``nn.Linear`` on inputs ``[B, *, d]``."""
+
+    def factors(self, module: nn.Module, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+        return linear_factors(calls)

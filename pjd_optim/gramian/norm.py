@@ -1,0 +1,95 @@
+"""Affine parameters of normalisation layers.
+
+With ``x̂`` the normalised input and ``g`` the output gradient, the per-sample gradients are
+``∇γ loss_i = Σ_t x̂_it ⊙ g_it`` and ``∇β loss_i = Σ_t g_it`` (sums over the positions that share
+the parameter). They are small (one entry per channel), so the rule materialises them and the
+Gramian is ``P Pᵀ``. BatchNorm is per-sample only in eval mode with running statistics; in train
+mode it couples the samples and the optimizer refuses it (see ``couples_batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._hooks import ModuleCall
+from ._registry import GramianRule, register_gramian_rule
+from .linear import compute_dtype
+
+
+def couples_batch(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with statistics of the whole batch right now."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or module.running_mean is None
+    return False
+
+
+class AffineNormRule(GramianRule):
+    """Subclasses give ``normalised(module, x) -> (x̂, channel_dims)``: ``x̂`` has the shape of
+    ``x`` and ``channel_dims`` are the dims indexed by the affine parameters."""
+
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        total: dict[str, Tensor] = {}
+        for call in calls:
+            gy = call.output_grads[0]
+            dtype = compute_dtype(gy)
+            x_hat, channel_dims = self.normalised(module, call.args[0].to(dtype))
+            gy = gy.to(dtype)
+            summed = tuple(d for d in range(1, x_hat.ndim) if d not in channel_dims)
+            weight = x_hat * gy
+            # (sum over an empty tuple of dims would reduce everything)
+            grads = {
+                "weight": weight.sum(dim=summed) if summed else weight,
+                "bias": gy.sum(dim=summed) if summed else gy,
+            }
+            for name in params:
+                total[name] = total[name] + grads[name] if name in total else grads[name]
+        return total
+
+
+def _trailing(x: Tensor, count: int) -> tuple[int, ...]:
+    return tuple(range(x.ndim - count, x.ndim))
+
+
+@register_gramian_rule(nn.LayerNorm)
+class LayerNormRule(AffineNormRule):
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        assert isinstance(module, nn.LayerNorm)
+        shape = module.normalized_shape
+        return F.layer_norm(x, shape, eps=module.eps), _trailing(x, len(shape))
+
+
+@register_gramian_rule(nn.RMSNorm)
+class RMSNormRule(AffineNormRule):
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        assert isinstance(module, nn.RMSNorm)
+        shape = module.normalized_shape
+        return F.rms_norm(x, shape, eps=module.eps), _trailing(x, len(shape))
+
+
+@register_gramian_rule(nn.GroupNorm)
+class GroupNormRule(AffineNormRule):
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        assert isinstance(module, nn.GroupNorm)
+        return F.group_norm(x, module.num_groups, eps=module.eps), (1,)
+
+
+@register_gramian_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormRule(AffineNormRule):
+    """Eval mode with running statistics only (train mode is refused before this runs)."""
+
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        assert module.running_mean is not None and module.running_var is not None
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = module.running_mean.to(x.dtype).view(shape)
+        std = torch.sqrt(module.running_var.to(x.dtype) + module.eps).view(shape)
+        return (x - mean) / std, (1,)

@@ -1,0 +1,335 @@
+"""``PartialJDOptimizer``: partial Jacobian descent around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ._engine import HookedGramian, autograd_gramian
+from ._groups import (
+    ParamGroup,
+    check_disjoint,
+    considered_parameters,
+    parameters_of,
+    split_considered,
+)
+from ._hooks import finalize_with
+from .weightings import UPGrad, Weighting
+
+GramianMode = Literal["hooks", "autograd"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last :meth:`PartialJDOptimizer.backward` computed (detached).
+
+    ``conflict`` is the fraction of pairs ``i < j`` with a negative cosine ``G_ij < 0`` and
+    ``min_cosine`` the smallest ``G_ij / √(G_ii G_jj)`` (both over the considered parameters).
+    """
+
+    gramian: Tensor
+    weights: Tensor
+
+    @property
+    def cosines(self) -> Tensor:
+        norms = self.gramian.diagonal().clamp_min(torch.finfo(self.gramian.dtype).tiny).sqrt()
+        return self.gramian / norms.unsqueeze(0) / norms.unsqueeze(1)
+
+    @property
+    def conflict(self) -> float:
+        m = self.gramian.shape[0]
+        if m < 2:
+            return 0.0
+        upper = torch.triu(torch.ones(m, m, dtype=torch.bool, device=self.gramian.device), 1)
+        return float((self.gramian[upper] < 0).float().mean())
+
+    @property
+    def min_cosine(self) -> float:
+        return float(self.cosines.min())
+
+
+class PartialJDOptimizer(Optimizer):
+    r"""Partial Jacobian descent: resolves conflicts between per-instance losses, then lets
+    ``base`` update the parameters.
+
+    With ``ℓ = (ℓ_1, …, ℓ_m)`` the losses and ``J`` their Jacobian w.r.t. the *considered*
+    parameters (groups flagged ``"considered": True``), one step is
+
+    .. math::
+        G = J J^\top, \qquad w = \mathrm{weighting}(G), \qquad
+        \theta.\mathrm{grad} \mathrel{+}= \textstyle\sum_i w_i \nabla_\theta \ell_i
+        \ \text{for every trainable } \theta, \qquad \texttt{base.step()}.
+
+    ``G`` is computed from module hooks (the considered modules' inputs and output gradients,
+    DESIGN.md §3) without per-sample gradients where a closed form exists. The wrapper shares
+    ``param_groups`` and ``state`` with ``base``, so schedulers, ``zero_grad``, ``state_dict`` and
+    ``load_state_dict`` act on the base optimizer.
+
+    Args:
+        base: any ``torch.optim.Optimizer`` over the model's trainable parameters.
+        model: the module whose forward produces the losses; its modules that own considered
+            parameters are hooked.
+        weighting: maps the ``[m, m]`` Gramian to ``[m]`` weights (default :class:`UPGrad`).
+        considered: modules or parameters to consider, as an alternative to group flags: the base's
+            groups are split so these sit in groups flagged ``"considered": True``, every
+            hyper-parameter kept.
+        gramian_mode: ``"hooks"`` (default, fast) or ``"autograd"``: one backward per loss, exact
+            even for models that mix samples (BatchNorm in train mode), and slow.
+
+    Example::
+
+        base = SGD([{"params": model[0].parameters()},
+                    {"params": model[2:].parameters(), "considered": True}], lr=0.1)
+        optimizer = PartialJDOptimizer(base, model)
+        losses = MSELoss(reduction="none")(model(x).squeeze(1), y)  # shape [B]
+        optimizer.step(losses)
+        optimizer.zero_grad()
+
+    .. warning::
+        With ``gramian_mode="hooks"``, ``losses[i]`` must depend only on row ``i`` (dim 0) of every
+        considered module's inputs and outputs. BatchNorm in train mode between the considered
+        modules and the losses is detected and refused; other cross-sample operations are not.
+        Modules without a closed-form rule are re-run per sample by ``torch.func`` and must be
+        deterministic (no active dropout inside them).
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        model: nn.Module,
+        *,
+        weighting: Weighting | None = None,
+        considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor | None = None,
+        gramian_mode: GramianMode = "hooks",
+    ) -> None:
+        if not isinstance(base, Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        weighting = UPGrad() if weighting is None else weighting
+        if not callable(weighting):
+            raise TypeError("weighting must be a callable mapping an [m, m] Gramian to [m] weights.")
+        if gramian_mode not in ("hooks", "autograd"):
+            raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
+        check_disjoint(base.param_groups)
+        groups = base.param_groups
+        if considered is not None:
+            groups = split_considered(groups, parameters_of(considered))
+        params = considered_parameters(groups)
+        if not params:
+            raise ValueError(
+                "No parameter is considered: flag the groups of the last layers with "
+                '{"params": ..., "considered": True}, or pass considered=[module, ...].'
+            )
+        engine = HookedGramian(model, params) if gramian_mode == "hooks" else None
+        # Nothing above changed `base`; from here on the construction cannot fail.
+        base.param_groups[:] = groups
+        self.base = base
+        self.model = model
+        self.weighting = weighting
+        self.gramian_mode: GramianMode = gramian_mode
+        self._engine = engine
+        self.last_step: StepInfo | None = None
+        if engine is not None:
+            finalize_with(self, engine.hooks)
+        # torch.optim.Optimizer plumbing (hooks, profiler patching) without copying the groups.
+        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._patch_step_function()
+
+    # -- shared state: the base optimizer's groups, state and defaults --------------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[ParamGroup]:
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[ParamGroup]) -> None:
+        self.base.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base.defaults = value
+
+    def considered_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose Jacobian enters the Gramian."""
+        return considered_parameters(self.param_groups)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def backward(self, losses: Tensor) -> Tensor:
+        """Accumulate ``Σ_i w_i ∇ℓ_i`` into ``.grad`` of every trainable parameter; return ``w``.
+
+        No update. Called several times before :meth:`step`, it accumulates, each call weighted
+        by its own Gramian. On any error nothing (parameters, ``.grad``, state) has changed.
+        """
+        flat = _check_losses(losses)
+        if self._engine is not None:
+            gramian = self._engine.gramian(losses)
+        else:
+            gramian = autograd_gramian(losses, self.considered_parameters())
+        _check_finite(gramian, flat)
+        weights = _check_weights(self.weighting(gramian.detach()), flat)
+        with _restore_grads_on_error(self.model, self.param_groups):
+            torch.autograd.backward(flat, weights.to(flat.dtype))
+        self.last_step = StepInfo(gramian=gramian.detach(), weights=weights.detach())
+        return weights
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Tensor | Callable[[], Tensor]) -> Tensor: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(
+        self, closure: Tensor | Callable[[], Tensor] | Callable[[], float] | None = None
+    ) -> Tensor | float | None:
+        """``step(losses)``: one Jacobian-descent step (Gramian → weights → weighted backward →
+        ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses.
+        ``step()``: a plain ``base.step()`` on gradients already in ``.grad``."""
+        if closure is None:
+            self.base.step()
+            return None
+        if isinstance(closure, Tensor):
+            losses = closure
+        elif callable(closure):
+            with torch.enable_grad():
+                result = closure()
+            if not isinstance(result, Tensor):
+                raise TypeError(
+                    "The closure must return the tensor of per-instance losses, "
+                    f"got {type(result).__name__}."
+                )
+            losses = result
+        else:
+            raise TypeError(
+                "step() takes the per-instance losses (a Tensor), a closure returning them, or "
+                f"nothing; got {type(closure).__name__}."
+            )
+        self.backward(losses)
+        self.base.step()
+        return losses
+
+    # -- torch.optim plumbing delegated to the base ----------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (so checkpoints are interchangeable with it)."""
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the base optimizer; ``param_groups`` stay the base's groups."""
+        self.base.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer. A group flagged ``"considered"`` must use modules
+        hooked at construction; add such groups by building a new wrapper."""
+        if param_group.get("considered"):
+            raise ValueError(
+                "add_param_group cannot add considered parameters after construction (their "
+                "modules are hooked then). Build a new PartialJDOptimizer instead."
+            )
+        self.base.add_param_group(param_group)
+
+    def close(self) -> None:
+        """Remove the hooks from the model. The optimizer can still do plain ``step()``."""
+        if self._engine is not None:
+            self._engine.hooks.remove()
+            self._engine = None
+
+    def __enter__(self) -> PartialJDOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"PartialJDOptimizer(base={type(self.base).__name__}, weighting={self.weighting!r}, "
+            f"considered={len(self.considered_parameters())} tensors, "
+            f"gramian_mode={self.gramian_mode!r})"
+        )
+
+
+def _check_losses(losses: object) -> Tensor:
+    """The flattened losses, or a clear error for what cannot be per-instance losses."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"losses must be a Tensor of per-instance losses, got {type(losses).__name__}.")
+    if losses.ndim == 0:
+        raise ValueError(
+            "losses is a scalar: pass the per-instance losses (e.g. a loss function with "
+            "reduction='none', shape [batch]) instead of their mean."
+        )
+    if losses.numel() == 0:
+        raise ValueError("losses is empty: the batch has no sample.")
+    if not losses.requires_grad:
+        raise ValueError(
+            "losses do not require grad: compute them from a forward of the model with "
+            "gradients enabled (not under torch.no_grad())."
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"losses must be floating point, got {losses.dtype}.")
+    return losses.flatten()
+
+
+def _check_finite(gramian: Tensor, losses: Tensor) -> None:
+    # One host-device synchronisation for both checks.
+    if not bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()):
+        raise ValueError(
+            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data and the "
+            "learning rate, or skip this batch."
+        )
+
+
+def _check_weights(weights: object, losses: Tensor) -> Tensor:
+    if not isinstance(weights, Tensor) or weights.shape != losses.shape:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(
+            f"The weighting returned {shape}; it must return a tensor of shape {tuple(losses.shape)} "
+            "(one weight per loss)."
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("The weighting returned non-finite weights: nothing was changed.")
+    return weights.to(losses.device)
+
+
+class _restore_grads_on_error:
+    """Snapshot ``.grad`` of the model's and the groups' parameters; restore it on an exception."""
+
+    def __init__(self, model: nn.Module, groups: list[ParamGroup]) -> None:
+        params = {id(p): p for p in model.parameters()}
+        params.update((id(p), p) for group in groups for p in group["params"])
+        self.params = list(params.values())
+        self.saved: list[Tensor | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is not None:
+            for p, grad in zip(self.params, self.saved, strict=True):
+                p.grad = grad

@@ -1,0 +1,237 @@
+"""Small architectures covering every layer family, each with a batch and its considered part."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+B = 6
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    inputs: Tensor
+    considered: list[nn.Module | Tensor]
+    # per-sample losses from the model's output
+    loss: Callable[[Tensor], Tensor]
+
+
+def _mse(out: Tensor) -> Tensor:
+    target = torch.linspace(-1, 1, out[0].numel(), dtype=out.dtype).view(out[0].shape)
+    return ((out - target) ** 2).flatten(start_dim=1).mean(dim=1)
+
+
+def seed_mlp() -> Case:
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))
+    return Case(model, torch.randn(B, 10), [model[2], model[4]], _mse)
+
+
+def seed_mlp_all() -> Case:
+    case = seed_mlp()
+    case.considered = [case.model]
+    return case
+
+
+def linear_sequence() -> Case:
+    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    return Case(model, torch.randn(B, 5, 4), [model[0], model[2]], _mse)
+
+
+def linear_4d_input() -> Case:
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+    return Case(model, torch.randn(B, 2, 3, 3), [model], _mse)
+
+
+def conv1d() -> Case:
+    model = nn.Sequential(
+        nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        nn.ReLU(),
+        nn.Conv1d(6, 3, 2, padding="same", padding_mode="circular"),
+        nn.Flatten(),
+    )
+    return Case(model, torch.randn(B, 4, 11), [model], _mse)
+
+
+def conv2d() -> Case:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, (2, 3), stride=1, dilation=(2, 1), groups=2, padding_mode="reflect", padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, groups=6, bias=False),
+        nn.Flatten(),
+    )
+    return Case(model, torch.randn(B, 3, 9, 8), [model[2], model[4]], _mse)
+
+
+def conv3d() -> Case:
+    model = nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), groups=1), nn.Flatten())
+    return Case(model, torch.randn(B, 2, 3, 4, 3), [model], _mse)
+
+
+class BagOfEmbeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4, padding_idx=0)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def embedding() -> Case:
+    ids = torch.tensor([[0, 1, 1, 2], [3, 0, 0, 3], [1, 2, 3, 4], [0, 0, 0, 0], [8, 8, 1, 0], [5, 6, 7, 1]])
+    model = BagOfEmbeddings()
+    return Case(model, ids, [model], _mse)
+
+
+def norms() -> Case:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Flatten(start_dim=2),
+        nn.LayerNorm(25),
+        nn.Flatten(),
+        nn.RMSNorm(100),
+        nn.Linear(100, 2),
+    )
+    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4], model[6], model[7]], _mse)
+
+
+def batchnorm_eval() -> Case:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4]], _mse)
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def module_called_twice() -> Case:
+    model = Twice()
+    return Case(model, torch.randn(B, 5), [model], _mse)
+
+
+class TinyLM(nn.Module):
+    """Embedding tied to the output projection (one Parameter in two modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def tied_embedding() -> Case:
+    model = TinyLM()
+    ids = torch.randint(0, 11, (B, 5))
+    targets = torch.randint(0, 11, (B, 5))
+
+    def loss(logits: Tensor) -> Tensor:
+        ce = F.cross_entropy(logits.transpose(1, 2).double(), targets, reduction="none")
+        return ce.mean(dim=1).to(logits.dtype)
+
+    return Case(model, ids, [model], loss)
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.attn(x, x, x)
+        return self.head(out.mean(dim=1))
+
+
+def multihead_attention() -> Case:
+    model = Attention()
+    return Case(model, torch.randn(B, 4, 8), [model], _mse)
+
+
+def transformer_layer() -> Case:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(3, 8), layer, nn.Flatten(), nn.Linear(32, 2))
+    return Case(model, torch.randn(B, 4, 3), [model[1], model[3]], _mse)
+
+
+class Scaled(nn.Module):
+    """A module with a direct Parameter used in its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x) * self.scale + self.scale.sin()
+
+
+def direct_parameter() -> Case:
+    model = nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 1))
+    return Case(model, torch.randn(B, 3), [model[1], model[2]], _mse)
+
+
+def frozen_weight() -> Case:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    return Case(model, torch.randn(B, 3), [model[2]], _mse)
+
+
+def timm_vit() -> Case:
+    import timm
+
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+    return Case(model, torch.randn(3, 3, 32, 32), [model.blocks[-1], model.norm, model.head], _mse)
+
+
+def timm_resnet() -> Case:
+    import timm
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    return Case(model, torch.randn(3, 3, 32, 32), [model.layer4, model.fc], _mse)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    f.__name__: f
+    for f in (
+        seed_mlp,
+        seed_mlp_all,
+        linear_sequence,
+        linear_4d_input,
+        conv1d,
+        conv2d,
+        conv3d,
+        embedding,
+        norms,
+        batchnorm_eval,
+        module_called_twice,
+        tied_embedding,
+        multihead_attention,
+        transformer_layer,
+        direct_parameter,
+        frozen_weight,
+        timm_vit,
+        timm_resnet,
+    )
+}
