@@ -118,9 +118,7 @@ class PartialJDOptimizer(Optimizer):
         if gramian_mode not in ("hooks", "autograd"):
             raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
         check_disjoint(base.param_groups)
-        groups = base.param_groups
-        if considered is not None:
-            groups = split_considered(groups, parameters_of(considered))
+        groups = split_considered(base.param_groups, parameters_of([] if considered is None else considered))
         params = considered_parameters(groups)
         if not params:
             raise ValueError(
