@@ -108,7 +108,7 @@ class _Tap(torch.autograd.Function):
 
 class _Marker(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, module: nn.Module, token: int, anchor: Tensor, out: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, module: nn.Module, token: int, out: Tensor) -> Tensor:
         ctx.module = module  # type: ignore[attr-defined]
         ctx.token = token  # type: ignore[attr-defined]
         return out.detach()
@@ -118,7 +118,7 @@ class _Marker(torch.autograd.Function):
         collector = _active(ctx.token)
         if collector is not None:
             collector.coupling.append(ctx.module)
-        return None, None, None, grad
+        return None, None, grad
 
 
 def _detach(value: Any) -> Any:
@@ -155,7 +155,7 @@ class HookSet:
 
     def mark(self, module: nn.Module, couples: Callable[[nn.Module], bool]) -> None:
         """Mark outputs of ``module`` whenever ``couples(module)`` holds at call time."""
-        self.handles.append(module.register_forward_hook(_make_mark_hook(self.anchor, self.token, couples)))
+        self.handles.append(module.register_forward_hook(_make_mark_hook(self.token, couples)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -196,13 +196,13 @@ def _make_tap_hook(
 
 
 def _make_mark_hook(
-    anchor: Tensor, token: int, couples: Callable[[nn.Module], bool]
+    token: int, couples: Callable[[nn.Module], bool]
 ) -> Callable[[nn.Module, Any, Any], Any]:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if not _recording() or not couples(module):
             return None
         if isinstance(output, Tensor) and output.requires_grad:
-            return _Marker.apply(module, token, anchor, output)
+            return _Marker.apply(module, token, output)
         return None
 
     return hook

@@ -1,0 +1,226 @@
+"""Bad input and failures: clear errors, raised before anything changes; the next step is exact."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from oracle import oracle_gramian, oracle_grads, relative_error, trainable
+from torch import Tensor, nn
+from torch.nn import Linear, ReLU, Sequential
+from torch.optim import SGD, Adam
+
+from pjd_optim import PartialJDOptimizer, UPGrad
+
+
+def make() -> tuple[Sequential, PartialJDOptimizer]:
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), ReLU(), Linear(6, 1))
+    base = Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "considered": True}])
+    return model, PartialJDOptimizer(base, model)
+
+
+def snapshot(model: nn.Module, optimizer: PartialJDOptimizer) -> object:
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(optimizer.state_dict()),
+    )
+
+
+def assert_unchanged(before: object, after: object) -> None:
+    params_a, grads_a, state_a = before  # type: ignore[misc]
+    params_b, grads_b, state_b = after  # type: ignore[misc]
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    assert str(state_a) == str(state_b)
+
+
+def losses_of(model: nn.Module, x: Tensor) -> Tensor:
+    out: Tensor = model(x).squeeze(1) ** 2
+    return out
+
+
+BAD_LOSSES: dict[str, tuple[Callable[[nn.Module, Tensor], object], type[Exception], str]] = {
+    "scalar": (lambda m, x: losses_of(m, x).mean(), ValueError, "reduction='none'"),
+    "no_grad": (lambda m, x: losses_of(m, x).detach(), ValueError, "require grad"),
+    "nan": (lambda m, x: losses_of(m, x) * float("nan"), ValueError, "Non-finite"),
+    "inf": (lambda m, x: losses_of(m, x) + float("inf"), ValueError, "Non-finite"),
+    "not_tensor": (lambda m, x: [1.0, 2.0], TypeError, "losses"),
+    "string": (lambda m, x: "x", TypeError, "per-instance losses"),
+    "not_connected": (lambda m, x: (m[0](x) ** 2).sum(1), ValueError, "do not depend"),
+    "empty": (lambda m, x: losses_of(m, x)[:0], ValueError, "empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LOSSES))
+def test_bad_losses_raise_before_anything_changes(name: str) -> None:
+    model, optimizer = make()
+    x = torch.randn(5, 4)
+    optimizer.step(losses_of(model, x))  # some optimizer state and .grad exist
+    make_losses, error, message = BAD_LOSSES[name]
+    before = snapshot(model, optimizer)
+    with pytest.raises(error, match=message):
+        optimizer.step(make_losses(model, x))  # type: ignore[call-overload]
+    assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_step_rejects_a_string_statically_and_at_run_time() -> None:
+    model, optimizer = make()
+    with pytest.raises(TypeError, match="per-instance losses"):
+        optimizer.step("x")  # type: ignore[call-overload]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def raising_weighting(gramian: Tensor) -> Tensor:
+    raise Boom("weighting failed")
+
+
+@pytest.mark.parametrize(
+    "weighting, error",
+    [
+        (raising_weighting, Boom),
+        (lambda g: torch.ones(g.shape[0] + 1), ValueError),
+        (lambda g: torch.full((g.shape[0],), float("nan")), ValueError),
+        (lambda g: 3.0, ValueError),
+    ],
+    ids=["raises", "wrong_shape", "nan", "not_tensor"],
+)
+def test_failing_weighting_leaves_everything_unchanged_and_next_step_is_exact(
+    weighting: Callable[[Tensor], Tensor], error: type[Exception]
+) -> None:
+    model, optimizer = make()
+    x = torch.randn(5, 4)
+    optimizer.step(losses_of(model, x))
+    optimizer.zero_grad()
+    optimizer.backward(losses_of(model, x))  # pending .grad that must survive
+    before = snapshot(model, optimizer)
+    optimizer.weighting = weighting
+    with pytest.raises(error):
+        optimizer.step(losses_of(model, x))
+    assert_unchanged(before, snapshot(model, optimizer))
+    optimizer.weighting = UPGrad()
+    pending = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    reference = copy.deepcopy(model)
+    optimizer.backward(losses_of(model, x))
+    losses = losses_of(reference, x)
+    weights = UPGrad()(oracle_gramian(losses, list(reference[2].parameters())))
+    expected = oracle_grads(losses, trainable(reference), weights)
+    for p, old, g in zip(model.parameters(), pending, expected, strict=True):
+        assert p.grad is not None and relative_error(p.grad, old + g) < 1e-5
+
+
+def test_error_in_a_tensor_hook_during_backward_restores_grads() -> None:
+    model, optimizer = make()
+    x = torch.randn(5, 4)
+    optimizer.backward(losses_of(model, x))
+    before = snapshot(model, optimizer)
+    hidden = model[0](x)
+
+    def hook(grad: Tensor) -> Tensor:
+        raise Boom("user hook")
+
+    hidden.register_hook(hook)
+    with pytest.raises(Boom):
+        optimizer.backward((model[2](torch.relu(hidden)).squeeze(1)) ** 2)
+    assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_construction_errors() -> None:
+    model = Sequential(Linear(3, 2))
+    other = Linear(3, 2)
+    with pytest.raises(ValueError, match="No parameter is considered"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="belong to no module"):
+        PartialJDOptimizer(SGD([*model.parameters(), *other.parameters()], lr=0.1), model, considered=other)
+    with pytest.raises(ValueError, match="not optimized by the base"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=other)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        PartialJDOptimizer(object(), model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="nn.Module"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="modules or parameters"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=["x"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="gramian_mode"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model, gramian_mode="x")  # type: ignore[arg-type]
+    base = SGD(model.parameters(), lr=0.1)
+    groups_before = copy.copy(base.param_groups)
+    with pytest.raises(ValueError):
+        PartialJDOptimizer(base, model, considered=other)
+    assert base.param_groups == groups_before
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_parameter_in_two_groups_is_refused() -> None:
+    model = Sequential(Linear(3, 2))
+    base = SGD(model.parameters(), lr=0.1)
+    base.param_groups.append(dict(base.param_groups[0]))
+    with pytest.raises(ValueError, match="two parameter groups"):
+        PartialJDOptimizer(base, model, considered=model)
+
+
+def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_mode_is_exact() -> None:
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), nn.BatchNorm1d(6), ReLU(), Linear(6, 1)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[0])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"BatchNorm1d.*eval.*freeze_batch_norm_2d.*autograd"):
+        optimizer.step(losses_of(model, x))
+    assert_unchanged(before, snapshot(model, optimizer))
+    optimizer.close()
+    # BatchNorm below the considered part does not matter.
+    below = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[3])
+    below.backward(losses_of(model, x))
+    below.close()
+    model.zero_grad()
+    exact = PartialJDOptimizer(
+        SGD(model.parameters(), lr=0.1), model, considered=model[0], gramian_mode="autograd"
+    )
+    reference = copy.deepcopy(model)
+    weights = exact.backward(losses_of(model, x))
+    losses = losses_of(reference, x)
+    expected = oracle_gramian(losses, list(reference[0].parameters()))
+    assert exact.last_step is not None
+    assert relative_error(exact.last_step.gramian, expected) < 1e-10
+    for p, g in zip(model.parameters(), oracle_grads(losses, trainable(reference), weights), strict=True):
+        assert p.grad is not None and relative_error(p.grad, g) < 1e-10
+
+
+def test_in_place_edit_of_a_saved_input_is_detected() -> None:
+    model, optimizer = make()
+    x = torch.randn(5, 4)
+    hidden = torch.relu(model[0](x))
+    losses = model[2](hidden).squeeze(1) ** 2
+    hidden.mul_(2)
+    with pytest.raises((ValueError, RuntimeError), match="modified"):
+        optimizer.step(losses)
+
+
+def test_batch_size_one_equals_the_plain_step() -> None:
+    model, optimizer = make()
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 4)
+    optimizer.backward(losses_of(model, x))
+    losses_of(reference, x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_constant_and_huge_losses_give_finite_weights() -> None:
+    model, optimizer = make()
+    x = torch.randn(5, 4)
+    zero = optimizer.backward(losses_of(model, x) * 0.0)
+    assert torch.isfinite(zero).all()
+    optimizer.zero_grad()
+    w1 = optimizer.backward(losses_of(model, x))
+    w2 = optimizer.backward(losses_of(model, x) * 1e15)
+    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-6)
