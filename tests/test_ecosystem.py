@@ -1,0 +1,164 @@
+"""Around the optimizer: timm factories and schedulers, torch schedulers, AMP, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from oracle import oracle_gramian, oracle_grads, relative_error, trainable
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from pjd_optim import PartialJDOptimizer, UPGrad
+
+timm = pytest.importorskip("timm")
+from timm.optim import create_optimizer_v2  # noqa: E402
+from timm.scheduler import create_scheduler_v2  # noqa: E402
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model: nn.Module = timm.create_model("test_vit", pretrained=False, num_classes=4, img_size=32)
+    return model
+
+
+def vit_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    losses: Tensor = nn.functional.cross_entropy(model(x), y, reduction="none")
+    return losses
+
+
+def considered_of(model: nn.Module) -> list[nn.Module]:
+    return [model.blocks[-1], model.norm, model.get_classifier()]  # type: ignore[index, operator]
+
+
+def test_timm_adamw_groups_are_split_keeping_weight_decay_and_layer_decay() -> None:
+    model = tiny_vit()
+    base = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    before = {id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]}
+    optimizer = PartialJDOptimizer(base, model, considered=considered_of(model))
+    after = {id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]}
+    assert before == after
+    wanted = {id(p) for m in considered_of(model) for p in m.parameters()}
+    assert {id(p) for p in optimizer.considered_parameters()} == wanted
+    flagged = {id(p) for g in base.param_groups if g["considered"] for p in g["params"]}
+    assert flagged == wanted
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "lookahead_adamw", "sgd"])
+def test_timm_optimizer_step_equals_oracle_step(opt_name: str) -> None:
+    # float64: Adam divides by √v, which turns float32 noise on tiny gradients into visible steps.
+    model = tiny_vit().double()
+    reference = copy.deepcopy(model)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.05}
+    optimizer = PartialJDOptimizer(
+        create_optimizer_v2(model, opt_name, **kwargs), model, considered=considered_of(model)
+    )
+    ref_optimizer: Optimizer = create_optimizer_v2(reference, opt_name, **kwargs)
+    ref_considered = [p for m in considered_of(reference) for p in m.parameters()]
+    for step in range(2):
+        x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, step])
+        losses = vit_losses(reference, x, y)
+        weights = UPGrad()(oracle_gramian(losses, ref_considered))
+        for p, g in zip(trainable(reference), oracle_grads(losses, trainable(reference), weights), strict=True):
+            p.grad = g
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        optimizer.step(vit_losses(model, x, y))
+        optimizer.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert relative_error(p, q) < 1e-9
+
+
+def test_schedulers_drive_the_base_learning_rates() -> None:
+    model = tiny_vit()
+    base = create_optimizer_v2(model, "adamw", lr=1e-3)
+    optimizer = PartialJDOptimizer(base, model, considered=considered_of(model))
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=4, warmup_epochs=0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    lrs = []
+    for epoch in range(3):
+        optimizer.step(vit_losses(model, x, y))
+        optimizer.zero_grad()
+        scheduler.step(epoch + 1)
+        lrs.append(base.param_groups[0]["lr"])
+    assert lrs[0] > lrs[1] > lrs[2] > 0
+    for make in (
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=5),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3),
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    ):
+        start = base.param_groups[0]["lr"]
+        sched = make(optimizer)
+        optimizer.step(vit_losses(model, x, y))
+        optimizer.zero_grad()
+        sched.step()
+        assert base.param_groups[0]["lr"] != start
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+    start = base.param_groups[0]["lr"]
+    plateau.step(1.0)
+    plateau.step(2.0)
+    assert base.param_groups[0]["lr"] == pytest.approx(start * 0.5)
+
+
+def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    reference = copy.deepcopy(model)
+    scaled = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2])
+    plain = PartialJDOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(6, 5)
+    w_scaled = scaled.backward(scaler.scale(model(x).squeeze(1) ** 2))
+    scaler.unscale_(scaled)
+    nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    scaler.step(scaled)
+    scaler.update()
+    w_plain = plain.backward(reference(x).squeeze(1) ** 2)
+    nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    plain.step()
+    torch.testing.assert_close(w_scaled, w_plain)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_autocast_bf16_gramian_is_float32_and_close_to_the_float32_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model)
+    x = torch.randn(6, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(x).float().pow(2).sum(1)
+    optimizer.backward(losses)
+    assert optimizer.last_step is not None
+    low = optimizer.last_step.gramian
+    assert low.dtype == torch.float32
+    optimizer.backward(model(x).pow(2).sum(1))
+    assert relative_error(low, optimizer.last_step.gramian) < 5e-2
+
+
+def test_checkpoint_round_trip_resumes_bit_exactly() -> None:
+    def run(steps: int, model: nn.Module, optimizer: PartialJDOptimizer, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x, y = torch.randn(3, 3, 32, 32, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+            optimizer.step(vit_losses(model, x, y))
+            optimizer.zero_grad()
+
+    def build() -> tuple[nn.Module, PartialJDOptimizer]:
+        model = tiny_vit()
+        base = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+        return model, PartialJDOptimizer(base, model, considered=considered_of(model))
+
+    model, optimizer = build()
+    run(2, model, optimizer, seed=1)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    run(2, model, optimizer, seed=2)
+
+    resumed, resumed_opt = build()
+    resumed.load_state_dict(checkpoint[0])
+    resumed_opt.load_state_dict(checkpoint[1])
+    assert resumed_opt.param_groups is resumed_opt.base.param_groups
+    run(2, resumed, resumed_opt, seed=2)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
