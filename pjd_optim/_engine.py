@@ -172,14 +172,16 @@ class HookedGramian:
             ratio = scaled.gather(1, pick) / ones.gather(1, pick)
             index = torch.where(ones.gather(1, pick) != 0, ratio.round() - 1, -1).long().squeeze(1)
             live = index >= 0
-            if index[live].unique().numel() != int(live.sum()):
+            if torch.unique(index[live]).numel() != int(live.sum()):
                 raise ValueError(
                     f"Two rows of one call of {type(call.module).__name__} feed the same loss: "
                     "losses must be per-instance (one row of the batch each)."
                 )
             rows = ones.shape[0]
 
-            def place(x: object, rows: int = rows, index: Tensor = index, live: Tensor = live) -> object:
+            def place(
+                x: object, rows: int = rows, index: Tensor = index, live: Tensor = live
+            ) -> object:
                 if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows:
                     out = x.new_zeros(batch, *x.shape[1:])
                     return out.index_copy_(0, index[live], x[live])
@@ -227,7 +229,7 @@ def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -
 
 
 def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
-    """Reorder a Gramian indexed (objective, sample) to ``losses.flatten()``'s (sample, objective)."""
+    """Reorder a Gramian indexed (objective, sample) as ``losses.flatten()`` (sample, objective)."""
     batch = losses.shape[0]
     objectives = losses.numel() // batch
     if objectives == 1:

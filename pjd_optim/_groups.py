@@ -14,7 +14,7 @@ from torch import Tensor, nn
 ParamGroup = dict[str, Any]
 
 
-def parameters_of(items: Iterable[nn.Module | Tensor]) -> list[Tensor]:
+def parameters_of(items: Iterable[nn.Module | Tensor] | nn.Module | Tensor) -> list[Tensor]:
     """The parameters named by ``items`` (modules contribute all their parameters), deduplicated."""
     if isinstance(items, (nn.Module, Tensor)):
         items = [items]
@@ -32,7 +32,9 @@ def parameters_of(items: Iterable[nn.Module | Tensor]) -> list[Tensor]:
     return list(out.values())
 
 
-def split_considered(groups: Sequence[ParamGroup], considered: Sequence[Tensor]) -> list[ParamGroup]:
+def split_considered(
+    groups: Sequence[ParamGroup], considered: Sequence[Tensor]
+) -> list[ParamGroup]:
     """Split every group into a part outside and a part inside ``considered``.
 
     Each part keeps every hyper-parameter of its group (lr, weight decay, ``lr_scale``, ...) and

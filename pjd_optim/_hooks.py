@@ -92,7 +92,9 @@ def _recording() -> bool:
 
 class _Tap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, call: ModuleCall, token: int, anchor: Tensor, *outs: Tensor) -> Any:
+    def forward(
+        ctx: FunctionCtx, call: ModuleCall, token: int, anchor: Tensor, *outs: Tensor
+    ) -> Any:
         ctx.call = call  # type: ignore[attr-defined]
         ctx.token = token  # type: ignore[attr-defined]
         # detach() gives fresh tensors (not views), so in-place activations may follow the tap.
@@ -150,7 +152,9 @@ class HookSet:
     def tap(self, module: nn.Module) -> None:
         """Save inputs and tap outputs of every grad-enabled call of ``module``."""
         self.handles.append(
-            module.register_forward_hook(_make_tap_hook(self.anchor, self.token, self._counter), with_kwargs=True)
+            module.register_forward_hook(
+                _make_tap_hook(self.anchor, self.token, self._counter), with_kwargs=True
+            )
         )
 
     def mark(self, module: nn.Module, couples: Callable[[nn.Module], bool]) -> None:
@@ -210,7 +214,9 @@ def _make_mark_hook(
 
 def input_versions(call: ModuleCall) -> tuple[int, ...]:
     """Current version counters of the tensors saved by ``call`` (to detect in-place edits)."""
-    return tuple(t._version for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor))
+    return tuple(
+        t._version for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor)
+    )
 
 
 def finalize_with(owner: object, hooks: HookSet) -> None:

@@ -114,11 +114,15 @@ class PartialJDOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         weighting = UPGrad() if weighting is None else weighting
         if not callable(weighting):
-            raise TypeError("weighting must be a callable mapping an [m, m] Gramian to [m] weights.")
+            raise TypeError(
+                "weighting must be a callable mapping an [m, m] Gramian to [m] weights."
+            )
         if gramian_mode not in ("hooks", "autograd"):
             raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
         check_disjoint(base.param_groups)
-        groups = split_considered(base.param_groups, parameters_of([] if considered is None else considered))
+        groups = split_considered(
+            base.param_groups, parameters_of([] if considered is None else considered)
+        )
         params = considered_parameters(groups)
         if not params:
             raise ValueError(
@@ -137,16 +141,16 @@ class PartialJDOptimizer(Optimizer):
         if engine is not None:
             finalize_with(self, engine.hooks)
         # torch.optim.Optimizer plumbing (hooks, profiler patching) without copying the groups.
-        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
     # -- shared state: the base optimizer's groups, state and defaults --------------------------
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[ParamGroup]:
         return self.base.param_groups
 
@@ -154,7 +158,7 @@ class PartialJDOptimizer(Optimizer):
     def param_groups(self, value: list[ParamGroup]) -> None:
         self.base.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.base.state
 
@@ -162,7 +166,7 @@ class PartialJDOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         self.base.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.base.defaults
 
@@ -276,7 +280,9 @@ class PartialJDOptimizer(Optimizer):
 def _check_losses(losses: object) -> Tensor:
     """The flattened losses, or a clear error for what cannot be per-instance losses."""
     if not isinstance(losses, Tensor):
-        raise TypeError(f"losses must be a Tensor of per-instance losses, got {type(losses).__name__}.")
+        raise TypeError(
+            f"losses must be a Tensor of per-instance losses, got {type(losses).__name__}."
+        )
     if losses.ndim == 0:
         raise ValueError(
             "losses is a scalar: pass the per-instance losses (e.g. a loss function with "
@@ -298,8 +304,8 @@ def _check_finite(gramian: Tensor, losses: Tensor) -> None:
     # One host-device synchronisation for both checks.
     if not bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()):
         raise ValueError(
-            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data and the "
-            "learning rate, or skip this batch."
+            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data and "
+            "the learning rate, or skip this batch."
         )
 
 
@@ -307,8 +313,8 @@ def _check_weights(weights: object, losses: Tensor) -> Tensor:
     if not isinstance(weights, Tensor) or weights.shape != losses.shape:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(
-            f"The weighting returned {shape}; it must return a tensor of shape {tuple(losses.shape)} "
-            "(one weight per loss)."
+            f"The weighting returned {shape}; it must return a tensor of shape "
+            f"{tuple(losses.shape)} (one weight per loss)."
         )
     if not bool(torch.isfinite(weights).all()):
         raise ValueError("The weighting returned non-finite weights: nothing was changed.")

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from oracle import oracle_gramian, oracle_grads, relative_error, trainable
+from oracle import oracle_grads, oracle_gramian, relative_error, trainable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from pjd_optim import PartialJDOptimizer, UPGrad
+from pjd_optim._groups import parameters_of
 
 timm = pytest.importorskip("timm")
 from timm.optim import create_optimizer_v2  # noqa: E402
@@ -28,18 +29,23 @@ def vit_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return losses
 
 
-def considered_of(model: nn.Module) -> list[nn.Module]:
-    return [model.blocks[-1], model.norm, model.get_classifier()]  # type: ignore[index, operator]
+def considered_of(model: nn.Module) -> list[nn.Module | Tensor]:
+    *_, last_block = model.get_submodule("blocks").children()
+    return [last_block, model.get_submodule("norm"), model.get_submodule("head")]
 
 
 def test_timm_adamw_groups_are_split_keeping_weight_decay_and_layer_decay() -> None:
     model = tiny_vit()
     base = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8)
-    before = {id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]}
+    before = {
+        id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]
+    }
     optimizer = PartialJDOptimizer(base, model, considered=considered_of(model))
-    after = {id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]}
+    after = {
+        id(p): (g["weight_decay"], g["lr_scale"]) for g in base.param_groups for p in g["params"]
+    }
     assert before == after
-    wanted = {id(p) for m in considered_of(model) for p in m.parameters()}
+    wanted = {id(p) for p in parameters_of(considered_of(model))}
     assert {id(p) for p in optimizer.considered_parameters()} == wanted
     flagged = {id(p) for g in base.param_groups if g["considered"] for p in g["params"]}
     assert flagged == wanted
@@ -50,17 +56,20 @@ def test_timm_optimizer_step_equals_oracle_step(opt_name: str) -> None:
     # float64: Adam divides by √v, which turns float32 noise on tiny gradients into visible steps.
     model = tiny_vit().double()
     reference = copy.deepcopy(model)
-    kwargs = {"lr": 1e-2, "weight_decay": 0.05}
     optimizer = PartialJDOptimizer(
-        create_optimizer_v2(model, opt_name, **kwargs), model, considered=considered_of(model)
+        create_optimizer_v2(model, opt_name, lr=1e-2, weight_decay=0.05),
+        model,
+        considered=considered_of(model),
     )
-    ref_optimizer: Optimizer = create_optimizer_v2(reference, opt_name, **kwargs)
-    ref_considered = [p for m in considered_of(reference) for p in m.parameters()]
+    ref_optimizer: Optimizer = create_optimizer_v2(reference, opt_name, lr=1e-2, weight_decay=0.05)
+    ref_considered = parameters_of(considered_of(reference))
     for step in range(2):
         x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, step])
         losses = vit_losses(reference, x, y)
         weights = UPGrad()(oracle_gramian(losses, ref_considered))
-        for p, g in zip(trainable(reference), oracle_grads(losses, trainable(reference), weights), strict=True):
+        for p, g in zip(
+            trainable(reference), oracle_grads(losses, trainable(reference), weights), strict=True
+        ):
             p.grad = g
         ref_optimizer.step()
         ref_optimizer.zero_grad()
@@ -105,8 +114,12 @@ def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
     reference = copy.deepcopy(model)
-    scaled = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2])
-    plain = PartialJDOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2])
+    scaled = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2]
+    )
+    plain = PartialJDOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2]
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(6, 5)
     w_scaled = scaled.backward(scaler.scale(model(x).squeeze(1) ** 2))
@@ -125,7 +138,9 @@ def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
 def test_autocast_bf16_gramian_is_float32_and_close_to_the_float32_one() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
-    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model)
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model
+    )
     x = torch.randn(6, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(x).float().pow(2).sum(1)
@@ -141,7 +156,10 @@ def test_checkpoint_round_trip_resumes_bit_exactly() -> None:
     def run(steps: int, model: nn.Module, optimizer: PartialJDOptimizer, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         for _ in range(steps):
-            x, y = torch.randn(3, 3, 32, 32, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+            x, y = (
+                torch.randn(3, 3, 32, 32, generator=gen),
+                torch.randint(0, 4, (3,), generator=gen),
+            )
             optimizer.step(vit_losses(model, x, y))
             optimizer.zero_grad()
 

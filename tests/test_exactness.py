@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from oracle import oracle_gramian, oracle_grads, relative_error, trainable
+from oracle import oracle_grads, oracle_gramian, relative_error, trainable
 from torch.optim import SGD
 from zoo import CASES, Case
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import gc
+from typing import Any
 
 import pytest
 import torch
-from oracle import oracle_gramian, oracle_grads, relative_error, trainable
+from oracle import oracle_grads, oracle_gramian, relative_error, trainable
 from torch import Tensor, nn
 from torch.nn import Linear, MSELoss, ReLU, Sequential
 from torch.optim import SGD, Adam
@@ -23,13 +24,11 @@ def seed_model() -> Sequential:
 
 
 def seed_optimizer(model: Sequential, lr: float = 0.1) -> PartialJDOptimizer:
-    base = SGD(
-        [
-            {"params": model[0].parameters()},
-            {"params": model[2:].parameters(), "considered": True},
-        ],
-        lr=lr,
-    )
+    groups: list[dict[str, Any]] = [
+        {"params": model[0].parameters()},
+        {"params": model[2:].parameters(), "considered": True},
+    ]
+    base = SGD(groups, lr=lr)
     return PartialJDOptimizer(base, model)
 
 
@@ -48,7 +47,7 @@ def test_design_example_runs_and_matches_oracle_sgd_update() -> None:
         expected = oracle_grads(losses, trainable(reference), weights)
         with torch.no_grad():
             for p, g in zip(trainable(reference), expected, strict=True):
-                p -= 0.1 * g
+                p.sub_(0.1 * g)
         optimizer.step(seed_losses(model, x, y))
         optimizer.zero_grad()
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -66,7 +65,7 @@ def test_matches_torchjd_engine_on_seed_example() -> None:
     weighting = aggregation.UPGradWeighting()
     for x, y in zip(torch.randn(4, 16, 10), torch.randn(4, 16), strict=True):
         losses = seed_losses(reference, x, y)
-        losses.backward(weighting(engine.compute_gramian(losses)))
+        torch.autograd.backward(losses, weighting(engine.compute_gramian(losses)))
         ref_optimizer.step()
         ref_optimizer.zero_grad()
         optimizer.step(seed_losses(model, x, y))
@@ -78,7 +77,7 @@ def test_matches_torchjd_engine_on_seed_example() -> None:
 def test_step_without_losses_is_a_plain_base_step() -> None:
     model = seed_model()
     optimizer = seed_optimizer(model)
-    seed_losses(model, torch.randn(4, 10), torch.randn(4)).mean().backward()
+    torch.autograd.backward(seed_losses(model, torch.randn(4, 10), torch.randn(4)).mean())
     expected = [p - 0.1 * p.grad for p in model.parameters() if p.grad is not None]
     assert optimizer.step() is None
     for p, e in zip(model.parameters(), expected, strict=True):
@@ -160,12 +159,11 @@ def test_no_grad_and_unstepped_forwards_leave_nothing_behind() -> None:
 
 def test_param_groups_and_state_are_the_base_optimizers() -> None:
     model = seed_model()
-    base = Adam(
-        [
-            {"params": model[0].parameters(), "lr": 1e-2},
-            {"params": model[2:].parameters(), "lr": 1e-3, "considered": True},
-        ]
-    )
+    groups: list[dict[str, Any]] = [
+        {"params": model[0].parameters(), "lr": 1e-2},
+        {"params": model[2:].parameters(), "lr": 1e-3, "considered": True},
+    ]
+    base = Adam(groups)
     optimizer = PartialJDOptimizer(base, model)
     scheduler = StepLR(optimizer, step_size=1, gamma=0.5)
     x, y = torch.randn(8, 10), torch.randn(8)
@@ -216,7 +214,7 @@ def test_mean_weighting_gives_the_mean_loss_gradient() -> None:
     )
     x, y = torch.randn(8, 10), torch.randn(8)
     optimizer.backward(seed_losses(model, x, y))
-    seed_losses(reference, x, y).mean().backward()
+    torch.autograd.backward(seed_losses(reference, x, y).mean())
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         torch.testing.assert_close(p.grad, q.grad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +16,14 @@ B = 6
 class Case:
     model: nn.Module
     inputs: Tensor
-    considered: list[nn.Module | Tensor]
+    considered: Sequence[nn.Module | Tensor]
     # per-sample losses from the model's output
     loss: Callable[[Tensor], Tensor]
 
 
 def _mse(out: Tensor) -> Tensor:
     target = torch.linspace(-1, 1, out[0].numel(), dtype=out.dtype).view(out[0].shape)
-    return ((out - target) ** 2).flatten(start_dim=1).mean(dim=1)
+    return (out - target).pow(2).flatten(start_dim=1).mean(dim=1)
 
 
 def seed_mlp() -> Case:
@@ -61,7 +61,9 @@ def conv2d() -> Case:
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1),
         nn.ReLU(),
-        nn.Conv2d(4, 6, (2, 3), stride=1, dilation=(2, 1), groups=2, padding_mode="reflect", padding=1),
+        nn.Conv2d(
+            4, 6, (2, 3), stride=1, dilation=(2, 1), groups=2, padding_mode="reflect", padding=1
+        ),
         nn.ReLU(),
         nn.Conv2d(6, 6, 3, groups=6, bias=False),
         nn.Flatten(),
@@ -81,11 +83,14 @@ class BagOfEmbeddings(nn.Module):
         self.head = nn.Linear(4, 2)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.embed(ids).mean(dim=1))
+        out: Tensor = self.head(self.embed(ids).mean(dim=1))
+        return out
 
 
 def embedding() -> Case:
-    ids = torch.tensor([[0, 1, 1, 2], [3, 0, 0, 3], [1, 2, 3, 4], [0, 0, 0, 0], [8, 8, 1, 0], [5, 6, 7, 1]])
+    ids = torch.tensor(
+        [[0, 1, 1, 2], [3, 0, 0, 3], [1, 2, 3, 4], [0, 0, 0, 0], [8, 8, 1, 0], [5, 6, 7, 1]]
+    )
     model = BagOfEmbeddings()
     return Case(model, ids, [model], _mse)
 
@@ -105,9 +110,11 @@ def norms() -> Case:
 
 
 def batchnorm_eval() -> Case:
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2))
-    model[1].running_mean.uniform_(-1, 1)
-    model[1].running_var.uniform_(0.5, 2)
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), bn, nn.ReLU(), nn.Flatten(), nn.Linear(27, 2))
+    assert bn.running_mean is not None and bn.running_var is not None
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
     model.eval()
     return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4]], _mse)
 
@@ -119,7 +126,8 @@ class Twice(nn.Module):
         self.out = nn.Linear(5, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+        out: Tensor = self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+        return out
 
 
 def module_called_twice() -> Case:
@@ -138,7 +146,8 @@ class TinyLM(nn.Module):
         self.head.weight = self.embed.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.mix(self.embed(ids))))
+        out: Tensor = self.head(torch.tanh(self.mix(self.embed(ids))))
+        return out
 
 
 def tied_embedding() -> Case:
@@ -160,8 +169,9 @@ class Attention(nn.Module):
         self.head = nn.Linear(8, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.attn(x, x, x)
-        return self.head(out.mean(dim=1))
+        attended, _ = self.attn(x, x, x)
+        out: Tensor = self.head(attended.mean(dim=1))
+        return out
 
 
 def multihead_attention() -> Case:
@@ -184,7 +194,8 @@ class Scaled(nn.Module):
         self.proj = nn.Linear(4, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x) * self.scale + self.scale.sin()
+        out: Tensor = self.proj(x) * self.scale + self.scale.sin()
+        return out
 
 
 def direct_parameter() -> Case:
@@ -202,14 +213,17 @@ def timm_vit() -> Case:
     import timm
 
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
-    return Case(model, torch.randn(3, 3, 32, 32), [model.blocks[-1], model.norm, model.head], _mse)
+    *_, last = model.get_submodule("blocks").children()
+    parts = [last, model.get_submodule("norm"), model.get_submodule("head")]
+    return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
 
 
 def timm_resnet() -> Case:
     import timm
 
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
-    return Case(model, torch.randn(3, 3, 32, 32), [model.layer4, model.fc], _mse)
+    parts = [model.get_submodule("layer4"), model.get_submodule("fc")]
+    return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
 
 
 CASES: dict[str, Callable[[], Case]] = {

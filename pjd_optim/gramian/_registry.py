@@ -83,7 +83,7 @@ def rule_for(module: nn.Module) -> GramianRule:
     module still uses; a subclass that overrides ``forward`` gets the generic rule."""
     forward = type(module).forward
     for klass in type(module).__mro__:
-        rule = _RULES.get(klass)  # type: ignore[arg-type]
+        rule = _RULES.get(klass)
         if rule is not None and getattr(klass, "forward", None) is forward:
             return rule
     return _RULES[nn.Module]

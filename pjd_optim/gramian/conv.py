@@ -10,7 +10,6 @@ ignoring ``groups`` would go wrong).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 
 import torch
@@ -48,8 +47,10 @@ class ConvRule(GroupedLinearRule):
             x, gy = call.args[0], call.output_grads[0]
             dtype = compute_dtype(gy)
             if x.ndim == len(module.kernel_size) + 1:  # unbatched input
-                raise ValueError(f"{type(module).__name__} received an unbatched input; "
-                                 "partial JD needs the batch on dim 0.")
+                raise ValueError(
+                    f"{type(module).__name__} received an unbatched input; "
+                    "partial JD needs the batch on dim 0."
+                )
             patches = unfold(module, x.to(dtype))
             b, t = patches.shape[:2]
             inputs.append(patches.view(b, t, g, -1))

@@ -1,6 +1,6 @@
 """Embeddings: ids ``[B, *]`` select rows; ``∇_E loss_i = Σ_t e_{id_it} g_itᵀ``, hence
 
-    G_ij = Σ_{t,s} [id_it = id_js ≠ padding_idx] (g_it · g_js).
+G_ij = Σ_{t,s} [id_it = id_js ≠ padding_idx] (g_it · g_js).
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ class EmbeddingRule(GramianRule):
     ) -> dict[str, Tensor]:
         assert isinstance(module, nn.Embedding)
         ids, gy = _ids_and_grads(module, calls)
-        b, t, dim = gy.shape
+        b, _, dim = gy.shape
         valid = ids >= 0
-        rows = (torch.arange(b, device=ids.device).unsqueeze(1) * module.num_embeddings + ids)[valid]
+        rows = (torch.arange(b, device=ids.device).unsqueeze(1) * module.num_embeddings + ids)[
+            valid
+        ]
         grads = gy.new_zeros(b * module.num_embeddings, dim).index_add_(0, rows, gy[valid])
         return {"weight": grads.view(b, module.num_embeddings, dim)}
 

@@ -37,7 +37,7 @@ def _per_sample_vjp(
             out = tree_flatten(functional_call(module, theta, tuple(args), kwargs))[0]
             return tuple(out[k] for k in call.tapped)
 
-        _, pullback = vjp(forward, theta)
+        pullback = vjp(forward, theta)[1]
         return pullback(tuple(g.unsqueeze(0) for g in gys))[0]
 
     with suspended():
@@ -67,4 +67,3 @@ class AttentionRule(GenericRule):
     rule covers the parameters of its sub-modules too."""
 
     recursive = True
-

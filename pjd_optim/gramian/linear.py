@@ -30,7 +30,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def weight_grads(a: Tensor, gy: Tensor) -> Tensor:
-    """Per-sample weight gradients ``[B, g, p, d]`` from ``a`` ``[B,T,g,d]``, ``gy`` ``[B,T,g,p]``."""
+    """Per-sample weight gradients ``[B,g,p,d]`` from ``a`` ``[B,T,g,d]``, ``gy`` ``[B,T,g,p]``."""
     return torch.einsum("btgp,btgd->bgpd", gy, a)
 
 

@@ -1,0 +1,3 @@
+from torch import nn
+
+def freeze_batch_norm_2d(module: nn.Module) -> nn.Module: ...
