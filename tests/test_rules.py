@@ -1,0 +1,215 @@
+"""Per-layer Gramian rules on randomised shapes, both branches of the cost model, against the oracle."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+
+import pytest
+import torch
+from oracle import oracle_gramian, relative_error
+from torch import Tensor, nn
+
+from pjd_optim import GramianRule, PartialJDOptimizer, register_gramian_rule
+from pjd_optim._hooks import ModuleCall
+from pjd_optim.gramian import rule_for
+from pjd_optim.gramian.linear import GroupedLinearRule, Mode
+
+
+def gramian_of(model: nn.Module, considered: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(ours, oracle) Gramians of per-sample losses ``sum(tanh(model(x_i))²)``."""
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=considered
+    )
+
+    def losses() -> Tensor:
+        return torch.tanh(model(inputs)).pow(2).flatten(start_dim=1).sum(dim=1)
+
+    optimizer.backward(losses())
+    assert optimizer.last_step is not None
+    params = [p for p in considered.parameters() if p.requires_grad]
+    expected = oracle_gramian(losses(), params)
+    optimizer.close()
+    return optimizer.last_step.gramian, expected
+
+
+@pytest.fixture(params=["ghost", "materialize"])
+def forced_mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
+    rules = [rule_for(m) for m in (nn.Linear(1, 1), nn.Conv2d(1, 1, 1))]
+    assert all(isinstance(r, GroupedLinearRule) for r in rules)
+    mode: Mode = request.param
+    previous = [r.mode for r in rules if isinstance(r, GroupedLinearRule)]
+    for r in rules:
+        if isinstance(r, GroupedLinearRule):
+            r.mode = mode
+    yield mode
+    for r, m in zip(rules, previous, strict=True):
+        if isinstance(r, GroupedLinearRule):
+            r.mode = m
+
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_linear_random_shapes(seed: int, dtype: torch.dtype, forced_mode: Mode) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    b, t = rng.choice([1, 2, 7, 33]), rng.randint(1, 17)
+    d, p = rng.randint(1, 9), rng.randint(1, 9)
+    layer = nn.Linear(d, p, bias=rng.random() < 0.7).to(dtype)
+    shape = (b, d) if rng.random() < 0.3 else (b, t, d)
+    ours, expected = gramian_of(layer, layer, torch.randn(*shape, dtype=dtype))
+    assert relative_error(ours, expected) < tolerance(dtype)
+
+
+CONVS = [
+    (
+        nn.Conv1d,
+        dict(
+            in_channels=4, out_channels=6, kernel_size=3, stride=2, dilation=2, groups=2, padding=1
+        ),
+    ),
+    (
+        nn.Conv1d,
+        dict(in_channels=3, out_channels=3, kernel_size=5, padding="same", groups=3, bias=False),
+    ),
+    (
+        nn.Conv2d,
+        dict(
+            in_channels=4,
+            out_channels=2,
+            kernel_size=(3, 2),
+            stride=(2, 3),
+            padding=(1, 0),
+            groups=2,
+        ),
+    ),
+    (
+        nn.Conv2d,
+        dict(
+            in_channels=2,
+            out_channels=4,
+            kernel_size=3,
+            dilation=(1, 2),
+            padding=2,
+            padding_mode="replicate",
+        ),
+    ),
+    (
+        nn.Conv2d,
+        dict(in_channels=6, out_channels=6, kernel_size=1, groups=3, padding_mode="circular"),
+    ),
+    (
+        nn.Conv3d,
+        dict(
+            in_channels=2,
+            out_channels=4,
+            kernel_size=(1, 2, 3),
+            stride=(1, 2, 1),
+            groups=2,
+            padding=1,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("index", range(len(CONVS)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_conv_stride_padding_dilation_groups(
+    index: int, dtype: torch.dtype, forced_mode: Mode
+) -> None:
+    torch.manual_seed(index)
+    kind, kwargs = CONVS[index]
+    layer = kind(**kwargs).to(dtype)  # type: ignore[arg-type]
+    spatial = {nn.Conv1d: (9,), nn.Conv2d: (7, 8), nn.Conv3d: (3, 5, 6)}[kind]
+    x = torch.randn(5, layer.in_channels, *spatial, dtype=dtype)
+    ours, expected = gramian_of(layer, layer, x)
+    assert relative_error(ours, expected) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_embedding_repeated_and_padding_ids(padding_idx: int | None, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    embed = nn.Embedding(6, 5, padding_idx=padding_idx).to(dtype)
+    ids = torch.randint(0, 6, (9, 7))
+    ids[0] = 3  # every position the same id (a padding hit when padding_idx == 3)
+    ids[1, :3] = 0
+    ours, expected = gramian_of(embed, embed, ids)
+    assert relative_error(ours, expected) < tolerance(dtype)
+
+
+def test_ghost_and_materialized_branches_agree_and_cost_model_picks_both() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 64).double()
+    call_inputs = torch.randn(4, 50, 64, dtype=torch.float64)
+    rule = rule_for(layer)
+    assert isinstance(rule, GroupedLinearRule)
+    results = {}
+    for mode in ("ghost", "materialize"):
+        rule.mode = mode  # type: ignore[assignment]
+        results[mode], expected = gramian_of(layer, layer, call_inputs)
+        assert relative_error(results[mode], expected) < 1e-10
+    rule.mode = "auto"
+    from pjd_optim.gramian.linear import use_ghost
+
+    wide = torch.zeros(8, 1, 1, 2048)
+    assert use_ghost(wide, torch.zeros(8, 1, 1, 2048), "auto")  # few rows, wide layer
+    long = torch.zeros(8, 4096, 1, 16)
+    assert not use_ghost(long, torch.zeros(8, 4096, 1, 16), "auto")  # many positions, narrow
+
+
+class Affine(nn.Module):
+    """y = x ⊙ scale, a custom layer for which a user registers a closed-form rule."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+USED: list[int] = []
+
+
+@register_gramian_rule(Affine)
+class AffineRule(GramianRule):
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        USED.append(len(calls))
+        total = sum(
+            (c.args[0] * c.output_grads[0]).flatten(1, -2).sum(1)
+            if c.args[0].ndim > 2
+            else c.args[0] * c.output_grads[0]
+            for c in calls
+        )
+        assert isinstance(total, Tensor)
+        return {"scale": total}
+
+
+def test_user_registered_rule_is_used_and_exact() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Affine(4), nn.Linear(4, 2)).double()
+    ours, expected = gramian_of(model, model[1], torch.randn(6, 3, dtype=torch.float64))
+    assert USED and relative_error(ours, expected) < 1e-10
+
+
+class Override(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).flip(0)  # mixes samples: the Linear rule must not be used
+
+
+def test_subclass_overriding_forward_falls_back_to_the_generic_rule() -> None:
+    assert type(rule_for(Override(2, 2))).__name__ == "GenericRule"
+    assert (
+        type(rule_for(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))).__name__
+        == "LinearRule"
+    )
