@@ -1,4 +1,4 @@
-"""Per-layer Gramian rules on randomised shapes, both branches of the cost model, against the oracle."""
+"""Per-layer Gramian rules on randomised shapes, both cost-model branches, against the oracle."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_ghost_and_materialized_branches_agree_and_cost_model_picks_both() -> No
     assert isinstance(rule, GroupedLinearRule)
     results = {}
     for mode in ("ghost", "materialize"):
-        rule.mode = mode  # type: ignore[assignment]
+        rule.mode = mode
         results[mode], expected = gramian_of(layer, layer, call_inputs)
         assert relative_error(results[mode], expected) < 1e-10
     rule.mode = "auto"
