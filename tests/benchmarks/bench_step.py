@@ -1,0 +1,153 @@
+"""Time of one training step: plain optimizer step vs partial JD (ours) vs TorchJD (if installed).
+
+Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--rounds 30]``
+
+Every variant does forward + backward + ``SGD.step()`` on the same batch; rounds are interleaved
+(plain, ours, torchjd, plain, ...) in one process and the medians are reported, with the ratio
+to the plain step. Peak memory per variant is printed on CUDA (on CPU see ``bench_memory.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pjd_optim import PartialJDOptimizer
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    considered: list[str]  # sub-module names
+    inputs: Tensor
+    targets: Tensor
+
+
+def mlp(device: str) -> Workload:
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    return Workload("MLP 784-1024-1024-10, B=128", model, ["3", "5"], x, y)
+
+
+def seed(device: str) -> Workload:
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))
+    return Workload("seed MLP, B=16", model, ["2", "4"], torch.randn(16, 10), torch.randn(16))
+
+
+def vit(device: str) -> Workload:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10)
+    last = len(list(model.get_submodule("blocks").children())) - 1
+    considered = [f"blocks.{last}", "norm", "head"]
+    x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
+    return Workload("ViT-tiny 64px, B=32", model, considered, x, y)
+
+
+def per_sample_loss(out: Tensor, targets: Tensor) -> Tensor:
+    if targets.is_floating_point():
+        return (out.squeeze(1) - targets).pow(2)
+    return nn.functional.cross_entropy(out, targets, reduction="none")
+
+
+def variants(w: Workload) -> dict[str, Callable[[], None]]:
+    """One step per variant, each on its own copy of the model (hooks never overlap)."""
+    out: dict[str, Callable[[], None]] = {}
+    model = copy.deepcopy(w.model)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def plain() -> None:
+        per_sample_loss(model(w.inputs), w.targets).mean().backward()
+        sgd.step()
+        sgd.zero_grad()
+
+    out["plain"] = plain
+    jd_model = copy.deepcopy(w.model)
+    considered = [jd_model.get_submodule(name) for name in w.considered]
+    ours = PartialJDOptimizer(
+        torch.optim.SGD(jd_model.parameters(), lr=1e-3), jd_model, considered=considered
+    )
+
+    def jd() -> None:
+        ours.step(per_sample_loss(jd_model(w.inputs), w.targets))
+        ours.zero_grad()
+
+    out["ours"] = jd
+    try:
+        from torchjd.aggregation import UPGradWeighting
+        from torchjd.autogram import Engine
+    except ImportError:
+        return out
+    ref_model = copy.deepcopy(w.model)
+    ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=1e-3)
+    engine = Engine(*[ref_model.get_submodule(name) for name in w.considered], batch_dim=0)
+    weighting = UPGradWeighting()
+
+    def torchjd() -> None:
+        losses = per_sample_loss(ref_model(w.inputs), w.targets)
+        losses.backward(weighting(engine.compute_gramian(losses)))
+        ref_sgd.step()
+        ref_sgd.zero_grad()
+
+    out["torchjd"] = torchjd
+    return out
+
+
+def measure(w: Workload, rounds: int, device: str) -> None:
+    w.model.to(device)
+    w.inputs, w.targets = w.inputs.to(device), w.targets.to(device)
+    runs = variants(w)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, int] = {}
+    for name, run in runs.items():  # warm-up
+        run()
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["plain"])
+    print(f"\n{w.name} ({device}, median of {rounds} interleaved rounds)")
+    for name, values in times.items():
+        median = statistics.median(values)
+        memory = f"  peak {peaks[name] / 2**20:8.1f} MiB" if name in peaks else ""
+        print(f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}{memory}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--only", choices=["seed", "mlp", "vit"], nargs="*")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    builders = {"seed": seed, "mlp": mlp, "vit": vit}
+    for key in args.only or list(builders):
+        measure(builders[key](args.device), args.rounds, args.device)
+
+
+if __name__ == "__main__":
+    main()
