@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -117,8 +118,11 @@ class HookedGramian:
         grads: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
         coupling: list[nn.Module] = []
         for j in range(objectives):
-            cotangent = torch.zeros_like(columns)
-            cotangent[:, j] = 1
+            if objectives == 1:
+                cotangent = torch.ones_like(columns)
+            else:
+                cotangent = torch.zeros_like(columns)
+                cotangent[:, j] = 1
             with collecting(self.hooks.token) as collector:
                 torch.autograd.grad(
                     columns, self.hooks.anchor, cotangent, retain_graph=True, allow_unused=True
@@ -192,7 +196,6 @@ class HookedGramian:
                 args=tree_map(place, call.args),
                 kwargs=tree_map(place, call.kwargs),
                 tapped=call.tapped,
-                out_spec=call.out_spec,
                 order=call.order,
             )
             spread[moved] = [tuple(place(g) for g in passes[0])]  # type: ignore[misc]
@@ -210,10 +213,12 @@ def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -
             "considered module's input and output; concatenate per-sample losses of separate "
             "forwards in order, or use gramian_mode='autograd'."
         )
+    if objectives == 1:
+        return replace(call, output_grads=passes[0])
     stacked = tuple(torch.cat(grads, dim=0) for grads in zip(*passes, strict=True))
 
     def repeat(x: object) -> object:
-        if objectives > 1 and isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch:
+        if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch:
             return x.repeat(objectives, *([1] * (x.ndim - 1)))
         return x
 
@@ -222,7 +227,6 @@ def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -
         args=tree_map(repeat, call.args),
         kwargs=tree_map(repeat, call.kwargs),
         tapped=call.tapped,
-        out_spec=call.out_spec,
         order=call.order,
         output_grads=stacked,
     )

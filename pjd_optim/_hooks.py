@@ -41,7 +41,6 @@ class ModuleCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     tapped: tuple[int, ...]
-    out_spec: Any
     order: int
     versions: tuple[int, ...] = ()
     output_grads: tuple[Tensor, ...] = field(default=())
@@ -173,6 +172,19 @@ def _make_tap_hook(
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not _recording():
             return None
+        if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
+            # Fast path for the common case: tensors in, one tensor out.
+            if not (output.requires_grad and output.is_floating_point()):
+                return None
+            call = ModuleCall(
+                module=module,
+                args=tuple(a.detach() for a in args),
+                kwargs={},
+                tapped=(0,),
+                order=counter.next(),
+                versions=tuple(a._version for a in args),
+            )
+            return _Tap.apply(call, token, anchor, output)[0]
         leaves, spec = tree_flatten(output)
         tapped = tuple(
             k
@@ -187,7 +199,6 @@ def _make_tap_hook(
             args=tree_map(_detach, args),
             kwargs=tree_map(_detach, kwargs),
             tapped=tapped,
-            out_spec=spec,
             order=counter.next(),
             versions=tuple(t._version for t in inputs if isinstance(t, Tensor)),
         )
