@@ -141,7 +141,9 @@ class HookedGramian:
         if not grads:
             raise ValueError(
                 "The losses do not depend on any considered parameter: check that the losses come "
-                "from a forward of `model` with gradients enabled after the optimizer was created."
+                "from a forward of `model` with gradients enabled after the optimizer was created. "
+                "If the considered modules run inside torch.compile, compile only the trunk "
+                "below them (their forward hooks do not run in compiled code)."
             )
         for call in grads:
             if input_versions(call) != call.versions:

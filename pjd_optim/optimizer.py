@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,10 +32,14 @@ class StepInfo:
 
     ``conflict`` is the fraction of pairs ``i < j`` with a negative cosine ``G_ij < 0`` and
     ``min_cosine`` the smallest ``G_ij / √(G_ii G_jj)`` (both over the considered parameters).
+    ``gramian_seconds`` and ``weighting_seconds`` are host wall-clock times of the two stages
+    (on CUDA, without synchronisation: they measure launch, not kernel, time).
     """
 
     gramian: Tensor
     weights: Tensor
+    gramian_seconds: float = 0.0
+    weighting_seconds: float = 0.0
 
     @property
     def cosines(self) -> Tensor:
@@ -186,15 +191,18 @@ class PartialJDOptimizer(Optimizer):
         by its own Gramian. On any error nothing (parameters, ``.grad``, state) has changed.
         """
         flat = _check_losses(losses)
+        start = time.perf_counter()
         if self._engine is not None:
             gramian = self._engine.gramian(losses)
         else:
             gramian = autograd_gramian(losses, self.considered_parameters())
         _check_finite(gramian, flat)
+        middle = time.perf_counter()
         weights = _check_weights(self.weighting(gramian.detach()), flat)
+        end = time.perf_counter()
         with _restore_grads_on_error(self.model, self.param_groups):
             torch.autograd.backward(flat, weights.to(flat.dtype))
-        self.last_step = StepInfo(gramian=gramian.detach(), weights=weights.detach())
+        self.last_step = StepInfo(gramian.detach(), weights.detach(), middle - start, end - middle)
         return weights
 
     @overload

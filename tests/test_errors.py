@@ -243,3 +243,32 @@ def test_constant_and_huge_losses_give_finite_weights() -> None:
     w1 = optimizer.backward(losses_of(model, x))
     w2 = optimizer.backward(losses_of(model, x) * 1e15)
     torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_trunk_is_exact_and_compiled_considered_part_is_a_clear_error() -> None:
+    model, optimizer = make()
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 4)
+    model[0] = torch.compile(model[0])  # type: ignore[assignment]
+    weights = optimizer.backward(losses_of(model, x))
+    losses = losses_of(reference, x)
+    assert (
+        relative_error(weights, UPGrad()(oracle_gramian(losses, list(reference[2].parameters()))))
+        < 1e-5
+    )
+    compiled = torch.compile(model)
+    with pytest.raises(ValueError, match=r"torch\.compile"):
+        optimizer.backward(compiled(x).squeeze(1).pow(2))
+
+
+def test_results_are_deterministic_run_to_run() -> None:
+    def run() -> list[Tensor]:
+        model, optimizer = make()
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            optimizer.step(losses_of(model, torch.randn(9, 4, generator=gen)))
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)

@@ -233,3 +233,18 @@ def test_close_and_garbage_collection_remove_every_hook() -> None:
     del optimizer
     gc.collect()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_last_step_reports_conflict_measures_against_a_brute_force_count() -> None:
+    model = seed_model()
+    optimizer = seed_optimizer(model)
+    optimizer.backward(seed_losses(model, torch.randn(12, 10), torch.randn(12)))
+    info = optimizer.last_step
+    assert info is not None
+    g = info.gramian
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12)]
+    negative = sum(1 for i, j in pairs if g[i, j] < 0)
+    assert info.conflict == pytest.approx(negative / len(pairs))
+    cosines = [float(g[i, j] / (g[i, i] * g[j, j]).sqrt()) for i in range(12) for j in range(12)]
+    assert info.min_cosine == pytest.approx(min(cosines), abs=1e-6)
+    assert info.gramian_seconds > 0 and info.weighting_seconds > 0

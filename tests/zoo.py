@@ -226,6 +226,36 @@ def timm_resnet() -> Case:
     return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
 
 
+def non_considered_after_considered() -> Case:
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    return Case(model, torch.randn(B, 3), [model[2]], _mse)
+
+
+class SkipAround(nn.Module):
+    """A skip connection around the considered block; the loss also sees trunk features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.trunk(x))
+        out: Tensor = self.head(h + self.block(h)) + h[:, :2].pow(2)
+        return out
+
+
+def skip_connection() -> Case:
+    model = SkipAround()
+    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+
+
+def identical_samples() -> Case:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], _mse)
+
+
 CASES: dict[str, Callable[[], Case]] = {
     f.__name__: f
     for f in (
@@ -247,5 +277,8 @@ CASES: dict[str, Callable[[], Case]] = {
         frozen_weight,
         timm_vit,
         timm_resnet,
+        non_considered_after_considered,
+        skip_connection,
+        identical_samples,
     )
 }
