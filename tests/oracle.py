@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.optim import SGD
+from zoo import Case
+
+from pjd_optim import PartialJDOptimizer, UPGrad
+from pjd_optim._groups import parameters_of
 
 
 def oracle_jacobian(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -45,3 +51,36 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 def relative_error(actual: Tensor, expected: Tensor) -> float:
     scale = expected.abs().max().clamp_min(1e-12)
     return float((actual - expected).abs().max() / scale)
+
+
+def errors_against_oracle(
+    case: Case, dtype: torch.dtype, gramian_mode: str = "hooks"
+) -> dict[str, float]:
+    """Errors of our backward() against the oracle on a copy of the same model."""
+    model = case.model.to(dtype)
+    inputs = case.inputs.to(dtype) if case.inputs.is_floating_point() else case.inputs
+    reference = copy.deepcopy(model)
+
+    optimizer = PartialJDOptimizer(
+        SGD(trainable(model), lr=0.1),
+        model,
+        considered=case.considered,
+        gramian_mode=gramian_mode,  # type: ignore[arg-type]
+    )
+    weights = optimizer.backward(case.loss(model(inputs)))
+    assert optimizer.last_step is not None
+    gramian = optimizer.last_step.gramian
+
+    ids = {id(p) for p in parameters_of(case.considered) if p.requires_grad}
+    names = [n for n, p in model.named_parameters() if id(p) in ids]
+    ref_params = dict(reference.named_parameters())
+    losses = case.loss(reference(inputs))
+    expected_gramian = oracle_gramian(losses, [ref_params[n] for n in names])
+    expected_weights = UPGrad()(expected_gramian)
+    expected = oracle_grads(losses, trainable(reference), weights)
+    actual = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable(model)]
+    return {
+        "gramian": relative_error(gramian, expected_gramian),
+        "weights": relative_error(weights, expected_weights),
+        "grads": max(relative_error(a, e) for a, e in zip(actual, expected, strict=True)),
+    }
