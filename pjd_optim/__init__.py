@@ -5,11 +5,12 @@
 """
 
 from .gramian import GramianRule, register_gramian_rule
-from .optimizer import GramianMode, PartialJDOptimizer, StepInfo
+from .optimizer import Distributed, GramianMode, PartialJDOptimizer, StepInfo
 from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
 
 __all__ = [
     "MGDA",
+    "Distributed",
     "DualProj",
     "GramianMode",
     "GramianRule",

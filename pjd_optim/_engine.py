@@ -13,7 +13,7 @@ Two ways, same result for models whose samples are independent:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import torch
@@ -79,9 +79,17 @@ class HookedGramian:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self.hooks.mark(module, couples_batch)
 
-    def gramian(self, losses: Tensor) -> Tensor:
-        """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after)."""
+    def gramian(
+        self, losses: Tensor, gather: Callable[[list[ModuleCall]], list[ModuleCall]] | None = None
+    ) -> Tensor:
+        """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after).
+
+        ``gather`` may replace the collected calls by calls over a larger batch (other ranks'
+        samples appended, see ``_distributed``); the Gramian is then over that batch.
+        """
         calls = self.collect(losses)
+        if gather is not None:
+            calls = gather(calls)
         by_module: dict[nn.Module, list[ModuleCall]] = defaultdict(list)
         for call in calls:
             by_module[call.module].append(call)

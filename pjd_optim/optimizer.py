@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._distributed import CallGatherer, world
 from ._engine import HookedGramian, autograd_gramian
 from ._groups import (
     ParamGroup,
@@ -24,6 +25,7 @@ from ._hooks import finalize_with
 from .weightings import UPGrad, Weighting
 
 GramianMode = Literal["hooks", "autograd"]
+Distributed = Literal["local", "global"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class StepInfo:
     weights: Tensor
     gramian_seconds: float = 0.0
     weighting_seconds: float = 0.0
+    received_bytes: int = 0
 
     @property
     def cosines(self) -> Tensor:
@@ -86,6 +89,14 @@ class PartialJDOptimizer(Optimizer):
             hyper-parameter kept.
         gramian_mode: ``"hooks"`` (default, fast) or ``"autograd"``: one backward per loss, exact
             even for models that mix samples (BatchNorm in train mode), and slow.
+        distributed: with ``torch.distributed`` (e.g. ``model`` wrapped in
+            ``DistributedDataParallel``), ``"local"`` (default): each rank weights its own samples
+            by its own Gramian and DDP averages the ranks' JD directions; ``"global"``: the
+            Gramian of the whole global batch is assembled by all-gathering the considered
+            layers' inputs and output gradients, every rank solves the same problem and applies
+            its slice of the weights (times the world size, for DDP's averaging), so the update
+            equals single-process JD on the concatenated batch. ``"global"`` needs 1-D losses
+            and equal shapes on every rank.
 
     Example::
 
@@ -112,6 +123,7 @@ class PartialJDOptimizer(Optimizer):
         weighting: Weighting | None = None,
         considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor | None = None,
         gramian_mode: GramianMode = "hooks",
+        distributed: Distributed = "local",
     ) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}.")
@@ -124,6 +136,10 @@ class PartialJDOptimizer(Optimizer):
             )
         if gramian_mode not in ("hooks", "autograd"):
             raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
+        if distributed not in ("local", "global"):
+            raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}.")
+        if distributed == "global" and gramian_mode != "hooks":
+            raise ValueError("distributed='global' needs gramian_mode='hooks'.")
         check_disjoint(base.param_groups)
         groups = split_considered(
             base.param_groups, parameters_of([] if considered is None else considered)
@@ -141,6 +157,7 @@ class PartialJDOptimizer(Optimizer):
         self.model = model
         self.weighting = weighting
         self.gramian_mode: GramianMode = gramian_mode
+        self.distributed: Distributed = distributed
         self._engine = engine
         self.last_step: StepInfo | None = None
         if engine is not None:
@@ -191,18 +208,30 @@ class PartialJDOptimizer(Optimizer):
         by its own Gramian. On any error nothing (parameters, ``.grad``, state) has changed.
         """
         flat = _check_losses(losses)
+        size, rank = world() if self.distributed == "global" else (1, 0)
+        if size > 1 and losses.ndim != 1:
+            raise ValueError("distributed='global' needs 1-D losses (one per sample).")
+        gather = CallGatherer() if size > 1 else None
         start = time.perf_counter()
         if self._engine is not None:
-            gramian = self._engine.gramian(losses)
+            gramian = self._engine.gramian(losses, gather)
         else:
             gramian = autograd_gramian(losses, self.considered_parameters())
         _check_finite(gramian, flat)
         middle = time.perf_counter()
-        weights = _check_weights(self.weighting(gramian.detach()), flat)
+        all_weights = _check_weights(self.weighting(gramian.detach()), gramian.shape[0], flat)
         end = time.perf_counter()
+        m = flat.numel()
+        weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
         with _restore_grads_on_error(self.model, self.param_groups):
-            torch.autograd.backward(flat, weights.to(flat.dtype))
-        self.last_step = StepInfo(gramian.detach(), weights.detach(), middle - start, end - middle)
+            torch.autograd.backward(flat, (weights * size).to(flat.dtype))
+        self.last_step = StepInfo(
+            gramian.detach(),
+            all_weights.detach(),
+            middle - start,
+            end - middle,
+            0 if gather is None else gather.received_bytes,
+        )
         return weights
 
     @overload
@@ -317,12 +346,12 @@ def _check_finite(gramian: Tensor, losses: Tensor) -> None:
         )
 
 
-def _check_weights(weights: object, losses: Tensor) -> Tensor:
-    if not isinstance(weights, Tensor) or weights.shape != losses.shape:
+def _check_weights(weights: object, m: int, losses: Tensor) -> Tensor:
+    if not isinstance(weights, Tensor) or weights.shape != (m,):
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(
-            f"The weighting returned {shape}; it must return a tensor of shape "
-            f"{tuple(losses.shape)} (one weight per loss)."
+            f"The weighting returned {shape}; it must return a tensor of shape ({m},) "
+            "(one weight per loss)."
         )
     if not bool(torch.isfinite(weights).all()):
         raise ValueError("The weighting returned non-finite weights: nothing was changed.")

@@ -118,13 +118,17 @@ class MGDA:
 
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> None:
         if not norm_eps >= 0.0 or not reg_eps > 0.0:
-            raise ValueError(f"MGDA needs norm_eps >= 0 and reg_eps > 0, got {norm_eps}, {reg_eps}.")
+            raise ValueError(
+                f"MGDA needs norm_eps >= 0 and reg_eps > 0, got {norm_eps}, {reg_eps}."
+            )
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
         m = _check_gramian(gramian)
-        G = normalise_and_regularise(gramian.detach().to(torch.float64), self.norm_eps, self.reg_eps)
+        G = normalise_and_regularise(
+            gramian.detach().to(torch.float64), self.norm_eps, self.reg_eps
+        )
         z = solve_lcp(G, torch.full((1, m), -1.0, dtype=G.dtype, device=G.device))[0]
         return (z / z.sum()).to(gramian.dtype)
 

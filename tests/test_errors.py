@@ -162,9 +162,10 @@ def test_construction_errors() -> None:
     with pytest.raises(TypeError, match="modules or parameters"):
         PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=["x"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="gramian_mode"):
+        bad_mode: Any = "x"
         PartialJDOptimizer(
-            SGD(model.parameters(), lr=0.1), model, considered=model, gramian_mode="x"
-        )  # type: ignore[arg-type]
+            SGD(model.parameters(), lr=0.1), model, considered=model, gramian_mode=bad_mode
+        )
     base = SGD(model.parameters(), lr=0.1)
     groups_before = copy.copy(base.param_groups)
     with pytest.raises(ValueError):

@@ -44,7 +44,7 @@ def run_variant(variant: str, batch: int, width: int) -> int:
     if variant == "plain":
 
         def step() -> None:
-            losses().mean().backward()
+            torch.autograd.backward(losses().mean())
             sgd.step()
             sgd.zero_grad()
     elif variant == "ours":
@@ -61,7 +61,7 @@ def run_variant(variant: str, batch: int, width: int) -> int:
 
         def step() -> None:
             values = losses()
-            values.backward(weighting(engine.compute_gramian(values)))
+            torch.autograd.backward(values, weighting(engine.compute_gramian(values)))
             sgd.step()
             sgd.zero_grad()
 

@@ -72,7 +72,7 @@ def variants(w: Workload) -> dict[str, Callable[[], None]]:
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def plain() -> None:
-        per_sample_loss(model(w.inputs), w.targets).mean().backward()
+        torch.autograd.backward(per_sample_loss(model(w.inputs), w.targets).mean())
         sgd.step()
         sgd.zero_grad()
 
@@ -100,7 +100,7 @@ def variants(w: Workload) -> dict[str, Callable[[], None]]:
 
     def torchjd() -> None:
         losses = per_sample_loss(ref_model(w.inputs), w.targets)
-        losses.backward(weighting(engine.compute_gramian(losses)))
+        torch.autograd.backward(losses, weighting(engine.compute_gramian(losses)))
         ref_sgd.step()
         ref_sgd.zero_grad()
 
@@ -114,7 +114,7 @@ def measure(w: Workload, rounds: int, device: str) -> None:
     runs = variants(w)
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, int] = {}
-    for name, run in runs.items():  # warm-up
+    for run in runs.values():  # warm-up
         run()
         run()
     for _ in range(rounds):

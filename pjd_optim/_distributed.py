@@ -1,0 +1,62 @@
+"""Global Gramian across ``torch.distributed`` ranks (``distributed="global"``).
+
+Each rank all-gathers the saved inputs and output gradients of every considered call
+(``all_gather``, equal shapes on every rank), so every rank holds the factors of the whole global
+batch, computes the same ``[R·B, R·B]`` Gramian with the same rules and solves the same UPGrad
+problem; rank ``r`` then applies its slice of the weights. Bytes received per rank and step:
+
+    (R − 1) · Σ_calls (numel(inputs) + numel(output grads)) · bytes per element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from ._hooks import ModuleCall
+
+
+def world() -> tuple[int, int]:
+    """``(world size, rank)``, ``(1, 0)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class CallGatherer:
+    """All-gathers the batched tensors of calls along dim 0; counts the bytes received."""
+
+    def __init__(self) -> None:
+        self.received_bytes = 0
+
+    def __call__(self, calls: Sequence[ModuleCall]) -> list[ModuleCall]:
+        size, _ = world()
+        self.received_bytes = 0
+        gathered = []
+        for call in calls:
+            rows = call.output_grads[0].shape[0]
+
+            def gather(x: object, rows: int = rows) -> object:
+                if not (isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows):
+                    return x
+                parts = [torch.empty_like(x) for _ in range(size)]
+                dist.all_gather(parts, x.contiguous())
+                self.received_bytes += x.numel() * x.element_size() * (size - 1)
+                return torch.cat(parts)
+
+            grads = tuple(gather(g) for g in call.output_grads)
+            gathered.append(
+                ModuleCall(
+                    module=call.module,
+                    args=tree_map(gather, call.args),
+                    kwargs=tree_map(gather, call.kwargs),
+                    tapped=call.tapped,
+                    order=call.order,
+                    output_grads=grads,  # type: ignore[arg-type]
+                )
+            )
+        return gathered

@@ -1,0 +1,69 @@
+"""Worker processes for test_distributed (a module of its own so that spawn can import it)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pjd_optim import PartialJDOptimizer
+
+BATCH = 5
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 1)
+    ).double()
+
+
+def batch(rank: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(BATCH, 4, generator=generator, dtype=torch.float64)
+    return x, 3 * torch.randn(BATCH, generator=generator, dtype=torch.float64)
+
+
+def losses_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out: Tensor = (model(x).squeeze(1) - y).pow(2)
+    return out
+
+
+def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    timeout = datetime.timedelta(seconds=10)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        optimizer = PartialJDOptimizer(
+            torch.optim.SGD(ddp.parameters(), lr=0.1),
+            ddp,
+            considered=[model[2], model[4]],
+            distributed="global" if mode == "global" else "local",
+        )
+        x, y = batch(rank)
+        if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
+            Path(out_dir, "error1.txt").write_text("rank 1 failed")
+            return
+        try:
+            weights = optimizer.backward(losses_of(ddp, x, y))
+        except RuntimeError as error:  # the collective timed out on the surviving rank
+            Path(out_dir, f"error{rank}.txt").write_text(str(error))
+            return
+        optimizer.step()
+        info = optimizer.last_step
+        assert info is not None
+        result = {
+            "params": [p.detach() for p in model.parameters()],
+            "weights": weights.detach(),
+            "bytes": info.received_bytes,
+        }
+        torch.save(result, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

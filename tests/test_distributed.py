@@ -1,0 +1,86 @@
+"""DistributedDataParallel on CPU (gloo, 2 processes on loopback): both modes against the oracle."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_worker import batch, losses_of, make_model, run
+from oracle import oracle_grads, oracle_gramian, relative_error
+
+from pjd_optim import UPGrad
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def spawn(mode: str, tmp_path: Path) -> None:
+    """Run ``WORLD`` fresh worker processes (spawn start method) and wait for them."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=run, args=(rank, WORLD, port, mode, str(tmp_path)))
+        for rank in range(WORLD)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * WORLD
+
+
+def launch(mode: str, tmp_path: Path) -> list[dict[str, Any]]:
+    spawn(mode, tmp_path)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def single_process_step(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """SGD(lr=0.1) step of UPGrad JD over the concatenation of the ranks' batches (oracle)."""
+    model = make_model()
+    losses = losses_of(model, torch.cat(xs), torch.cat(ys))
+    weights = UPGrad()(oracle_gramian(losses, [*model[2].parameters(), *model[4].parameters()]))
+    grads = oracle_grads(losses, list(model.parameters()), weights)
+    return [(p - 0.1 * g).detach() for p, g in zip(model.parameters(), grads, strict=True)]
+
+
+def test_global_mode_equals_single_process_jd_on_the_concatenated_batch(tmp_path: Path) -> None:
+    results = launch("global", tmp_path)
+    expected = single_process_step(*zip(*(batch(r) for r in range(WORLD)), strict=True))  # type: ignore[arg-type]
+    for result in results:
+        for p, e in zip(result["params"], expected, strict=True):
+            assert relative_error(p, e) < 1e-10
+    # every considered call's inputs and output gradients, from the other rank, float64
+    per_rank = 5 * (6 + 3) + 5 * (3 + 1)
+    assert results[0]["bytes"] == per_rank * 8 * (WORLD - 1)
+
+
+def test_local_mode_equals_the_mean_of_per_rank_jd_steps(tmp_path: Path) -> None:
+    results = launch("local", tmp_path)
+    steps = [single_process_step([batch(r)[0]], [batch(r)[1]]) for r in range(WORLD)]
+    start = list(make_model().parameters())
+    expected = [s + sum(step[i] - s for step in steps) / WORLD for i, s in enumerate(start)]
+    for result in results:
+        for p, e in zip(result["params"], expected, strict=True):
+            assert relative_error(p, e) < 1e-10
+
+
+def test_a_failing_rank_does_not_hang_the_others(tmp_path: Path) -> None:
+    """Rank 1 fails before the all-gather; rank 0 gets an error from the process group's timeout
+    (10 s here) instead of waiting forever."""
+    start = time.monotonic()
+    spawn("raise", tmp_path)
+    assert time.monotonic() - start < 60
+    assert (tmp_path / "error0.txt").exists() and (tmp_path / "error1.txt").exists()
