@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,17 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path: Path) -> None:
     spawn("raise", tmp_path)
     assert time.monotonic() - start < 60
     assert (tmp_path / "error0.txt").exists() and (tmp_path / "error1.txt").exists()
+
+
+def test_ddp_example_runs_under_torchrun() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command += [
+        "--master_port",
+        str(free_port()),
+        str(root / "examples" / "ddp_iwrm.py"),
+        "--steps",
+        "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "received 1216 bytes" in result.stdout
