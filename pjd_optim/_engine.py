@@ -72,6 +72,7 @@ class HookedGramian:
             for p in set(params.values()):
                 owners[id(p)] += 1
         self.shared = {pid for pid, count in owners.items() if count > 1}
+        self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.hooks = HookSet()
         for module in self.plan:
             self.hooks.tap(module)
@@ -139,7 +140,7 @@ class HookedGramian:
                 grads.setdefault(call, []).append(call_grads)
             coupling += collector.coupling
         if coupling:
-            names = sorted({type(m).__name__ for m in coupling})
+            names = sorted({f"{self.names.get(id(m), '?')} ({type(m).__name__})" for m in coupling})
             raise ValueError(
                 f"{', '.join(names)} in train mode sits between the considered parameters and the "
                 "losses and mixes the samples of the batch, so per-sample gradients do not factor. "

@@ -190,7 +190,9 @@ def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_
     x = torch.randn(7, 4, dtype=torch.float64)
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[0])
     before = snapshot(model, optimizer)
-    with pytest.raises(ValueError, match=r"BatchNorm1d.*eval.*freeze_batch_norm_2d.*autograd"):
+    with pytest.raises(
+        ValueError, match=r"1 \(BatchNorm1d\).*eval.*freeze_batch_norm_2d.*autograd"
+    ):
         optimizer.step(losses_of(model, x))
     assert_unchanged(before, snapshot(model, optimizer))
     optimizer.close()

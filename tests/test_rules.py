@@ -207,6 +207,15 @@ class Override(nn.Linear):
         return super().forward(x).flip(0)  # mixes samples: the Linear rule must not be used
 
 
+def test_timm_norms_get_closed_form_rules_by_name() -> None:
+    layers = pytest.importorskip("timm.layers")
+    names = [
+        type(rule_for(m)).__name__
+        for m in (layers.LayerNorm(3), layers.LayerNorm2d(3), layers.GroupNorm(3, num_groups=1))
+    ]
+    assert names == ["LayerNormRule", "ChannelLayerNormRule", "GroupNormRule"]
+
+
 def test_subclass_overriding_forward_falls_back_to_the_generic_rule() -> None:
     assert type(rule_for(Override(2, 2))).__name__ == "GenericRule"
     assert (

@@ -228,6 +228,21 @@ def timm_resnet() -> Case:
     return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
 
 
+def timm_norms() -> Case:
+    from timm.layers import GroupNorm, LayerNorm, LayerNorm2d
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        LayerNorm2d(4),
+        GroupNorm(4, num_groups=2),
+        nn.Flatten(start_dim=2),
+        LayerNorm(9),
+        nn.Flatten(),
+        nn.Linear(36, 2),
+    )
+    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[2], model[4]], _mse)
+
+
 def non_considered_after_considered() -> Case:
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
     return Case(model, torch.randn(B, 3), [model[2]], _mse)
@@ -279,6 +294,7 @@ CASES: dict[str, Callable[[], Case]] = {
         frozen_weight,
         timm_vit,
         timm_resnet,
+        timm_norms,
         non_considered_after_considered,
         skip_connection,
         identical_samples,

@@ -55,12 +55,16 @@ def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:
 
 
 _RULES: dict[type[nn.Module], GramianRule] = {}
+# Rules for optional dependencies, keyed by "module.QualName" so that importing them is not needed.
+_RULES_BY_NAME: dict[str, GramianRule] = {}
 
 _M = TypeVar("_M", bound=type[GramianRule])
 
 
-def register_gramian_rule(*module_types: type[nn.Module]) -> Callable[[_M], _M]:
-    """Class decorator: use an instance of the decorated rule for ``module_types`` (and subclasses).
+def register_gramian_rule(*module_types: type[nn.Module] | str) -> Callable[[_M], _M]:
+    """Class decorator: use an instance of the decorated rule for ``module_types`` (and subclasses
+    that keep their ``forward``). A type may be given by its dotted name, e.g.
+    ``"timm.layers.norm.LayerNorm"``, to avoid importing an optional dependency.
 
     Example::
 
@@ -72,7 +76,10 @@ def register_gramian_rule(*module_types: type[nn.Module]) -> Callable[[_M], _M]:
     def register(rule_class: _M) -> _M:
         rule = rule_class()
         for module_type in module_types:
-            _RULES[module_type] = rule
+            if isinstance(module_type, str):
+                _RULES_BY_NAME[module_type] = rule
+            else:
+                _RULES[module_type] = rule
         return rule_class
 
     return register
@@ -83,7 +90,7 @@ def rule_for(module: nn.Module) -> GramianRule:
     module still uses; a subclass that overrides ``forward`` gets the generic rule."""
     forward = type(module).forward
     for klass in type(module).__mro__:
-        rule = _RULES.get(klass)
+        rule = _RULES.get(klass) or _RULES_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
         if rule is not None and getattr(klass, "forward", None) is forward:
             return rule
     return _RULES[nn.Module]

@@ -59,7 +59,7 @@ def _trailing(x: Tensor, count: int) -> tuple[int, ...]:
     return tuple(range(x.ndim - count, x.ndim))
 
 
-@register_gramian_rule(nn.LayerNorm)
+@register_gramian_rule(nn.LayerNorm, "timm.layers.norm.LayerNorm")
 class LayerNormRule(AffineNormRule):
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.LayerNorm)
@@ -75,7 +75,17 @@ class RMSNormRule(AffineNormRule):
         return F.rms_norm(x, shape, eps=module.eps), _trailing(x, len(shape))
 
 
-@register_gramian_rule(nn.GroupNorm)
+@register_gramian_rule("timm.layers.norm.LayerNorm2d")
+class ChannelLayerNormRule(AffineNormRule):
+    """LayerNorm over the channels (dim 1) of ``[B, C, H, W]``, as timm's ``LayerNorm2d``."""
+
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        assert isinstance(module, nn.LayerNorm)
+        x_last = F.layer_norm(x.movedim(1, -1), module.normalized_shape, eps=module.eps)
+        return x_last.movedim(-1, 1), (1,)
+
+
+@register_gramian_rule(nn.GroupNorm, "timm.layers.norm.GroupNorm")
 class GroupNormRule(AffineNormRule):
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.GroupNorm)
