@@ -1,0 +1,1 @@
+# Minimal stubs for the parts of scikit-learn that examples/ use.

@@ -1,0 +1,26 @@
+# Minimal stubs for the parts of tqdm that examples/ use.
+from collections.abc import Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+_T = TypeVar("_T")
+
+class tqdm(Generic[_T]):
+    def __init__(
+        self,
+        iterable: Iterable[_T] | None = None,
+        desc: str | None = None,
+        total: float | None = None,
+        leave: bool | None = True,
+        disable: bool | None = False,
+        unit: str = "it",
+        **kwargs: Any,
+    ) -> None: ...
+    def __iter__(self) -> Iterator[_T]: ...
+    def __len__(self) -> int: ...
+    def set_postfix(
+        self, ordered_dict: dict[str, Any] | None = None, refresh: bool | None = True, **kwargs: Any
+    ) -> None: ...
+    def update(self, n: float | None = 1) -> bool | None: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> tqdm[_T]: ...
+    def __exit__(self, *exc: object) -> None: ...
