@@ -109,10 +109,9 @@ class HookedGramian:
                     shared_grads[key] = shared_grads[key] + grad if key in shared_grads else grad
         if shared_grads:
             gramians.append(sum_of_gramians(list(shared_grads.values())))
-        dtype = gramians[0].dtype
+        total = gramians[0]
         for g in gramians[1:]:
-            dtype = torch.promote_types(dtype, g.dtype)
-        total = torch.stack([g.to(dtype) for g in gramians]).sum(dim=0)
+            total = total + g  # type promotion keeps the widest dtype
         return _objective_major_to_sample_major(total, losses)
 
     def collect(self, losses: Tensor) -> list[ModuleCall]:

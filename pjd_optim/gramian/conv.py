@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .._hooks import ModuleCall
 from ._registry import register_gramian_rule
-from .linear import GroupedLinearRule, compute_dtype
+from .linear import GroupedLinearRule, cat_positions, compute_dtype
 
 
 def unfold(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -56,4 +56,4 @@ class ConvRule(GroupedLinearRule):
             inputs.append(patches.view(b, t, g, -1))
             gy = gy.to(dtype).flatten(start_dim=2).transpose(1, 2)  # [B, T, C_out]
             grads.append(gy.reshape(b, t, g, -1))
-        return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)
+        return cat_positions(inputs), cat_positions(grads)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._hooks import ModuleCall
 from ._registry import GramianRule, register_gramian_rule
-from .linear import compute_dtype
+from .linear import cat_positions, compute_dtype
 
 
 def _ids_and_grads(module: nn.Embedding, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
@@ -30,7 +30,7 @@ def _ids_and_grads(module: nn.Embedding, calls: Sequence[ModuleCall]) -> tuple[T
             x = x.masked_fill(x == module.padding_idx, -1)
         ids.append(x)
         grads.append(gy.reshape(gy.shape[0], -1, gy.shape[-1]).to(compute_dtype(gy)))
-    return torch.cat(ids, dim=1), torch.cat(grads, dim=1)
+    return cat_positions(ids), cat_positions(grads)
 
 
 @register_gramian_rule(nn.Embedding)

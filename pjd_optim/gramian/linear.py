@@ -49,6 +49,9 @@ def weight_gramian(a: Tensor, gy: Tensor, mode: Mode = "auto") -> Tensor:
     if not use_ghost(a, gy, mode):
         flat = weight_grads(a, gy).reshape(b, -1)
         return flat @ flat.T
+    if t == 1 and g == 1:
+        a_flat, g_flat = a.reshape(b, d), gy.reshape(b, -1)
+        return (a_flat @ a_flat.T) * (g_flat @ g_flat.T)
     a_flat = a.reshape(b * t, g, d).transpose(0, 1)  # [g, BT, d]
     g_flat = gy.reshape(b * t, g, -1).transpose(0, 1)  # [g, BT, p]
     kernel = ((a_flat @ a_flat.transpose(1, 2)) * (g_flat @ g_flat.transpose(1, 2))).sum(0)
@@ -64,7 +67,12 @@ def linear_factors(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
         dtype = compute_dtype(gy)
         inputs.append(x.reshape(x.shape[0], -1, 1, x.shape[-1]).to(dtype))
         grads.append(gy.reshape(gy.shape[0], -1, 1, gy.shape[-1]).to(dtype))
-    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)
+    return cat_positions(inputs), cat_positions(grads)
+
+
+def cat_positions(parts: list[Tensor]) -> Tensor:
+    """Concatenate along the position axis (dim 1) the factors of several calls."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class GroupedLinearRule(GramianRule):
