@@ -26,6 +26,7 @@ from .weightings import UPGrad, Weighting
 
 GramianMode = Literal["hooks", "autograd"]
 Distributed = Literal["local", "global"]
+NonFinite = Literal["raise", "skip"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class PartialJDOptimizer(Optimizer):
             its slice of the weights (times the world size, for DDP's averaging), so the update
             equals single-process JD on the concatenated batch. ``"global"`` needs 1-D losses
             and equal shapes on every rank.
+        nonfinite: NaN/inf losses or Gramian: ``"raise"`` (default) a ``ValueError``, or
+            ``"skip"`` the step like ``GradScaler`` does (nothing changes; ``skipped_steps``
+            counts them).
 
     Example::
 
@@ -124,6 +128,7 @@ class PartialJDOptimizer(Optimizer):
         considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor | None = None,
         gramian_mode: GramianMode = "hooks",
         distributed: Distributed = "local",
+        nonfinite: NonFinite = "raise",
     ) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}.")
@@ -138,6 +143,8 @@ class PartialJDOptimizer(Optimizer):
             raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}.")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
         if distributed == "global" and gramian_mode != "hooks":
             raise ValueError("distributed='global' needs gramian_mode='hooks'.")
         check_disjoint(base.param_groups)
@@ -158,6 +165,8 @@ class PartialJDOptimizer(Optimizer):
         self.weighting = weighting
         self.gramian_mode: GramianMode = gramian_mode
         self.distributed: Distributed = distributed
+        self.nonfinite: NonFinite = nonfinite
+        self.skipped_steps = 0
         self._engine = engine
         self.last_step: StepInfo | None = None
         if engine is not None:
@@ -217,7 +226,15 @@ class PartialJDOptimizer(Optimizer):
             gramian = self._engine.gramian(losses, gather)
         else:
             gramian = autograd_gramian(losses, self.considered_parameters())
-        _check_finite(gramian, flat)
+        if not _is_finite(gramian, flat):
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                self.last_step = None
+                return torch.zeros_like(flat)
+            raise ValueError(
+                "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
+                "and the learning rate, skip this batch, or pass nonfinite='skip'."
+            )
         middle = time.perf_counter()
         all_weights = _check_weights(self.weighting(gramian.detach()), gramian.shape[0], flat)
         end = time.perf_counter()
@@ -268,8 +285,10 @@ class PartialJDOptimizer(Optimizer):
                 "step() takes the per-instance losses (a Tensor), a closure returning them, or "
                 f"nothing; got {type(closure).__name__}."
             )
+        skipped = self.skipped_steps
         self.backward(losses)
-        self.base.step()
+        if self.skipped_steps == skipped:
+            self.base.step()
         return losses
 
     # -- torch.optim plumbing delegated to the base ----------------------------------------------
@@ -337,13 +356,9 @@ def _check_losses(losses: object) -> Tensor:
     return losses.flatten()
 
 
-def _check_finite(gramian: Tensor, losses: Tensor) -> None:
+def _is_finite(gramian: Tensor, losses: Tensor) -> bool:
     # One host-device synchronisation for both checks.
-    if not bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()):
-        raise ValueError(
-            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data and "
-            "the learning rate, or skip this batch."
-        )
+    return bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all())
 
 
 def _check_weights(weights: object, m: int, losses: Tensor) -> Tensor:

@@ -275,3 +275,21 @@ def test_results_are_deterministic_run_to_run() -> None:
 
     for a, b in zip(run(), run(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_nonfinite_skip_mode_skips_the_step_and_counts_it() -> None:
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), ReLU(), Linear(6, 1))
+    optimizer = PartialJDOptimizer(
+        SGD(model.parameters(), lr=0.1, momentum=0.9), model, considered=model[2], nonfinite="skip"
+    )
+    x = torch.randn(5, 4)
+    optimizer.step(losses_of(model, x))
+    optimizer.zero_grad()
+    before = snapshot(model, optimizer)
+    assert optimizer.step(losses_of(model, x) * float("nan")) is not None
+    assert_unchanged(before, snapshot(model, optimizer))
+    assert optimizer.skipped_steps == 1 and optimizer.last_step is None
+    optimizer.step(losses_of(model, x))
+    assert optimizer.skipped_steps == 1 and optimizer.last_step is not None
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -157,6 +157,40 @@ def test_no_grad_and_unstepped_forwards_leave_nothing_behind() -> None:
     assert not [o for o in gc.get_objects() if isinstance(o, ModuleCall)]
 
 
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, Tensor))
+
+
+def test_soak_with_validation_forwards_keeps_live_tensors_constant() -> None:
+    model = seed_model()
+    optimizer = seed_optimizer(model, lr=0.01)
+    x, y = torch.randn(8, 10), torch.randn(8)
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            seed_losses(model, x, y)  # validation forward with grad enabled, never stepped
+            optimizer.step(seed_losses(model, x, y))
+            optimizer.zero_grad()
+
+    steps(5)
+    before = live_tensors()
+    steps(300)
+    assert live_tensors() == before
+
+
+def test_model_wrapped_after_construction_still_steps_exactly() -> None:
+    model = seed_model()
+    reference = copy.deepcopy(model)
+    optimizer = seed_optimizer(model)
+    wrapped = nn.Sequential(model)  # e.g. a wrapper added by a training framework
+    x, y = torch.randn(8, 10), torch.randn(8)
+    weights = optimizer.backward(seed_losses(wrapped, x, y))
+    losses = seed_losses(reference, x, y)
+    expected = UPGrad()(oracle_gramian(losses, list(reference[2:].parameters())))
+    assert relative_error(weights, expected) < 1e-5
+
+
 def test_param_groups_and_state_are_the_base_optimizers() -> None:
     model = seed_model()
     groups: list[dict[str, Any]] = [
