@@ -5,7 +5,7 @@
 """
 
 from .gramian import GramianRule, register_gramian_rule
-from .optimizer import Distributed, GramianMode, PartialJDOptimizer, StepInfo
+from .optimizer import Distributed, GramianMode, NonFinite, PartialJDOptimizer, StepInfo
 from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "GramianMode",
     "GramianRule",
     "Mean",
+    "NonFinite",
     "PartialJDOptimizer",
     "StepInfo",
     "UPGrad",
