@@ -6,8 +6,9 @@ independent groups), the per-sample weight gradient of group ``k`` is ``Σ_t Gy_
     G_ij = Σ_k Σ_{t,s} (a_itk · a_jsk)(g_itk · g_jsk)               (weight, "ghost" form)
     G_ij += (Σ_t g_it) · (Σ_s g_js)                                   (bias)
 
-The ghost form costs ``g (BT)² (d + p)`` flops; materialising the per-sample gradients costs
-``g BT p d + g B² p d``. :func:`grouped_linear_gramian` picks the cheaper one per call.
+The ghost form costs ``g (BT)² (d + p)`` flops in dense products and a ``[BT, BT]`` kernel per
+group; materialising the per-sample gradients costs ``g BT p d + g B² p d`` flops, mostly
+memory-bound (the ``[B, g, p, d]`` tensor is written, then read). :func:`use_ghost` picks per call.
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ def weight_grads(a: Tensor, gy: Tensor) -> Tensor:
     return torch.einsum("btgp,btgd->bgpd", gy, a)
 
 
+GHOST_KERNEL_LIMIT = 2**26  # elements of the [g, BT, BT] kernels (256 MiB in float32)
+
+
 def use_ghost(a: Tensor, gy: Tensor, mode: Mode) -> bool:
-    """The cost model of DESIGN.md §3: ghost iff ``(BT)²(d+p) < BTpd + B²pd``."""
+    """The cost model of DESIGN.md §3, with materialisation's flops counted twice (measured on
+    CPU: its bandwidth-bound products run at about half the speed of the ghost form's GEMMs), and
+    the ghost kernels' memory capped: ghost iff ``(BT)²(d+p) < 2(BTpd + B²pd)``."""
     if mode != "auto":
         return mode == "ghost"
-    b, t, _, d = a.shape
+    b, t, g, d = a.shape
     p = gy.shape[-1]
-    return (b * t) ** 2 * (d + p) < b * t * p * d + b * b * p * d
+    if g * (b * t) ** 2 > GHOST_KERNEL_LIMIT:
+        return False
+    return (b * t) ** 2 * (d + p) < 2 * (b * t * p * d + b * b * p * d)
 
 
 def weight_gramian(a: Tensor, gy: Tensor, mode: Mode = "auto") -> Tensor:

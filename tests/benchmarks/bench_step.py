@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pjd_optim import PartialJDOptimizer
+from pjd_optim import Mean, PartialJDOptimizer, UPGrad
 
 
 @dataclass
@@ -65,7 +65,7 @@ def per_sample_loss(out: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(out, targets, reduction="none")
 
 
-def variants(w: Workload) -> dict[str, Callable[[], None]]:
+def variants(w: Workload, weighting: str) -> dict[str, Callable[[], None]]:
     """One step per variant, each on its own copy of the model (hooks never overlap)."""
     out: dict[str, Callable[[], None]] = {}
     model = copy.deepcopy(w.model)
@@ -80,7 +80,10 @@ def variants(w: Workload) -> dict[str, Callable[[], None]]:
     jd_model = copy.deepcopy(w.model)
     considered = [jd_model.get_submodule(name) for name in w.considered]
     ours = PartialJDOptimizer(
-        torch.optim.SGD(jd_model.parameters(), lr=1e-3), jd_model, considered=considered
+        torch.optim.SGD(jd_model.parameters(), lr=1e-3),
+        jd_model,
+        considered=considered,
+        weighting=Mean() if weighting == "mean" else UPGrad(),
     )
 
     def jd() -> None:
@@ -108,10 +111,10 @@ def variants(w: Workload) -> dict[str, Callable[[], None]]:
     return out
 
 
-def measure(w: Workload, rounds: int, device: str) -> None:
+def measure(w: Workload, rounds: int, device: str, weighting: str) -> None:
     w.model.to(device)
     w.inputs, w.targets = w.inputs.to(device), w.targets.to(device)
-    runs = variants(w)
+    runs = variants(w, weighting)
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, int] = {}
     for run in runs.values():  # warm-up
@@ -141,12 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--only", choices=["seed", "mlp", "vit"], nargs="*")
+    parser.add_argument(
+        "--weighting", choices=["upgrad", "mean"], default="upgrad", help="mean: Gramian cost only"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     builders = {"seed": seed, "mlp": mlp, "vit": vit}
     for key in args.only or list(builders):
-        measure(builders[key](args.device), args.rounds, args.device)
+        measure(builders[key](args.device), args.rounds, args.device, args.weighting)
 
 
 if __name__ == "__main__":
