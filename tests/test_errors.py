@@ -125,7 +125,7 @@ def test_failing_weighting_leaves_everything_unchanged_and_next_step_is_exact(
     weights = UPGrad()(oracle_gramian(losses, list(reference[2].parameters())))
     expected = oracle_grads(losses, trainable(reference), weights)
     for p, old, g in zip(model.parameters(), pending, expected, strict=True):
-        assert p.grad is not None and relative_error(p.grad, old + g) < 1e-5
+        assert p.grad is not None and relative_error(p.grad, old + g) < 1e-4
 
 
 def test_error_in_a_tensor_hook_during_backward_restores_grads() -> None:
@@ -257,7 +257,7 @@ def test_compiled_trunk_is_exact_and_compiled_considered_part_is_a_clear_error()
     losses = losses_of(reference, x)
     assert (
         relative_error(weights, UPGrad()(oracle_gramian(losses, list(reference[2].parameters()))))
-        < 1e-5
+        < 1e-4
     )
     compiled = torch.compile(model)
     with pytest.raises(ValueError, match=r"torch\.compile"):

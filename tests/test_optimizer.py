@@ -51,7 +51,7 @@ def test_design_example_runs_and_matches_oracle_sgd_update() -> None:
         optimizer.step(seed_losses(model, x, y))
         optimizer.zero_grad()
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-            assert relative_error(p, q) < 1e-5
+            assert relative_error(p, q) < 1e-4
 
 
 def test_matches_torchjd_engine_on_seed_example() -> None:
@@ -71,7 +71,7 @@ def test_matches_torchjd_engine_on_seed_example() -> None:
         optimizer.step(seed_losses(model, x, y))
         optimizer.zero_grad()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert relative_error(p, q) < 1e-5
+        assert relative_error(p, q) < 1e-4
 
 
 def test_step_without_losses_is_a_plain_base_step() -> None:
@@ -108,7 +108,7 @@ def test_backward_twice_accumulates_each_micro_batch_weighted_by_its_own_gramian
             e += g
         optimizer.backward(seed_losses(model, x, y))
     for p, e in zip(model.parameters(), expected, strict=True):
-        assert p.grad is not None and relative_error(p.grad, e) < 1e-5
+        assert p.grad is not None and relative_error(p.grad, e) < 1e-4
 
 
 def test_multi_objective_losses_are_flattened_sample_major() -> None:
@@ -188,7 +188,7 @@ def test_model_wrapped_after_construction_still_steps_exactly() -> None:
     weights = optimizer.backward(seed_losses(wrapped, x, y))
     losses = seed_losses(reference, x, y)
     expected = UPGrad()(oracle_gramian(losses, list(reference[2:].parameters())))
-    assert relative_error(weights, expected) < 1e-5
+    assert relative_error(weights, expected) < 1e-4
 
 
 def test_param_groups_and_state_are_the_base_optimizers() -> None:
