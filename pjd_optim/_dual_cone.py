@@ -11,20 +11,25 @@ With ``x = v − u`` and ``q = G u`` this is the linear complementarity problem 
 For a partition of the indices into a free set F (``y_F = 0``) and an active set A (``x_A = 0``)
 the candidate is ``x_F = −G_FF⁻¹ q_F``, ``y_A = G_AF x_F + q_A``. Block principal pivoting
 (Júdice & Pires 1994; Kim & Park 2011) swaps every infeasible index (``x_F < 0`` or ``y_A < 0``)
-between F and A; when the number of infeasible indices has not decreased for ``3`` consecutive
-steps it falls back to Murty's single pivot (swap only the largest infeasible index), which
-terminates finitely for any P-matrix, hence for positive definite ``G``.
+between F and A; when the number of infeasible indices has not decreased for 3 consecutive
+steps it uses Murty's single pivot (swap the largest infeasible index), finite for positive
+definite ``G``. Murty's paths can be very long on ill-conditioned rows, so once every remaining
+row has stalled (or after 12 steps) they finish with a monotone Lawson–Hanson-type primal
+active-set method started from the warm start (also exact and finite).
 
 All ``k`` problems share ``G`` and are solved together, after a Jacobi scaling (unit diagonal):
 rows with ``q ≥ 0`` (no conflict) get ``x = 0`` after one matrix product; the others are
-warm-started by FISTA (float32, rows frozen once their active set stops moving), then every
-pivoting step solves all remaining rows at once with a batched Cholesky factorisation of their
-free blocks (gathered, padded to the largest free set with identity rows, chunked to bound
-memory). Large blocks are factorised in float32 and refined to float64 accuracy; a row whose
-refinement does not reach the tolerance is redone in float64. Converged rows are dropped.
+warm-started by FISTA (float32; a row is frozen once its active-set guess stops moving); each
+pivoting step then solves all remaining rows at once: rows sorted by ``|F|`` and chunked, each
+row's free block gathered and padded with identity rows, one batched Cholesky per chunk. Large
+blocks are factorised in float32 and refined to float64 accuracy (a row whose refinement falls
+short is redone in float64). Converged rows are dropped; two host syncs per step (convergence
+test, chunk shapes).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -32,8 +37,9 @@ from torch import Tensor
 __all__ = ["project_dual_cone", "solve_lcp"]
 
 _MURTY_PATIENCE = 3  # full exchanges allowed without progress before Murty's single pivot
-_MIXED_MIN_SIZE = 160  # free-set size from which float32 factorisation + refinement pays off
+_MIXED_MIN_SIZE = 192  # free-set size from which float32 factorisation + refinement pays off
 _REFINE_STEPS = 3
+_BPP_STEPS = 12  # pivoting steps before the remaining rows switch to the primal active-set method
 
 
 def project_dual_cone(
@@ -58,7 +64,7 @@ def project_dual_cone(
         dtype: computation dtype (``float64`` by default; ``float32`` is faster but looser).
         warm_start_iter: maximum number of FISTA iterations used to guess the active sets.
         max_iter: bound on pivoting steps (default ``100 + 10 m``); exceeding it raises.
-        rtol: relative KKT tolerance (default ``1e4 · eps(dtype)``).
+        rtol: relative KKT tolerance (default ``100 · eps(dtype)``).
         mixed_precision: factorise large float64 blocks in float32 and refine (default: auto).
         max_chunk_bytes: memory bound of one batch of ``[chunk, s, s]`` systems.
 
@@ -106,10 +112,10 @@ def solve_lcp(
     d = torch.where(diag > 0, diag.rsqrt(), 1.0)
     M = matrix.detach() * d.unsqueeze(1) * d.unsqueeze(0)
     Q = q.detach().to(M.dtype) * d
-    tol = (1e4 * torch.finfo(M.dtype).eps) if rtol is None else rtol
+    tol = (100 * torch.finfo(M.dtype).eps) if rtol is None else rtol
     iters = (100 + 10 * m) if max_iter is None else max_iter
-    if max_chunk_bytes is None:  # CPU: stay below glibc's mmap threshold (32 MiB)
-        max_chunk_bytes = 1 << (24 if M.device.type == "cpu" else 28)
+    if max_chunk_bytes is None:  # CPU: small, cache-friendly chunks (no mmap page faults)
+        max_chunk_bytes = 1 << (22 if M.device.type == "cpu" else 28)
     low = torch.float32 if M.dtype == torch.float64 else M.dtype
     M_low = M.to(low)
 
@@ -121,75 +127,129 @@ def solve_lcp(
         return X
     Qc = Q.index_select(0, rows)
     q_scale = q_scale.index_select(0, rows)
-    lam = _max_eigenvalue(M_low)
-    free = _warm_start(M_low, Qc.to(low), lam, warm_start_iter)
-    res_tol = tol * lam.to(M.dtype).clamp_min(1.0)
+    lam = float(_max_eigenvalue(M_low))  # one sync
+    free, x_start = _warm_start(M_low, Qc.to(low), lam, warm_start_iter)
+    eps = torch.finfo(M.dtype).eps
+    res_tol = 1e3 * eps * max(lam, 1.0)
 
     best = torch.full((b,), m + 1, device=M.device, dtype=torch.long)
     patience = torch.full((b,), _MURTY_PATIENCE, device=M.device, dtype=torch.long)
     precise = torch.zeros(b, device=M.device, dtype=torch.bool)
     position = torch.arange(1, m + 1, device=M.device)
-    s, n_precise = int(free.sum(dim=1).amax()), 0
-    for _ in range(iters):
-        mixed = low != M.dtype and (
+    s, n_hopeful = int(free.sum(dim=1).amax()), b
+    for step in range(iters):
+        if step == _BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
+            x_rows = _primal_active_set(M, Qc, x_start.to(M.dtype), q_scale, tol, iters - step)
+            X.index_copy_(0, rows, x_rows * d)
+            return X
+        use_low = low != M.dtype and (
             s >= _MIXED_MIN_SIZE if mixed_precision is None else mixed_precision
         )
-        if not mixed:
-            x, failed = _solve_free(M, None, Qc, free, s, max_chunk_bytes)
-        else:  # float32 factorisation for rows not yet flagged `precise`, float64 for the others
-            order = torch.argsort(precise.to(torch.int8), stable=True)
-            x = torch.empty_like(Qc)
-            n_low = b - n_precise
-            x_low, failed = _solve_free(
-                M_low, M, Qc[order[:n_low]], free[order[:n_low]], s, max_chunk_bytes
-            )
-            x_hi, failed_hi = _solve_free(
-                M, None, Qc[order[n_low:]], free[order[n_low:]], s, max_chunk_bytes
-            )
-            x[order] = torch.cat([x_low, x_hi])
-            failed = failed + failed_hi
+        x, failed, failed_low, cond = _solve_free(
+            M, M_low if use_low else None, Qc, free, ~precise, max_chunk_bytes
+        )
         y = x @ M + Qc  # rows of (M x + q), M symmetric
         scale = x.abs().amax(dim=1, keepdim=True) + q_scale
-        infeasible = torch.where(free, x < -tol * scale, y < -tol * scale)
-        # In mixed precision, a row whose refinement fell short is not pivoted but redone in
-        # float64 (rows are flagged at most once, so this cannot loop).
-        inexact = ~precise & (free & (y.abs() > res_tol * scale)).any(dim=1) if mixed else None
-        if inexact is not None:
-            precise = precise | inexact
-            infeasible = infeasible & ~inexact.unsqueeze(1)
+        # Per-row tolerance: round-off in x_F grows like eps·κ(M_FF) (estimated by the factor).
+        bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
+        infeasible = torch.where(free, x < -bound, y < -bound)
+        # A float32 factorisation that failed or whose refinement fell short: no pivot, the row
+        # is redone in float64 (rows are flagged at most once, so this cannot loop).
+        inexact = failed_low | (free & (y.abs() > res_tol * scale)).any(dim=1)
+        inexact = inexact & ~precise & use_low
+        precise = precise | inexact
+        infeasible = infeasible & ~inexact.unsqueeze(1)
         n_infeasible = infeasible.sum(dim=1)
-        done = n_infeasible == 0 if inexact is None else (n_infeasible == 0) & ~inexact
+        done = (n_infeasible == 0) & ~inexact
         X.index_copy_(0, rows, torch.where(done.unsqueeze(1), x.clamp_min(0.0) * d, 0.0))
 
         # Block pivoting with Murty's backup rule, vectorised over rows.
-        better = n_infeasible < best if inexact is None else (n_infeasible < best) & ~inexact
+        better = (n_infeasible < best) & ~inexact
         best = torch.where(better, n_infeasible, best)
         full = better | (patience > 0)
-        hold = full if inexact is None else full & ~inexact
-        patience = torch.where(better, _MURTY_PATIENCE, torch.where(hold, patience - 1, patience))
+        patience = torch.where(
+            better, _MURTY_PATIENCE, torch.where(full & ~inexact, patience - 1, patience)
+        )
         last = (infeasible * position).argmax(dim=1, keepdim=True)
         single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
         free = free ^ torch.where(full.unsqueeze(1), infeasible, single)
 
-        stats = [(~done).sum(), (free & ~done.unsqueeze(1)).sum(dim=1).amax(), failed]
-        stats.append((precise & ~done).sum())
-        n_keep, s, n_failed, n_precise = torch.stack(stats).tolist()  # the one sync per step
+        stats = [(~done).sum(), (free & ~done.unsqueeze(1)).sum(dim=1).amax(), failed.sum()]
+        stats.append((~done & (patience > 0)).sum())  # rows not yet reduced to Murty's rule
+        n_keep, s, n_failed, n_hopeful = torch.stack(stats).tolist()  # the one sync per step
         if n_failed:
-            raise ValueError(
-                "The matrix is not numerically positive definite (a Cholesky factorisation "
-                "failed); regularise it, e.g. with reg_eps > 0."
-            )
+            raise _not_positive_definite()
         if n_keep == 0:
             return X
         if n_keep < b:
             keep = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
             rows, Qc, free, q_scale = rows[keep], Qc[keep], free[keep], q_scale[keep]
+            x_start = x_start[keep]
             best, patience, precise = best[keep], patience[keep], precise[keep]
             b = n_keep
-    raise RuntimeError(
-        f"Dual-cone projection did not converge in {iters} pivoting steps for {b} of {k} rows; "
-        "the matrix is probably not positive definite or badly conditioned."
-    )
+    raise _no_convergence(iters, b, k)
+
+
+def _no_convergence(iters: int, b: int, k: int) -> RuntimeError:
+    message = f"Dual-cone projection did not converge in {iters} steps for {b} of {k} rows"
+    return RuntimeError(message + "; the matrix is probably not positive definite.")
+
+
+def _not_positive_definite() -> ValueError:
+    message = "The matrix is not numerically positive definite (a Cholesky factorisation failed)"
+    return ValueError(message + "; regularise it, e.g. with reg_eps > 0.")
+
+
+def _primal_active_set(
+    M: Tensor, Q: Tensor, x: Tensor, q_scale: Tensor, tol: float, max_iter: int
+) -> Tensor:
+    """Lawson–Hanson-type primal active-set method for the rows left, from a feasible ``x ≥ 0``.
+
+    Keeps ``x`` feasible and supported on the passive set P. If the minimiser ``z`` on P is
+    positive, take it and add the indices with ``y = Mz + q < 0`` (done if none); else step from
+    ``x`` towards ``z`` until a component vanishes and drop it. The objective never increases;
+    a row whose objective stalls at such a point adds only its most negative index from then on
+    (classic Lawson–Hanson), where it strictly decreases: this terminates.
+    """
+    eps = torch.finfo(M.dtype).eps
+    out = torch.zeros_like(Q)
+    rows = torch.arange(Q.shape[0], device=Q.device)
+    passive = x > 0
+    single = torch.zeros_like(passive[:, :1])
+    f_best = torch.full_like(Q[:, :1], torch.inf)
+    for _ in range(max_iter):
+        no_low = torch.zeros_like(passive[:, 0])
+        z, failed, _, cond = _solve_free(M, None, Q, passive, no_low, 1 << 22)
+        y = z @ M + Q
+        bound = (z.abs().amax(dim=1, keepdim=True) + q_scale) * torch.clamp(
+            eps * cond, min=tol
+        ).unsqueeze(1)
+        interior = (~passive | (z > -bound)).all(dim=1, keepdim=True)
+        violated = ~passive & (y < -bound)
+        done = interior.squeeze(1) & ~violated.any(dim=1)
+        out.index_copy_(0, rows, torch.where(done.unsqueeze(1), z.clamp_min(0.0), 0.0))
+        f = 0.5 * torch.linalg.vecdot(z, y + Q).unsqueeze(1)  # objective at z
+        single = single | (interior & ~(f < f_best))
+        f_best = torch.where(interior, f, f_best)
+        most = torch.zeros_like(passive).scatter_(
+            1, torch.where(violated, y, 0.0).argmin(1, True), True
+        )
+        add = violated & (most | ~single)
+        ratio = torch.where(passive & (z <= -bound), x / (x - z), torch.inf)
+        alpha = ratio.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+        blocking = torch.zeros_like(passive).scatter_(1, ratio.argmin(dim=1, keepdim=True), True)
+        stepped = (x + alpha * (z - x)).clamp_min(0.0)
+        x = torch.where(interior, z.clamp_min(0.0), stepped)
+        passive = torch.where(interior, passive | add, passive & ~blocking & (stepped > 0))
+        n_keep, n_failed = torch.stack([(~done).sum(), failed.sum()]).tolist()
+        if n_failed:
+            raise _not_positive_definite()
+        if n_keep == 0:
+            return out
+        keep = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
+        rows, Q, x, passive, q_scale = rows[keep], Q[keep], x[keep], passive[keep], q_scale[keep]
+        single, f_best = single[keep], f_best[keep]
+    raise _no_convergence(max_iter, rows.numel(), out.shape[0])
 
 
 def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:
@@ -214,89 +274,121 @@ def _max_eigenvalue(M: Tensor, n_iter: int = 16) -> Tensor:
     return torch.minimum(1.25 * rayleigh, frobenius).clamp_min(torch.finfo(M.dtype).tiny)
 
 
-def _warm_start(M: Tensor, Q: Tensor, lam: Tensor, max_iter: int, check: int = 20) -> Tensor:
-    """Free-set guesses from FISTA (adaptive restart) on ½xᵀMx + qᵀx, x ≥ 0, step 1/lam.
+def _warm_start(
+    M: Tensor, Q: Tensor, lam: float, max_iter: int, check: int = 20
+) -> tuple[Tensor, Tensor]:
+    """Free-set guesses from FISTA (gradient restart) on ½xᵀMx + qᵀx, x ≥ 0, step 1/lam.
 
     The guess is the identification rule of a projected-gradient step, ``x_j − y_j / lam > 0``.
     Every ``check`` iterations the rows whose guess did not change are frozen (dropped).
+    Also returns the (feasible) iterates.
     """
-    guess = Q < 0
+    guess, out = Q < 0, torch.zeros_like(Q)
     rows = torch.arange(Q.shape[0], device=Q.device)
-    x, z, g = torch.zeros_like(Q), torch.zeros_like(Q), torch.empty_like(Q)
-    t = torch.ones(Q.shape[0], 1, device=Q.device, dtype=Q.dtype)
-    inv = 1.0 / lam
+    x, z = torch.zeros_like(Q), torch.zeros_like(Q)
+    k = torch.zeros(Q.shape[0], 1, device=Q.device, dtype=Q.dtype)  # momentum age per row
     done = 0
     while done < max_iter:
         for _ in range(min(check, max_iter - done)):
-            torch.matmul(z, M, out=g)
-            g.add_(Q).mul_(inv)  # gradient step
-            x_new = torch.sub(z, g).clamp_min_(0.0)
-            g.copy_(x_new).sub_(x)  # g <- step x_new - x
-            restart = ((z - x_new) * g).sum(dim=1, keepdim=True) > 0
-            t_new = torch.where(restart, 1.0, 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t)))
-            beta = torch.where(restart, 0.0, (t - 1.0) / t_new)
-            torch.addcmul(x_new, beta, g, out=z)
-            x, t = x_new, t_new
+            x_new = torch.add(z, torch.addmm(Q, z, M), alpha=-1.0 / lam).clamp_min_(0.0)
+            step = x_new - x
+            restart = torch.linalg.vecdot(z - x_new, step).unsqueeze(1) > 0
+            k = torch.where(restart, 0.0, k + 1.0)
+            z = torch.addcmul(x_new, k / (k + 3.0), step)
+            x = x_new
         done += check
-        new_guess = (x - (x @ M + Q) * inv) > 0
+        new_guess = torch.add(x, torch.addmm(Q, x, M), alpha=-1.0 / lam) > 0
         moving = (new_guess != guess.index_select(0, rows)).any(dim=1)
         guess.index_copy_(0, rows, new_guess)
+        out.index_copy_(0, rows, x)
         n_moving = int(moving.sum())  # one sync per `check` iterations
         if n_moving == 0:
             break
         if n_moving < rows.numel():
             keep = torch.argsort((~moving).to(torch.int8), stable=True)[:n_moving]
-            rows, Q, x, z, t = rows[keep], Q[keep], x[keep], z[keep], t[keep]
-            g = torch.empty_like(x)
-    return guess
+            rows, Q, x, z, k = rows[keep], Q[keep], x[keep], z[keep], k[keep]
+    return guess, out
 
 
 def _solve_free(
-    M: Tensor, M_ref: Tensor | None, Q: Tensor, free: Tensor, s: int, max_chunk_bytes: int
-) -> tuple[Tensor, Tensor]:
-    """``x`` with ``x_F = −M_FF⁻¹ q_F``, ``x_A = 0`` per row (free set ``F``); and #failures.
+    M: Tensor, M_low: Tensor | None, Q: Tensor, free: Tensor, low: Tensor, max_chunk_bytes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x`` with ``x_F = −M_FF⁻¹ q_F``, ``x_A = 0`` per row (free set ``F``).
 
-    Each row's free indices come first, padded to ``s`` with indices of an identity block
-    appended to ``M``, so the systems are ``[b, s, s]`` (batched Cholesky, chunk by chunk).
-    With ``M_ref`` (higher precision), the solution is refined: ``x += M_FF⁻¹(−q_F − (M_ref x)_F)``.
+    Rows flagged ``low`` are factorised with ``M_low`` (float32) and refined with ``M``:
+    ``x += M_FF⁻¹(−q_F − (M x)_F)``. Also returns per row whether the Cholesky factorisation
+    failed (in ``M``'s dtype; in float32) and ``(max Lᵢᵢ / min Lᵢᵢ)²``, a cheap lower estimate
+    of the condition number of ``M_FF``. Rows are sorted by ``|F|`` and chunked; in a chunk each
+    row's free indices come first, padded to the chunk's largest ``|F|`` with indices of an
+    identity block appended to ``M``: one batched Cholesky per chunk.
     """
     b, m = Q.shape
-    dtype = Q.dtype if M_ref is None else M_ref.dtype
-    x = torch.zeros(b, m + s, device=Q.device, dtype=dtype)
-    failed = torch.zeros((), device=Q.device, dtype=torch.long)
-    if s == 0 or b == 0:
-        return x[:, :m], failed
-    M_ext = torch.zeros(m + s, m + s, device=M.device, dtype=M.dtype)
-    M_ext[:m, :m] = M
-    M_ext.diagonal()[m:] = 1.0
-    Q_ext = torch.cat([Q, torch.zeros(b, s, device=Q.device, dtype=Q.dtype)], dim=1)
-    position = torch.arange(s, device=Q.device)
+    low = low & (M_low is not None)
+    x = torch.zeros_like(Q)
+    failed, cond = torch.zeros_like(low), torch.ones_like(Q[:, 0])
+    counts = free.sum(dim=1)
+    key = torch.where(counts > 0, counts + (m + 1) * low, 0)  # float32 rows first, F = ∅ last
+    perm = torch.argsort(key, descending=True)
+    sizes, flags = torch.stack([counts[perm], low[perm].long()]).tolist()  # one sync
+    s = max(sizes, default=0)
+    if s == 0:
+        return x, failed, failed.clone(), cond
+    extended = {}
+    for mat in (M, M_low) if any(flags) else (M,):
+        assert mat is not None
+        ext = torch.zeros(m + s, m + s, device=mat.device, dtype=mat.dtype)
+        ext[:m, :m] = mat
+        ext.diagonal()[m:] = 1.0
+        extended[mat.dtype] = ext.view(-1)
     order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :s]  # free first
-    index = torch.where(position < free.sum(dim=1, keepdim=True), order, m + position)
-    flat_M = M_ext.view(-1)
-    chunk = max(1, min(b, max_chunk_bytes // (s * s * 8)))
-    flat = torch.empty(chunk, s, s, device=Q.device, dtype=torch.long)
-    for start in range(0, b, chunk):
-        idx = index[start : start + chunk]
-        c = idx.shape[0]
-        q_ext = Q_ext[start : start + chunk]
-        # Gather the [c, s, s] blocks through flat indices (much faster than 2-D indexing).
-        torch.add((idx * (m + s)).unsqueeze(2), idx.unsqueeze(1), out=flat[:c])
-        block = flat_M.index_select(0, flat[:c].view(-1)).view(c, s, s)
+    position = torch.arange(s, device=Q.device)
+    chunks, start = [], 0
+    while start < b and sizes[start] > 0:  # rows with F = ∅ keep x = 0
+        end = start + max(1, max_chunk_bytes // (sizes[start] * sizes[start] * 8))
+        end = start + flags[start:end].count(flags[start])  # one precision per chunk
+        chunks.append((perm[start:end], sizes[start], bool(flags[start])))
+        start = end
+
+    def solve_chunk(rows: Tensor, sc: int, use_low: bool) -> tuple[Tensor, ...]:
+        flat_M = extended[M_low.dtype if use_low and M_low is not None else M.dtype]
+        idx = torch.where(
+            position[:sc] < counts[rows].unsqueeze(1), order[rows, :sc], m + position[:sc]
+        )
+        # Gather the [c, sc, sc] blocks through flat indices (much faster than 2-D indexing).
+        flat = (idx * (m + s)).unsqueeze(2) + idx.unsqueeze(1)
+        block = flat_M.index_select(0, flat.view(-1)).view(-1, sc, sc)
         factor, info = torch.linalg.cholesky_ex(block.mT)  # symmetric: column-major view
-        failed = failed + (info != 0).sum()
-        sol = _chol_solve(factor, -q_ext.gather(1, idx).to(M.dtype)).to(dtype)
-        x_chunk = x[start : start + chunk]
-        x_chunk.scatter_(1, idx, sol)
-        if M_ref is not None:
-            for _ in range(_REFINE_STEPS):
-                residual = -q_ext - torch.nn.functional.pad(x_chunk[:, :m] @ M_ref, (0, s))
-                sol = sol + _chol_solve(factor, residual.gather(1, idx).to(M.dtype)).to(dtype)
-                x_chunk.scatter_(1, idx, sol)
-    return x[:, :m], failed
+        diag = factor.diagonal(dim1=1, dim2=2).abs()
+        q_ext = torch.nn.functional.pad(Q[rows], (0, s))
+        sol = _chol_solve(factor, -q_ext.gather(1, idx).to(block.dtype)).to(Q.dtype)
+        x_rows = torch.zeros(rows.numel(), m + s, device=Q.device, dtype=Q.dtype)
+        x_rows.scatter_(1, idx, sol)
+        for _ in range(_REFINE_STEPS if use_low else 0):
+            residual = -q_ext - torch.nn.functional.pad(x_rows[:, :m] @ M, (0, s))
+            sol = sol + _chol_solve(factor, residual.gather(1, idx).to(block.dtype)).to(Q.dtype)
+            x_rows.scatter_(1, idx, sol)
+        return rows, x_rows[:, :m], info != 0, (diag.amax(1) / diag.amin(1)).square()
+
+    threads = torch.get_num_threads()
+    if Q.device.type == "cpu" and threads > 1 and len(chunks) > 1:
+        # Batched LAPACK factorises one small matrix after another; with several threads it
+        # runs them poorly. Rather: single-threaded kernels, chunks spread over threads.
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                results = list(pool.map(lambda chunk: solve_chunk(*chunk), chunks))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [solve_chunk(*chunk) for chunk in chunks]
+    for rows, x_rows, failed_rows, cond_rows in results:
+        x[rows], failed[rows], cond[rows] = x_rows, failed_rows, cond_rows.to(Q.dtype)
+    cond = cond.nan_to_num(nan=1.0, posinf=1.0)
+    return x, failed & ~low, failed & low, cond
 
 
 def _chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
     """Solve ``L Lᵀ z = rhs`` for a batch of lower Cholesky factors; ``rhs`` is ``[c, s]``."""
-    z = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
-    return torch.linalg.solve_triangular(factor.mT, z, upper=True).squeeze(2)
+    z: Tensor = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
+    z = torch.linalg.solve_triangular(factor.mT, z, upper=True)
+    return z.squeeze(2)

@@ -1,0 +1,124 @@
+"""Benchmark of the batched UPGrad weighting against the per-row quadprog reference.
+
+Run: ``python tests/benchmarks/bench_weighting.py [--device cpu] [--sizes 16 64 256 1024]``.
+
+For each size m and Gramian kind (random rank m/2, random rank 2m, non-conflicting), prints our
+median time over interleaved repetitions, the reference time (TorchJD's ``UPGradWeighting``,
+per-row quadprog; a plain qpsolvers loop when TorchJD is absent), their ratio and the largest
+weight difference. No assertion on time. Targets on a 2-core CPU: m=256 ≤ 50 ms and ≥ 50x
+faster than the reference; m=1024 ≤ 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pjd_optim import UPGrad
+
+
+def make_gramian(m: int, kind: str, device: torch.device, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "rank m/2":
+        J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
+    elif kind == "rank 2m":
+        J = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+    else:  # non-conflicting: all pairwise inner products positive
+        J = torch.rand(m, m, generator=gen, dtype=torch.float64) + 0.1
+    return (J @ J.T).to(device)
+
+
+def reference_weighting() -> tuple[str, Callable[[Tensor], Tensor]]:
+    try:
+        from torchjd.aggregation import UPGradWeighting
+    except ImportError:
+        from qpsolvers import solve_qp
+
+        def per_row(gramian: Tensor) -> Tensor:
+            G = gramian.detach().cpu().double()
+            trace = float(G.trace())
+            G = (torch.zeros_like(G) if trace < 1e-4 else G / trace) + 1e-4 * torch.eye(len(G))
+            m = G.shape[0]
+            Gn, total = G.numpy(), np.zeros(m)
+            for i in range(m):
+                u = np.zeros(m)
+                u[i] = 1.0 / m
+                v = solve_qp(Gn, np.zeros(m), -np.eye(m), -u, solver="quadprog")
+                assert v is not None, "quadprog failed"
+                total += v
+            return torch.from_numpy(total).to(gramian)
+
+        return "qpsolvers per row", per_row
+    weighting = UPGradWeighting()
+    return "TorchJD UPGradWeighting", lambda gramian: weighting(gramian)
+
+
+def timed(fn: Callable[[Tensor], Tensor], G: Tensor) -> tuple[float, Tensor]:
+    if G.device.type == "cuda":
+        torch.cuda.synchronize(G.device)
+    start = time.perf_counter()
+    out = fn(G)
+    if G.device.type == "cuda":
+        torch.cuda.synchronize(G.device)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="device of the Gramian (cpu, cuda, ...)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--repeats", type=int, default=7, help="repetitions of ours (3 if m≥1024)")
+    parser.add_argument("--ref-repeats", type=int, default=3, help="repetitions of the reference")
+    parser.add_argument(
+        "--ref-max-m", type=int, default=256, help="skip the reference above this m (slow)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ref_name, reference = reference_weighting()
+    ours = UPGrad()
+    print(f"device={device} threads={torch.get_num_threads()} reference={ref_name}")
+    header = (
+        f"{'m':>5} {'gramian':>16} {'ours (ms)':>11} {'ref (ms)':>11} {'ratio':>8} {'max |dw|':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for m in args.sizes:
+        for kind in ("rank m/2", "rank 2m", "non-conflicting"):
+            G = make_gramian(m, kind, device, seed=m)
+            ours(G)  # warm-up
+            repeats = args.repeats if m < 1024 else min(args.repeats, 3)
+            run_ref = m <= args.ref_max_m
+            ours_times: list[float] = []
+            ref_times: list[float] = []
+            w = w_ref = None
+            # Interleave our repetitions with the reference's, so load drifts hit both alike.
+            ref_reps = max(1, args.ref_repeats if m <= 64 else 1) if run_ref else 0
+            for rep in range(max(repeats, ref_reps)):
+                if rep < repeats:
+                    t, w = timed(ours, G)
+                    ours_times.append(t)
+                if rep < ref_reps:
+                    t, w_ref = timed(reference, G)
+                    ref_times.append(t)
+            t_ours = 1e3 * statistics.median(ours_times)
+            if w is not None and w_ref is not None:
+                t_ref = 1e3 * statistics.median(ref_times)
+                diff = float((w.double() - w_ref.double().to(w.device)).abs().max())
+                ratio = t_ref / t_ours
+                line = f"{t_ref:>11.1f} {ratio:>7.{1 if ratio < 10 else 0}f}x {diff:>10.1e}"
+            else:
+                line = f"{'skipped':>11} {'-':>8} {'-':>10}"
+            print(f"{m:>5} {kind:>16} {t_ours:>11.1f} {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
