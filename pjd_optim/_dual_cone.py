@@ -47,7 +47,7 @@ def project_dual_cone(
     lower: Tensor,
     *,
     dtype: torch.dtype = torch.float64,
-    warm_start_iter: int = 200,
+    warm_start_iter: int | None = None,
     max_iter: int | None = None,
     rtol: float | None = None,
     mixed_precision: bool | None = None,
@@ -62,7 +62,8 @@ def project_dual_cone(
         gramian: ``[m, m]`` symmetric positive definite matrix (already normalised/regularised).
         lower: ``[k, m]`` lower bounds ``u``, one problem per row.
         dtype: computation dtype (``float64`` by default; ``float32`` is faster but looser).
-        warm_start_iter: maximum number of FISTA iterations used to guess the active sets.
+        warm_start_iter: maximum number of FISTA iterations used to guess the active sets
+            (default: 0 below 32 rows, else 200).
         max_iter: bound on pivoting steps (default ``100 + 10 m``); exceeding it raises.
         rtol: relative KKT tolerance (default ``100 · eps(dtype)``).
         mixed_precision: factorise large float64 blocks in float32 and refine (default: auto).
@@ -90,7 +91,7 @@ def solve_lcp(
     matrix: Tensor,
     q: Tensor,
     *,
-    warm_start_iter: int = 200,
+    warm_start_iter: int | None = None,
     max_iter: int | None = None,
     rtol: float | None = None,
     mixed_precision: bool | None = None,
@@ -128,6 +129,8 @@ def solve_lcp(
     Qc = Q.index_select(0, rows)
     q_scale = q_scale.index_select(0, rows)
     lam = float(_max_eigenvalue(M_low))  # one sync
+    if warm_start_iter is None:  # below 32 rows, pivoting from scratch is cheaper than FISTA
+        warm_start_iter = 0 if m < 32 else 200
     free, x_start = _warm_start(M_low, Qc.to(low), lam, warm_start_iter)
     eps = torch.finfo(M.dtype).eps
     res_tol = 1e3 * eps * max(lam, 1.0)
