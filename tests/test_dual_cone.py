@@ -6,7 +6,6 @@ Problem: v = argmin vᵀGv s.t. v ≥ u (one per row u). KKT: v ≥ u, Gv ≥ 0,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,13 +19,7 @@ from pjd_optim._dual_cone import project_dual_cone, solve_lcp
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny batched ops; one thread avoids OpenMP stalls on a busy machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_gramian(m: int, rank: int, kind: str, seed: int) -> Tensor:

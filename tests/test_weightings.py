@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,13 +16,7 @@ from pjd_optim import MGDA, DualProj, Mean, UPGrad, Weighting
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny batched ops; one thread avoids OpenMP stalls on a busy machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_gramian(m: int, rank: int, seed: int, scale: float = 1.0) -> Tensor:

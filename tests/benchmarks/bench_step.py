@@ -99,11 +99,11 @@ def variants(w: Workload, weighting: str) -> dict[str, Callable[[], None]]:
     ref_model = copy.deepcopy(w.model)
     ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=1e-3)
     engine = Engine(*[ref_model.get_submodule(name) for name in w.considered], batch_dim=0)
-    weighting = UPGradWeighting()
+    torchjd_weighting = UPGradWeighting()
 
     def torchjd() -> None:
         losses = per_sample_loss(ref_model(w.inputs), w.targets)
-        torch.autograd.backward(losses, weighting(engine.compute_gramian(losses)))
+        torch.autograd.backward(losses, torchjd_weighting(engine.compute_gramian(losses)))
         ref_sgd.step()
         ref_sgd.zero_grad()
 
