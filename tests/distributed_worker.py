@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pjd_optim import PartialJDOptimizer
 
 BATCH = 5
+WORLD_OFFSET = 10  # seed offset of the second micro-batch in the no_sync test
 
 
 def make_model() -> nn.Sequential:
@@ -51,6 +52,10 @@ def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
         if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
             Path(out_dir, "error1.txt").write_text("rank 1 failed")
             return
+        if mode == "no_sync":  # gradient accumulation: the first micro-batch is not all-reduced
+            with ddp.no_sync():
+                x2, y2 = batch(rank + WORLD_OFFSET)
+                optimizer.backward(losses_of(ddp, x2, y2))
         try:
             weights = optimizer.backward(losses_of(ddp, x, y))
         except RuntimeError as error:  # the collective timed out on the surviving rank

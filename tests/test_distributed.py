@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_worker import batch, losses_of, make_model, run
+from distributed_worker import WORLD_OFFSET, batch, losses_of, make_model, run
 from oracle import oracle_grads, oracle_gramian, relative_error
 
 from pjd_optim import UPGrad
@@ -74,6 +74,20 @@ def test_local_mode_equals_the_mean_of_per_rank_jd_steps(tmp_path: Path) -> None
     steps = [single_process_step([batch(r)[0]], [batch(r)[1]]) for r in range(WORLD)]
     start = list(make_model().parameters())
     expected = [s + sum(step[i] - s for step in steps) / WORLD for i, s in enumerate(start)]
+    for result in results:
+        for p, e in zip(result["params"], expected, strict=True):
+            assert relative_error(p, e) < 1e-10
+
+
+def test_no_sync_accumulation_equals_the_mean_of_per_rank_accumulated_jd(tmp_path: Path) -> None:
+    results = launch("no_sync", tmp_path)
+    start = list(make_model().parameters())
+    per_rank = []
+    for r in range(WORLD):
+        first = single_process_step([batch(r + WORLD_OFFSET)[0]], [batch(r + WORLD_OFFSET)[1]])
+        second = single_process_step([batch(r)[0]], [batch(r)[1]])
+        per_rank.append([a + b - s for a, b, s in zip(first, second, start, strict=True)])
+    expected = [s + sum(step[i] - s for step in per_rank) / WORLD for i, s in enumerate(start)]
     for result in results:
         for p, e in zip(result["params"], expected, strict=True):
             assert relative_error(p, e) < 1e-10

@@ -92,6 +92,12 @@ def test_schedulers_drive_the_base_learning_rates() -> None:
         scheduler.step(epoch + 1)
         lrs.append(base.param_groups[0]["lr"])
     assert lrs[0] > lrs[1] > lrs[2] > 0
+    per_update, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=2, step_on_epochs=False, updates_per_epoch=4
+    )
+    before = base.param_groups[0]["lr"]
+    per_update.step_update(num_updates=3)
+    assert base.param_groups[0]["lr"] < before
     for make in (
         lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=5),
         lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3),
