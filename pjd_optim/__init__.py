@@ -4,6 +4,7 @@
 >>> optimizer.step(losses)                        # per-instance losses, shape [B]
 """
 
+from .amp import JDScaler
 from .gramian import GramianRule, register_gramian_rule
 from .optimizer import Distributed, GramianMode, NonFinite, PartialJDOptimizer, StepInfo
 from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
@@ -14,6 +15,7 @@ __all__ = [
     "DualProj",
     "GramianMode",
     "GramianRule",
+    "JDScaler",
     "Mean",
     "NonFinite",
     "PartialJDOptimizer",

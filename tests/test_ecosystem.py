@@ -10,7 +10,7 @@ from oracle import oracle_grads, oracle_gramian, relative_error, trainable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from pjd_optim import PartialJDOptimizer, UPGrad
+from pjd_optim import JDScaler, PartialJDOptimizer, UPGrad
 from pjd_optim._groups import parameters_of
 
 timm = pytest.importorskip("timm")
@@ -186,3 +186,38 @@ def test_checkpoint_round_trip_resumes_bit_exactly() -> None:
     run(2, resumed, resumed_opt, seed=2)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("clip_mode", ["norm", "value", "agc"])
+def test_jd_scaler_native_scaler_style_loop_equals_the_unscaled_step(clip_mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    reference = copy.deepcopy(model)
+    scaled = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2]
+    )
+    plain = PartialJDOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2]
+    )
+    scaler = JDScaler("cpu", init_scale=2.0**12)
+    x = torch.randn(6, 5)
+    for _ in range(2):  # accumulate one micro-batch, then update
+        w_scaled = scaler(model(x).squeeze(1).pow(2), scaled, need_update=False)
+        scaler(model(x).squeeze(1).pow(2), scaled, 0.05, clip_mode, model.parameters())
+        w_plain = plain.backward(reference(x).squeeze(1).pow(2))
+        plain.backward(reference(x).squeeze(1).pow(2))
+        if clip_mode == "norm":
+            nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        elif clip_mode == "value":
+            nn.utils.clip_grad_value_(reference.parameters(), 0.05)
+        else:
+            from timm.utils import dispatch_clip_grad
+
+            dispatch_clip_grad(reference.parameters(), 0.05, mode="agc")
+        plain.step()
+        scaled.zero_grad()
+        plain.zero_grad()
+        torch.testing.assert_close(w_scaled, w_plain)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    assert "scale" in scaler.state_dict()
