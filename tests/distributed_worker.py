@@ -37,6 +37,7 @@ def losses_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to
     timeout = datetime.timedelta(seconds=10)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
