@@ -116,7 +116,10 @@ def test_schedulers_drive_the_base_learning_rates() -> None:
     assert base.param_groups[0]["lr"] == pytest.approx(start * 0.5)
 
 
-def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
+def twin_optimizers() -> tuple[
+    nn.Sequential, nn.Sequential, PartialJDOptimizer, PartialJDOptimizer
+]:
+    """Two copies of one model, each with its own optimizer (the last layer considered)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
     reference = copy.deepcopy(model)
@@ -126,6 +129,11 @@ def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
     plain = PartialJDOptimizer(
         torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2]
     )
+    return model, reference, scaled, plain
+
+
+def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
+    model, reference, scaled, plain = twin_optimizers()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(6, 5)
     w_scaled = scaled.backward(scaler.scale(model(x).squeeze(1) ** 2))
@@ -190,15 +198,7 @@ def test_checkpoint_round_trip_resumes_bit_exactly() -> None:
 
 @pytest.mark.parametrize("clip_mode", ["norm", "value", "agc"])
 def test_jd_scaler_native_scaler_style_loop_equals_the_unscaled_step(clip_mode: str) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
-    reference = copy.deepcopy(model)
-    scaled = PartialJDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2]
-    )
-    plain = PartialJDOptimizer(
-        torch.optim.SGD(reference.parameters(), lr=0.1), reference, considered=reference[2]
-    )
+    model, reference, scaled, plain = twin_optimizers()
     scaler = JDScaler("cpu", init_scale=2.0**12)
     x = torch.randn(6, 5)
     for _ in range(2):  # accumulate one micro-batch, then update
