@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from ._hooks import ModuleCall
 
@@ -38,25 +37,13 @@ class CallGatherer:
         self.received_bytes = 0
         gathered = []
         for call in calls:
+            grads = tuple(self._gather(g, size) for g in call.output_grads)
             rows = call.output_grads[0].shape[0]
-
-            def gather(x: object, rows: int = rows) -> object:
-                if not (isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows):
-                    return x
-                parts = [torch.empty_like(x) for _ in range(size)]
-                dist.all_gather(parts, x.contiguous())
-                self.received_bytes += x.numel() * x.element_size() * (size - 1)
-                return torch.cat(parts)
-
-            grads = tuple(gather(g) for g in call.output_grads)
-            gathered.append(
-                ModuleCall(
-                    module=call.module,
-                    args=tree_map(gather, call.args),
-                    kwargs=tree_map(gather, call.kwargs),
-                    tapped=call.tapped,
-                    order=call.order,
-                    output_grads=grads,  # type: ignore[arg-type]
-                )
-            )
+            gathered.append(call.map_rows(rows, lambda x: self._gather(x, size), grads))
         return gathered
+
+    def _gather(self, x: Tensor, size: int) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        self.received_bytes += x.numel() * x.element_size() * (size - 1)
+        return torch.cat(parts)

@@ -18,7 +18,6 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from ._hooks import HookSet, ModuleCall, collecting, input_versions
 from .gramian import couples_batch, rule_for, sum_of_gramians
@@ -191,24 +190,12 @@ class HookedGramian:
                     f"Two rows of one call of {type(call.module).__name__} feed the same loss: "
                     "losses must be per-instance (one row of the batch each)."
                 )
-            rows = ones.shape[0]
 
-            def place(
-                x: object, rows: int = rows, index: Tensor = index, live: Tensor = live
-            ) -> object:
-                if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows:
-                    out = x.new_zeros(batch, *x.shape[1:])
-                    return out.index_copy_(0, index[live], x[live])
-                return x
+            def place(x: Tensor, index: Tensor = index[live], live: Tensor = live) -> Tensor:
+                return x.new_zeros(batch, *x.shape[1:]).index_copy_(0, index, x[live])
 
-            moved = ModuleCall(
-                module=call.module,
-                args=tree_map(place, call.args),
-                kwargs=tree_map(place, call.kwargs),
-                tapped=call.tapped,
-                order=call.order,
-            )
-            spread[moved] = [tuple(place(g) for g in passes[0])]  # type: ignore[misc]
+            placed = tuple(place(g) for g in passes[0])
+            spread[call.map_rows(ones.shape[0], place, ())] = [placed]
         return spread
 
 
@@ -227,19 +214,10 @@ def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -
         return replace(call, output_grads=passes[0])
     stacked = tuple(torch.cat(grads, dim=0) for grads in zip(*passes, strict=True))
 
-    def repeat(x: object) -> object:
-        if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch:
-            return x.repeat(objectives, *([1] * (x.ndim - 1)))
-        return x
+    def repeat(x: Tensor) -> Tensor:
+        return x.repeat(objectives, *([1] * (x.ndim - 1)))
 
-    return ModuleCall(
-        module=call.module,
-        args=tree_map(repeat, call.args),
-        kwargs=tree_map(repeat, call.kwargs),
-        tapped=call.tapped,
-        order=call.order,
-        output_grads=stacked,
-    )
+    return call.map_rows(batch, repeat, stacked)
 
 
 def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:

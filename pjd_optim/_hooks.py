@@ -45,6 +45,29 @@ class ModuleCall:
     versions: tuple[int, ...] = ()
     output_grads: tuple[Tensor, ...] = field(default=())
 
+    def map_rows(
+        self, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
+    ) -> ModuleCall:
+        """A new call with ``fn`` applied to every saved input whose dim 0 has ``rows`` rows
+        (the per-sample ones), and the given output gradients."""
+
+        def apply(x: Any) -> Any:
+            return fn(x) if has_rows(x, rows) else x
+
+        return ModuleCall(
+            module=self.module,
+            args=tree_map(apply, self.args),
+            kwargs=tree_map(apply, self.kwargs),
+            tapped=self.tapped,
+            order=self.order,
+            output_grads=output_grads,
+        )
+
+
+def has_rows(x: object, rows: int) -> bool:
+    """Whether ``x`` is a tensor with ``rows`` rows on dim 0 (one per sample)."""
+    return isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows
+
 
 class Collector:
     """Receives the taps' reports during one collection pass."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._hooks import ModuleCall, suspended
+from .._hooks import ModuleCall, has_rows, suspended
 from ._registry import GramianRule, register_gramian_rule
 
 
@@ -24,7 +24,7 @@ def _per_sample_vjp(
 ) -> dict[str, Tensor]:
     batch = call.output_grads[0].shape[0]
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    batched = [isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch for x in leaves]
+    batched = [has_rows(x, batch) for x in leaves]
     samples = [x for x, b in zip(leaves, batched, strict=True) if b]
     values = {name: p.detach() for name, p in params.items()}
 
