@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"step {step:3d}  mean loss {float(mean) / world:8.4f}  "
                 f"Gramian {tuple(info.gramian.shape)}  received {info.received_bytes} bytes"
             )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

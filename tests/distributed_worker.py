@@ -71,5 +71,6 @@ def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
             "bytes": info.received_bytes,
         }
         torch.save(result, Path(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
