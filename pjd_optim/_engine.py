@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ._hooks import HookSet, ModuleCall, collecting, input_versions
+from ._resume import Resume
+from ._resume import find as find_resume
 from .gramian import couples_batch, rule_for, sum_of_gramians
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
@@ -79,24 +81,30 @@ class HookedGramian:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self.hooks.mark(module, couples_batch)
 
+    def resume_point(self, losses: Tensor) -> Resume | None:
+        """Where the weighted backward can resume (see ``_resume``), or ``None``."""
+        considered = {id(p): p for params in self.plan.values() for p in params.values()}
+        return find_resume(losses, self.hooks, considered)
+
     def gramian(
-        self, losses: Tensor, gather: Callable[[list[ModuleCall]], list[ModuleCall]] | None = None
+        self,
+        losses: Tensor,
+        gather: Callable[[list[ModuleCall]], list[ModuleCall]] | None = None,
+        resume: Resume | None = None,
     ) -> Tensor:
         """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after).
 
         ``gather`` may replace the collected calls by calls over a larger batch (other ranks'
-        samples appended, see ``_distributed``); the Gramian is then over that batch.
+        samples appended, see ``_distributed``); the Gramian is then over that batch. With
+        ``resume``, the collection pass also fills ``resume`` for :meth:`weighted_backward`.
         """
-        calls = self.collect(losses)
+        calls = self.collect(losses, resume)
         if gather is not None:
             calls = gather(calls)
-        by_module: dict[nn.Module, list[ModuleCall]] = defaultdict(list)
-        for call in calls:
-            by_module[call.module].append(call)
         gramians: list[Tensor] = []
         shared_grads: dict[int, Tensor] = {}
-        for module, module_calls in by_module.items():
-            params = {n: p for n, p in self.plan[module].items() if p.requires_grad}
+        for module, module_calls in _by_module(calls).items():
+            params = self._trainable(module)
             own = {n: p for n, p in params.items() if id(p) not in self.shared}
             tied = {n: p for n, p in params.items() if id(p) in self.shared}
             rule = rule_for(module)
@@ -113,11 +121,42 @@ class HookedGramian:
             total = total + g  # type promotion keeps the widest dtype
         return _objective_major_to_sample_major(total, losses)
 
-    def collect(self, losses: Tensor) -> list[ModuleCall]:
+    def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
+        """``Σ_i w_i ∇ℓ_i`` into ``.grad`` without a second backward through the considered
+        modules: theirs from ``summed_grads`` on output gradients scaled by ``w``, the trunk's by
+        one backward from the boundary with rows scaled by ``w`` (DESIGN.md §3)."""
+        tensors: list[Tensor] = []
+        grads: list[Tensor] = []
+        for t, grad in zip(resume.boundary, resume.grads, strict=True):
+            tensors.append(t)
+            grads.append(grad * _rows_like(weights, grad))
+        summed: dict[int, Tensor] = {}
+        params: dict[int, nn.Parameter] = {}
+        for module, calls in _by_module(resume.calls).items():
+            scaled = [
+                replace(c, output_grads=tuple(g * _rows_like(weights, g) for g in c.output_grads))
+                for c in calls
+            ]
+            own = self._trainable(module)
+            for name, grad in rule_for(module).summed_grads(module, scaled, own).items():
+                key = id(own[name])
+                params[key] = own[name]
+                summed[key] = summed[key] + grad if key in summed else grad
+        for key, grad in summed.items():
+            tensors.append(params[key])
+            grads.append(grad.to(params[key].dtype))
+        torch.autograd.backward(tensors, grads)
+
+    def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.plan[module].items() if p.requires_grad}
+
+    def collect(self, losses: Tensor, resume: Resume | None = None) -> list[ModuleCall]:
         """Run the cotangent pass(es); return every reached call with its output gradients.
 
         Losses ``[B, k...]`` take ``K = Π k`` passes (one per objective column); the calls are
-        returned with ``K·B`` rows, objective-major, inputs repeated ``K`` times.
+        returned with ``K·B`` rows, objective-major, inputs repeated ``K`` times. With
+        ``resume`` (1-D losses only) the single pass also gives the gradients at the boundary
+        and frees the graph above it (the weighted backward then resumes from the boundary).
         """
         batch = losses.shape[0]
         columns = losses.reshape(batch, -1)
@@ -130,10 +169,18 @@ class HookedGramian:
             else:
                 cotangent = torch.zeros_like(columns)
                 cotangent[:, j] = 1
+            inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
             with collecting(self.hooks.token) as collector:
-                torch.autograd.grad(
-                    columns, self.hooks.anchor, cotangent, retain_graph=True, allow_unused=True
+                found = torch.autograd.grad(
+                    columns,
+                    inputs,
+                    cotangent,
+                    retain_graph=resume is None,
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
+            if resume is not None:
+                resume.grads = found[1:]
             for call, call_grads in collector.calls:
                 grads.setdefault(call, []).append(call_grads)
             coupling += collector.coupling
@@ -161,7 +208,10 @@ class HookedGramian:
         if objectives == 1 and any(p[0][0].shape[0] != batch for p in grads.values()):
             grads = self._scatter_to_losses(columns, grads)
         ordered = sorted(grads.items(), key=lambda item: item[0].order)
-        return [_with_rows(call, passes, batch) for call, passes in ordered]
+        calls = [_with_rows(call, passes, batch) for call, passes in ordered]
+        if resume is not None:
+            resume.calls = calls
+        return calls
 
     def _scatter_to_losses(
         self, columns: Tensor, grads: dict[ModuleCall, list[tuple[Tensor, ...]]]
@@ -197,6 +247,18 @@ class HookedGramian:
             placed = tuple(place(g) for g in passes[0])
             spread[call.map_rows(ones.shape[0], place, ())] = [placed]
         return spread
+
+
+def _by_module(calls: Iterable[ModuleCall]) -> dict[nn.Module, list[ModuleCall]]:
+    by_module: dict[nn.Module, list[ModuleCall]] = defaultdict(list)
+    for call in calls:
+        by_module[call.module].append(call)
+    return by_module
+
+
+def _rows_like(weights: Tensor, x: Tensor) -> Tensor:
+    """``weights`` ``[B]`` shaped to scale the rows of ``x`` ``[B, ...]``."""
+    return weights.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
 def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -> ModuleCall:

@@ -34,7 +34,9 @@ class ModuleCall:
     """One call of a hooked module: its inputs (detached) and, once collected, output gradients.
 
     ``output_grads[k]`` is the gradient of the collected cotangent pass w.r.t. the ``k``-th tapped
-    output; ``tapped`` gives the positions of those outputs among the flattened outputs.
+    output; ``tapped`` gives the positions of those outputs among the flattened outputs. The
+    graph-side fields (``sources``: the inputs that require grad, not detached; ``rows``: dim 0 of
+    the tapped outputs; ``seq``: the tap node's sequence number) serve ``_resume``.
     """
 
     module: nn.Module
@@ -44,6 +46,9 @@ class ModuleCall:
     order: int
     versions: tuple[int, ...] = ()
     output_grads: tuple[Tensor, ...] = field(default=())
+    sources: tuple[Tensor, ...] = ()
+    rows: tuple[int, ...] = ()
+    seq: int = -1
 
     def map_rows(
         self, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
@@ -169,13 +174,14 @@ class HookSet:
         self.anchor = torch.zeros((), requires_grad=True)
         self.token = id(self)
         self.handles: list[RemovableHandle] = []
+        self.live = LiveCalls()
         self._counter = _Counter()
 
     def tap(self, module: nn.Module) -> None:
         """Save inputs and tap outputs of every grad-enabled call of ``module``."""
         self.handles.append(
             module.register_forward_hook(
-                _make_tap_hook(self.anchor, self.token, self._counter), with_kwargs=True
+                _make_tap_hook(self.anchor, self.token, self._counter, self.live), with_kwargs=True
             )
         )
 
@@ -189,8 +195,30 @@ class HookSet:
         self.handles.clear()
 
 
+def _rows(output: Tensor) -> tuple[int, ...]:
+    return (output.shape[0] if output.ndim else -1,)
+
+
+class LiveCalls:
+    """The calls whose tap is still on some graph (weakly held), to bound graph walks."""
+
+    def __init__(self) -> None:
+        self.calls: weakref.WeakSet[ModuleCall] = weakref.WeakSet()
+
+    def add(self, call: ModuleCall, outs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        grad_fn = outs[0].grad_fn
+        call.seq = -1 if grad_fn is None else grad_fn._sequence_nr()
+        self.calls.add(call)
+        return outs
+
+    def first_seq(self) -> int:
+        """Smallest sequence number of a live tap: nodes created before it cannot depend on any
+        considered module's output."""
+        return min((call.seq for call in list(self.calls)), default=-1)
+
+
 def _make_tap_hook(
-    anchor: Tensor, token: int, counter: _Counter
+    anchor: Tensor, token: int, counter: _Counter, live: LiveCalls
 ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not _recording():
@@ -206,8 +234,10 @@ def _make_tap_hook(
                 tapped=(0,),
                 order=counter.next(),
                 versions=tuple(a._version for a in args),
+                sources=tuple(a for a in args if a.requires_grad),
+                rows=_rows(output),
             )
-            return _Tap.apply(call, token, anchor, output)[0]
+            return live.add(call, _Tap.apply(call, token, anchor, output))[0]
         leaves, spec = tree_flatten(output)
         tapped = tuple(
             k
@@ -216,16 +246,18 @@ def _make_tap_hook(
         )
         if not tapped:
             return None
-        inputs = tree_flatten((args, kwargs))[0]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         call = ModuleCall(
             module=module,
             args=tree_map(_detach, args),
             kwargs=tree_map(_detach, kwargs),
             tapped=tapped,
             order=counter.next(),
-            versions=tuple(t._version for t in inputs if isinstance(t, Tensor)),
+            versions=tuple(t._version for t in inputs),
+            sources=tuple(t for t in inputs if t.requires_grad),
+            rows=tuple(r for k in tapped for r in _rows(leaves[k])),
         )
-        outs = _Tap.apply(call, token, anchor, *(leaves[k] for k in tapped))
+        outs = live.add(call, _Tap.apply(call, token, anchor, *(leaves[k] for k in tapped)))
         for k, out in zip(tapped, outs, strict=True):
             leaves[k] = out
         return tree_unflatten(leaves, spec)

@@ -36,7 +36,9 @@ class StepInfo:
     ``conflict`` is the fraction of pairs ``i < j`` with a negative cosine ``G_ij < 0`` and
     ``min_cosine`` the smallest ``G_ij / √(G_ii G_jj)`` (both over the considered parameters).
     ``gramian_seconds`` and ``weighting_seconds`` are host wall-clock times of the two stages
-    (on CUDA, without synchronisation: they measure launch, not kernel, time).
+    (on CUDA, without synchronisation: they measure launch, not kernel, time). ``resumed`` tells
+    whether the weighted gradient came from book-keeping plus one trunk backward resumed at the
+    considered part's boundary (else from ``losses.backward(w)``; see ``pjd_optim._resume``).
     """
 
     gramian: Tensor
@@ -44,6 +46,7 @@ class StepInfo:
     gramian_seconds: float = 0.0
     weighting_seconds: float = 0.0
     received_bytes: int = 0
+    resumed: bool = False
 
     @property
     def cosines(self) -> Tensor:
@@ -76,7 +79,11 @@ class PartialJDOptimizer(Optimizer):
         \ \text{for every trainable } \theta, \qquad \texttt{base.step()}.
 
     ``G`` is computed from module hooks (the considered modules' inputs and output gradients,
-    DESIGN.md §3) without per-sample gradients where a closed form exists. The wrapper shares
+    DESIGN.md §3) without per-sample gradients where a closed form exists. The weighted gradient
+    of considered Linear/Conv/Embedding/norm layers comes from the same saved factors, and the
+    trunk's backward resumes at the considered part's boundary with each sample's cotangent
+    scaled by its weight, wherever the graph makes that exact (``pjd_optim._resume``, reported
+    by ``last_step.resumed``); elsewhere the step runs ``losses.backward(w)``. The wrapper shares
     ``param_groups`` and ``state`` with ``base``, so schedulers, ``zero_grad``, ``state_dict`` and
     ``load_state_dict`` act on the base optimizer.
 
@@ -222,8 +229,10 @@ class PartialJDOptimizer(Optimizer):
             raise ValueError("distributed='global' needs 1-D losses (one per sample).")
         gather = CallGatherer() if size > 1 else None
         start = time.perf_counter()
+        # Resume the trunk's backward at the considered part's boundary where that is exact.
+        resume = self._engine.resume_point(losses) if self._engine is not None else None
         if self._engine is not None:
-            gramian = self._engine.gramian(losses, gather)
+            gramian = self._engine.gramian(losses, gather, resume)
         else:
             gramian = autograd_gramian(losses, self.considered_parameters())
         if not _is_finite(gramian, flat):
@@ -240,14 +249,19 @@ class PartialJDOptimizer(Optimizer):
         end = time.perf_counter()
         m = flat.numel()
         weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
+        applied = (weights * size).to(flat.dtype)  # DDP averages the ranks' gradients
         with _restore_grads_on_error(self.model, self.param_groups):
-            torch.autograd.backward(flat, (weights * size).to(flat.dtype))
+            if resume is not None and self._engine is not None:
+                self._engine.weighted_backward(resume, applied)
+            else:
+                torch.autograd.backward(flat, applied)
         self.last_step = StepInfo(
             gramian.detach(),
             all_weights.detach(),
             middle - start,
             end - middle,
             0 if gather is None else gather.received_bytes,
+            resume is not None,
         )
         return weights
 

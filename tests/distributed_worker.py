@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pjd_optim import PartialJDOptimizer
+from pjd_optim import PartialJDOptimizer, _resume
 
 BATCH = 5
 WORLD_OFFSET = 10  # seed offset of the second micro-batch in the no_sync test
@@ -40,6 +40,7 @@ def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to
     timeout = datetime.timedelta(seconds=10)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    _resume.MIN_SAVED_FLOPS = 0  # as conftest.always_resume: exercise the resumed backward
     try:
         model = make_model()
         ddp = DistributedDataParallel(model)
@@ -69,6 +70,7 @@ def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
             "params": [p.detach() for p in model.parameters()],
             "weights": weights.detach(),
             "bytes": info.received_bytes,
+            "resumed": info.resumed,
         }
         torch.save(result, Path(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -5,9 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 from oracle import errors_against_oracle
+from torch import nn
+from torch.optim import SGD
 from zoo import CASES
 
+from pjd_optim import PartialJDOptimizer, _resume
+
+_resume_default = _resume.MIN_SAVED_FLOPS  # read at import, before the autouse fixture lifts it
+
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+# Where the weighted backward must not resume at the considered part's boundary: a rule without
+# book-keeping (generic, attention), a trainable non-considered layer after a considered one, trunk
+# features from below the boundary reaching the losses, boundary tensors that feed each other.
+NOT_RESUMED = {
+    "direct_parameter",
+    "multihead_attention",
+    "transformer_layer",
+    "non_considered_after_considered",
+    "timm_norms",
+    "deep_skip",
+    "trunk_feature_loss",
+    "nested_boundaries",
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -20,6 +40,7 @@ def test_step_matches_per_sample_oracle(name: str, dtype: torch.dtype) -> None:
     assert errors["grads"] < tolerance, errors
     # UPGrad is continuous in G, but less so near degenerate problems: looser bound in float32.
     assert errors["weights"] < (tolerance if dtype == torch.float64 else 1e-3), errors
+    assert errors["resumed"] == (name not in NOT_RESUMED), errors
 
 
 @pytest.mark.parametrize("name", ["seed_mlp", "conv2d", "tied_embedding", "multihead_attention"])
@@ -27,3 +48,16 @@ def test_autograd_mode_matches_oracle(name: str) -> None:
     torch.manual_seed(0)
     errors = errors_against_oracle(CASES[name](), torch.float64, gramian_mode="autograd")
     assert max(errors.values()) < 1e-9, errors
+
+
+def test_resume_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a tiny considered part takes ``losses.backward(w)`` (the graph walk would cost
+    more than the backward it saves); a large one resumes at the boundary."""
+    monkeypatch.setattr(_resume, "MIN_SAVED_FLOPS", _resume_default)
+    for width, resumed in ((8, False), (512, True)):
+        model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, width))
+        base = SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+        optimizer = PartialJDOptimizer(base, model, considered=[model[2]])
+        optimizer.backward(model(torch.randn(16, 4)).pow(2).mean(dim=1))
+        assert optimizer.last_step is not None
+        assert optimizer.last_step.resumed == resumed

@@ -268,6 +268,61 @@ def skip_connection() -> Case:
     return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
 
 
+class DeepSkip(nn.Module):
+    """Trunk features from below the considered part's input reach the losses directly: through
+    a skip into the considered block (``mode="skip"``) or a loss term (``mode="loss"``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.low, self.high = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.block, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        deep = torch.tanh(self.low(x))
+        h = torch.tanh(self.high(deep))
+        if self.mode == "skip":
+            return self.head(torch.tanh(self.block(h)) + deep)  # type: ignore[no-any-return]
+        out: Tensor = self.head(torch.tanh(self.block(h))) + deep[:, :2].pow(2)
+        return out
+
+
+def deep_skip() -> Case:
+    model = DeepSkip("skip")
+    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+
+
+def trunk_feature_loss() -> Case:
+    model = DeepSkip("loss")
+    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+
+
+class TwoInputs(nn.Module):
+    """Considered heads on two trunk tensors; with ``nested`` the second is computed from the
+    first (boundaries that feed each other), else from its own tower."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        self.nested = nested
+        self.tower1, self.tower2 = nn.Linear(3, 4), nn.Linear(4 if nested else 3, 4)
+        self.head1, self.head2 = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.tanh(self.tower1(x))
+        b = torch.tanh(self.tower2(a if self.nested else x))
+        return self.head1(a) + self.head2(b)  # type: ignore[no-any-return]
+
+
+def two_towers() -> Case:
+    model = TwoInputs(nested=False)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+
+
+def nested_boundaries() -> Case:
+    model = TwoInputs(nested=True)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+
+
 def identical_samples() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], _mse)
@@ -298,5 +353,9 @@ CASES: dict[str, Callable[[], Case]] = {
         non_considered_after_considered,
         skip_connection,
         identical_samples,
+        deep_skip,
+        trunk_feature_loss,
+        two_towers,
+        nested_boundaries,
     )
 }

@@ -6,7 +6,11 @@ output gradients ``Gy``, one row per sample) into
 - ``per_sample_grads``: ``{name: P}`` with ``P[i] = ∇_θ loss_i`` for each considered parameter
   ``θ`` of the module (summed over every call of the module), and
 - ``gramian``: ``Σ_θ P_θ P_θᵀ`` (``[B, B]``), which fast rules compute without materialising
-  ``P`` (the "ghost" forms of DESIGN.md §3).
+  ``P`` (the "ghost" forms of DESIGN.md §3), and
+- ``summed_grads``: ``Σ_i P[i]``. Called with output gradients whose row ``i`` is scaled by
+  ``w_i``, it is the weighted gradient ``Σ_i w_i ∇_θ loss_i`` (the "book-keeping" of DESIGN.md
+  §3); rules whose ``bookkeeps(module)`` holds compute it as one contraction of the saved factors,
+  so the step needs no second backward through the module.
 
 The engine never looks at module types: it asks :func:`rule_for` and falls back to the generic
 rule (``torch.func`` per-sample VJPs), which is exact for any module whose samples are independent.
@@ -45,6 +49,18 @@ class GramianRule:
         """``Σ_θ P_θ P_θᵀ`` over ``params``; by default from :meth:`per_sample_grads`."""
         grads = self.per_sample_grads(module, calls, params)
         return sum_of_gramians(list(grads.values()))
+
+    def bookkeeps(self, module: nn.Module) -> bool:
+        """Whether :meth:`summed_grads` is cheap and gives ``module``'s gradients exactly as
+        autograd would (layout included), so the step may use it instead of a backward."""
+        return False
+
+    def summed_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        """``{name: Σ_i P[i]}``; by default the sum of :meth:`per_sample_grads`."""
+        grads = self.per_sample_grads(module, calls, params)
+        return {name: grad.sum(dim=0) for name, grad in grads.items()}
 
 
 def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:

@@ -33,6 +33,13 @@ def _ids_and_grads(module: nn.Embedding, calls: Sequence[ModuleCall]) -> tuple[T
     return cat_positions(ids), cat_positions(grads)
 
 
+def _without_padding(ids: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+    """Padding positions (id -1) sent to row 0 with a zero gradient: same sums, and no
+    data-dependent shape (boolean indexing would synchronise with a GPU)."""
+    valid = ids >= 0
+    return ids.clamp_min(0), gy * valid.unsqueeze(-1)
+
+
 @register_gramian_rule(nn.Embedding)
 class EmbeddingRule(GramianRule):
     """``nn.Embedding`` (padding_idx, repeated ids within and across samples)."""
@@ -43,12 +50,24 @@ class EmbeddingRule(GramianRule):
         assert isinstance(module, nn.Embedding)
         ids, gy = _ids_and_grads(module, calls)
         b, _, dim = gy.shape
-        valid = ids >= 0
-        rows = (torch.arange(b, device=ids.device).unsqueeze(1) * module.num_embeddings + ids)[
-            valid
-        ]
-        grads = gy.new_zeros(b * module.num_embeddings, dim).index_add_(0, rows, gy[valid])
+        ids, gy = _without_padding(ids, gy)
+        rows = torch.arange(b, device=ids.device).unsqueeze(1) * module.num_embeddings + ids
+        grads = gy.new_zeros(b * module.num_embeddings, dim)
+        grads.index_add_(0, rows.flatten(), gy.reshape(-1, dim))
         return {"weight": grads.view(b, module.num_embeddings, dim)}
+
+    def bookkeeps(self, module: nn.Module) -> bool:
+        # A sparse embedding's autograd gradient is a sparse tensor; the summed one is dense.
+        return isinstance(module, nn.Embedding) and not module.sparse
+
+    def summed_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        assert isinstance(module, nn.Embedding)
+        ids, gy = _ids_and_grads(module, calls)
+        ids, gy = _without_padding(ids, gy)
+        grad = gy.new_zeros(module.num_embeddings, gy.shape[-1])
+        return {"weight": grad.index_add_(0, ids.flatten(), gy.reshape(-1, gy.shape[-1]))}
 
     def gramian(
         self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]

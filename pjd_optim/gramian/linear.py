@@ -104,6 +104,22 @@ class GroupedLinearRule(GramianRule):
             grads["bias"] = gy.sum(dim=1).flatten(start_dim=1)
         return grads
 
+    def bookkeeps(self, module: nn.Module) -> bool:
+        return True
+
+    def summed_grads(
+        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        """``Σ_{i,t} Gy_itk A_itkᵀ`` (one GEMM per group) and ``Σ_{i,t} Gy_it``."""
+        a, gy = self.factors(module, calls)
+        grads: dict[str, Tensor] = {}
+        if "weight" in params:
+            summed = torch.einsum("btgp,btgd->gpd", gy, a)
+            grads["weight"] = summed.reshape(params["weight"].shape)
+        if "bias" in params:
+            grads["bias"] = gy.sum(dim=(0, 1)).flatten()
+        return grads
+
     def gramian(
         self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
     ) -> Tensor:

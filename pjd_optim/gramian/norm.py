@@ -34,6 +34,9 @@ class AffineNormRule(GramianRule):
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         raise NotImplementedError
 
+    def bookkeeps(self, module: nn.Module) -> bool:
+        return True  # per-sample gradients are [B, C]: summing them is as cheap as autograd
+
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -65,6 +66,12 @@ def run_variant(variant: str, batch: int, width: int) -> int:
             sgd.step()
             sgd.zero_grad()
 
+    return peak_growth(step)
+
+
+def peak_growth(step: Callable[[], None]) -> int:
+    """Peak resident-set growth in bytes during the second call of ``step`` (the first warms up:
+    optimizer state, allocator caches)."""
     step()
     before, peak, done = rss(), [0], threading.Event()
 

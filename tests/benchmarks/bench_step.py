@@ -4,7 +4,10 @@ Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--rounds 30]``
 
 Every variant does forward + backward + ``SGD.step()`` on the same batch; rounds are interleaved
 (plain, ours, torchjd, plain, ...) in one process and the medians are reported, with the ratio
-to the plain step. Peak memory per variant is printed on CUDA (on CPU see ``bench_memory.py``).
+to the plain step. Peak memory per variant: on CUDA ``max_memory_allocated`` during the timed
+steps; on CPU the peak resident-set growth of one step, each variant in a fresh process
+(``bench_memory.peak_growth``). ``resumed``: whether our step resumed the trunk's backward at the
+considered part's boundary (``StepInfo.resumed``).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from bench_memory import peak_growth
 from torch import Tensor, nn
 
 from pjd_optim import Mean, PartialJDOptimizer, UPGrad
@@ -65,8 +71,11 @@ def per_sample_loss(out: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(out, targets, reduction="none")
 
 
-def variants(w: Workload, weighting: str) -> dict[str, Callable[[], None]]:
-    """One step per variant, each on its own copy of the model (hooks never overlap)."""
+def variants(
+    w: Workload, weighting: str
+) -> tuple[dict[str, Callable[[], None]], PartialJDOptimizer]:
+    """One step per variant, each on its own copy of the model (hooks never overlap); and our
+    optimizer (for ``last_step``)."""
     out: dict[str, Callable[[], None]] = {}
     model = copy.deepcopy(w.model)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -95,7 +104,7 @@ def variants(w: Workload, weighting: str) -> dict[str, Callable[[], None]]:
         from torchjd.aggregation import UPGradWeighting
         from torchjd.autogram import Engine
     except ImportError:
-        return out
+        return out, ours
     ref_model = copy.deepcopy(w.model)
     ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=1e-3)
     engine = Engine(*[ref_model.get_submodule(name) for name in w.considered], batch_dim=0)
@@ -108,13 +117,14 @@ def variants(w: Workload, weighting: str) -> dict[str, Callable[[], None]]:
         ref_sgd.zero_grad()
 
     out["torchjd"] = torchjd
-    return out
+    return out, ours
 
 
-def measure(w: Workload, rounds: int, device: str, weighting: str) -> None:
+def measure(key: str, rounds: int, device: str, weighting: str) -> None:
+    w = BUILDERS[key](device)
     w.model.to(device)
     w.inputs, w.targets = w.inputs.to(device), w.targets.to(device)
-    runs = variants(w, weighting)
+    runs, ours = variants(w, weighting)
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, int] = {}
     for run in runs.values():  # warm-up
@@ -131,28 +141,47 @@ def measure(w: Workload, rounds: int, device: str, weighting: str) -> None:
                 torch.cuda.synchronize()
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
             times[name].append(time.perf_counter() - start)
+    if device == "cpu":
+        peaks = {name: peak_in_fresh_process(key, name, weighting) for name in runs}
     plain = statistics.median(times["plain"])
-    print(f"\n{w.name} ({device}, median of {rounds} interleaved rounds)")
+    assert ours.last_step is not None
+    resumed = "resumed" if ours.last_step.resumed else "losses.backward(w)"
+    print(f"\n{w.name} ({device}, median of {rounds} interleaved rounds; ours: {resumed})")
     for name, values in times.items():
         median = statistics.median(values)
-        memory = f"  peak {peaks[name] / 2**20:8.1f} MiB" if name in peaks else ""
-        print(f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}{memory}")
+        kind = "peak" if device == "cuda" else "peak growth"
+        print(
+            f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}"
+            f"   {kind} {peaks[name] / 2**20:8.1f} MiB"
+        )
+
+
+def peak_in_fresh_process(key: str, variant: str, weighting: str) -> int:
+    command = [sys.executable, __file__, "--peak", key, variant, "--weighting", weighting]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+BUILDERS: dict[str, Callable[[str], Workload]] = {"seed": seed, "mlp": mlp, "vit": vit}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--only", choices=["seed", "mlp", "vit"], nargs="*")
+    parser.add_argument("--only", choices=list(BUILDERS), nargs="*")
     parser.add_argument(
         "--weighting", choices=["upgrad", "mean"], default="upgrad", help="mean: Gramian cost only"
     )
+    parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # workload, variant
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.peak:
+        key, variant = args.peak
+        print(peak_growth(variants(BUILDERS[key]("cpu"), args.weighting)[0][variant]))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    builders = {"seed": seed, "mlp": mlp, "vit": vit}
-    for key in args.only or list(builders):
-        measure(builders[key](args.device), args.rounds, args.device, args.weighting)
+    for key in args.only or list(BUILDERS):
+        measure(key, args.rounds, args.device, args.weighting)
 
 
 if __name__ == "__main__":

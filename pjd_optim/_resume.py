@@ -1,0 +1,128 @@
+"""Where the trunk's backward may resume: the boundary of the considered part of the graph.
+
+With weights ``w``, the step needs ``Σ_i w_i ∇ℓ_i`` for every trainable parameter. Split the graph
+at a set of *boundary* tensors ``b`` (inputs of considered modules computed by the trunk)::
+
+    Σ_i w_i ∇_θ ℓ_i = Σ_b (w ⊙_rows ∂(Σℓ)/∂b) · ∂b/∂θ     for every trunk parameter θ,
+
+since row ``i`` of ``∂(Σℓ)/∂b`` is ``∂ℓ_i/∂b_i`` when samples are independent. The collection pass
+already walks from the losses to the considered modules; extended to the boundary it also gives
+``∂(Σℓ)/∂b``, so the trunk gets one backward from ``b`` with rows scaled by ``w``, and the
+considered modules' own gradients come from their saved inputs and output gradients (the rules'
+``summed_grads``). No second backward goes through the considered part.
+
+This is exact when every path from a trainable parameter to the losses either stays inside the
+considered modules (their parameters are book-kept) or crosses the boundary once. :func:`find`
+checks it by walking the autograd graph from the losses and returns ``None`` (use
+``losses.backward(w)``) when it does not hold: a trainable non-considered parameter, or a
+tensor that is neither a considered module's input nor downstream of one, between the losses and
+the considered modules (a non-considered layer after a considered one, a skip connection or a
+loss term from deeper trunk features), boundary tensors that feed each other, a boundary without
+one row per loss, or a considered module whose rule does not book-keep.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from ._hooks import HookSet, ModuleCall, _Tap
+from .gramian import rule_for
+
+Node = Any  # torch.autograd.graph.Node (its Python type is not exported with a stable name)
+
+# Resuming saves a backward through the considered part, about 2·B·(considered parameters) flops
+# for linear layers, and costs a Python walk of the graph (≈0.1 ms). Below this many saved flops
+# (≈0.2 ms of one core) the plain ``losses.backward(w)`` is faster.
+MIN_SAVED_FLOPS = 4_000_000
+
+
+@dataclass(eq=False)
+class Resume:
+    """The boundary tensors of one step and, once collected, their gradients ``∂(Σℓ)/∂b`` and
+    the considered calls with their output gradients."""
+
+    boundary: list[Tensor]
+    grads: tuple[Tensor, ...] = field(default=())
+    calls: list[ModuleCall] = field(default_factory=list)
+
+
+def find(losses: Tensor, hooks: HookSet, considered: Mapping[int, Tensor]) -> Resume | None:
+    """The boundary of the considered part of ``losses``' graph, or ``None`` if the split is not
+    exact (see the module docstring) or saves too little. ``considered``: parameters by ``id``."""
+    if losses.ndim != 1 or losses.grad_fn is None:
+        return None
+    if 2 * losses.shape[0] * sum(p.numel() for p in considered.values()) < MIN_SAVED_FLOPS:
+        return None
+    batch = losses.shape[0]
+    first_tap = hooks.live.first_seq()
+    # Candidate edges: (node, output_nr) of the trunk tensors fed to considered modules.
+    candidates: dict[tuple[Node, int], Tensor] = {}
+    reached: dict[Node, set[int]] = {losses.grad_fn: {losses.output_nr}}
+    heap: list[tuple[int, int, Node]] = [(-losses.grad_fn._sequence_nr(), 0, losses.grad_fn)]
+    boundary: dict[tuple[Node, int], Tensor] = {}
+    while heap:  # latest-created node first: all edges into a node are known when it is popped
+        _, _, node = heapq.heappop(heap)
+        edges = [(node, nr) for nr in reached[node]]
+        seq = node._sequence_nr()
+        if seq < first_tap and all(edge in candidates for edge in edges):
+            boundary.update((edge, candidates[edge]) for edge in edges)
+            continue
+        children = node.next_functions
+        if issubclass(type(node), _Tap._backward_cls):  # (no isinstance: it would narrow `node`)
+            children = children[1:]  # the first edge goes to the tap's anchor
+            if node.token == hooks.token:
+                call: ModuleCall = node.call
+                if not _bookkept(call, batch):
+                    return None
+                candidates.update(((t.grad_fn, t.output_nr), t) for t in call.sources if t.grad_fn)
+        for child, nr in children:
+            if child is None:
+                continue
+            if hasattr(child, "variable"):  # AccumulateGrad of a leaf
+                if id(child.variable) in considered:
+                    continue
+                return None  # a trainable leaf that is not book-kept
+            if child not in reached:
+                reached[child] = set()
+                heapq.heappush(heap, (-child._sequence_nr(), len(reached), child))
+            reached[child].add(nr)
+    tensors = list(boundary.values())
+    if any(t.ndim == 0 or t.shape[0] != batch for t in tensors):
+        return None
+    if not _independent({node for node, _ in boundary}):
+        return None
+    return Resume(tensors)
+
+
+def _bookkept(call: ModuleCall, batch: int) -> bool:
+    """Whether ``summed_grads`` of ``call``'s rule can give its gradients (``batch`` rows)."""
+    return rule_for(call.module).bookkeeps(call.module) and all(r == batch for r in call.rows)
+
+
+def _independent(nodes: set[Node]) -> bool:
+    """Whether no node of ``nodes`` is reachable from another (else a resumed backward from both
+    would count the paths through the upper one twice). Walks only nodes created after the
+    earliest of them."""
+    if len(nodes) < 2:
+        return True
+    floor = min(node._sequence_nr() for node in nodes)
+    seen: set[Node] = set()
+    stack = [child for node in nodes for child in _children(node)]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            return False
+        if node in seen or node._sequence_nr() < floor:
+            continue
+        seen.add(node)
+        stack.extend(_children(node))
+    return True
+
+
+def _children(node: Node) -> Iterable[Node]:
+    return (child for child, _ in node.next_functions if child is not None)
