@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hooks import HookSet, ModuleCall, collecting, input_versions
-from ._resume import Resume
+from ._resume import Resume, book_kept
 from ._resume import find as find_resume
 from .gramian import couples_batch, rule_for, sum_of_gramians
 
@@ -124,28 +124,29 @@ class HookedGramian:
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
         """``Σ_i w_i ∇ℓ_i`` into ``.grad`` without a second backward through the considered
         modules: theirs from ``summed_grads`` on output gradients scaled by ``w``, the trunk's by
-        one backward from the boundary with rows scaled by ``w`` (DESIGN.md §3)."""
-        tensors: list[Tensor] = []
-        grads: list[Tensor] = []
-        for t, grad in zip(resume.boundary, resume.grads, strict=True):
-            tensors.append(t)
-            grads.append(grad * _rows_like(weights, grad))
-        summed: dict[int, Tensor] = {}
-        params: dict[int, nn.Parameter] = {}
-        for module, calls in _by_module(resume.calls).items():
-            scaled = [
-                replace(c, output_grads=tuple(g * _rows_like(weights, g) for g in c.output_grads))
-                for c in calls
-            ]
-            own = self._trainable(module)
-            for name, grad in rule_for(module).summed_grads(module, scaled, own).items():
-                key = id(own[name])
-                params[key] = own[name]
-                summed[key] = summed[key] + grad if key in summed else grad
-        for key, grad in summed.items():
-            tensors.append(params[key])
-            grads.append(grad.to(params[key].dtype))
-        torch.autograd.backward(tensors, grads)
+        one backward from the boundary with rows scaled by ``w`` (DESIGN.md §3). Both run in one
+        engine call, so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
+        by_module = _by_module(resume.calls)
+        params = {id(p): p for module in by_module for p in self._trainable(module).values()}
+
+        def summed() -> list[Tensor | None]:
+            total: dict[int, Tensor] = {}
+            for module, calls in by_module.items():
+                scaled = [
+                    replace(
+                        c, output_grads=tuple(g * _rows_like(weights, g) for g in c.output_grads)
+                    )
+                    for c in calls
+                ]
+                own = self._trainable(module)
+                for name, grad in rule_for(module).summed_grads(module, scaled, own).items():
+                    key = id(own[name])
+                    total[key] = total[key] + grad if key in total else grad
+            return [total[k].to(p.dtype) if k in total else None for k, p in params.items()]
+
+        root = book_kept(summed, list(params.values()))
+        scaled = [grad * _rows_like(weights, grad) for grad in resume.grads]
+        torch.autograd.backward([*resume.boundary, root], [*scaled, torch.ones_like(root)])
 
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}

@@ -24,11 +24,13 @@ one row per loss, or a considered module whose rule does not book-keep.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from ._hooks import HookSet, ModuleCall, _Tap
 from .gramian import rule_for
@@ -126,3 +128,26 @@ def _independent(nodes: set[Node]) -> bool:
 
 def _children(node: Node) -> Iterable[Node]:
     return (child for child, _ in node.next_functions if child is not None)
+
+
+class _BookKept(torch.autograd.Function):
+    """A scalar whose backward returns book-kept gradients for ``params``, computed inside the
+    engine: AccumulateGrad then takes them over (a tensor passed from Python would be copied)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, grads: Callable[[], list[Tensor | None]], *params: Tensor
+    ) -> Tensor:
+        ctx.grads = grads  # type: ignore[attr-defined]
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> Any:
+        return None, *ctx.grads()
+
+
+def book_kept(grads: Callable[[], list[Tensor | None]], params: Sequence[Tensor]) -> Tensor:
+    """A scalar to backward from (cotangent 1): ``params`` get ``grads()`` (same order)."""
+    with torch.enable_grad():
+        out: Tensor = _BookKept.apply(grads, *params)
+    return out

@@ -67,15 +67,16 @@ def test_sparse_embedding_is_not_book_kept() -> None:
     """Autograd gives ``Embedding(sparse=True)`` a sparse gradient (for ``SparseAdam``); the
     book-kept one would be dense, so that step takes ``losses.backward(w)``."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+    embed, head = nn.Embedding(10, 4, sparse=True), nn.Linear(12, 1)
+    model = nn.Sequential(embed, nn.Flatten(), head)
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model])
     ids = torch.randint(0, 10, (5, 3))
     weights = optimizer.backward(model(ids).squeeze(1).pow(2))
     assert optimizer.last_step is not None and not optimizer.last_step.resumed
-    grad = model[0].weight.grad
+    grad = embed.weight.grad
     assert grad is not None and grad.is_sparse
     reference = nn.Embedding(10, 4)
-    reference.load_state_dict(model[0].state_dict())
-    out = model[2](model[1](reference(ids))).squeeze(1).pow(2)
+    reference.load_state_dict(embed.state_dict())
+    out = head(reference(ids).flatten(start_dim=1)).squeeze(1).pow(2)
     (expected,) = torch.autograd.grad(out, [reference.weight], weights)
     torch.testing.assert_close(grad.to_dense(), expected, rtol=1e-6, atol=1e-7)

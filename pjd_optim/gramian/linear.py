@@ -112,9 +112,13 @@ class GroupedLinearRule(GramianRule):
     ) -> dict[str, Tensor]:
         """``Σ_{i,t} Gy_itk A_itkᵀ`` (one GEMM per group) and ``Σ_{i,t} Gy_it``."""
         a, gy = self.factors(module, calls)
+        b, t, g, d = a.shape
         grads: dict[str, Tensor] = {}
         if "weight" in params:
-            summed = torch.einsum("btgp,btgd->gpd", gy, a)
+            if g == 1:  # one GEMM on transposed views (an einsum would copy them first)
+                summed = gy.reshape(b * t, -1).T @ a.reshape(b * t, d)
+            else:
+                summed = torch.einsum("btgp,btgd->gpd", gy, a)
             grads["weight"] = summed.reshape(params["weight"].shape)
         if "bias" in params:
             grads["bias"] = gy.sum(dim=(0, 1)).flatten()
