@@ -36,7 +36,8 @@ class ModuleCall:
     ``output_grads[k]`` is the gradient of the collected cotangent pass w.r.t. the ``k``-th tapped
     output; ``tapped`` gives the positions of those outputs among the flattened outputs. The
     graph-side fields (``sources``: the inputs that require grad, not detached; ``rows``: dim 0 of
-    the tapped outputs; ``seq``: the tap node's sequence number) serve ``_resume``.
+    the tapped outputs; ``seq``: the tap node's sequence number, and the ``thread`` that created
+    it) serve ``_resume``.
     """
 
     module: nn.Module
@@ -49,6 +50,7 @@ class ModuleCall:
     sources: tuple[Tensor, ...] = ()
     rows: tuple[int, ...] = ()
     seq: int = -1
+    thread: int = 0
 
     def map_rows(
         self, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
@@ -208,6 +210,7 @@ class LiveCalls:
     def add(self, call: ModuleCall, outs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         grad_fn = outs[0].grad_fn
         call.seq = -1 if grad_fn is None else grad_fn._sequence_nr()
+        call.thread = threading.get_ident()  # sequence numbers are counted per thread
         self.calls.add(call)
         return outs
 

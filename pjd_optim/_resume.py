@@ -24,6 +24,7 @@ one row per loss, or a considered module whose rule does not book-keep.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +103,13 @@ def find(losses: Tensor, hooks: HookSet, considered: Mapping[int, Tensor]) -> Re
 
 
 def _bookkept(call: ModuleCall, batch: int) -> bool:
-    """Whether ``summed_grads`` of ``call``'s rule can give its gradients (``batch`` rows)."""
-    return rule_for(call.module).bookkeeps(call.module) and all(r == batch for r in call.rows)
+    """Whether ``summed_grads`` of ``call``'s rule can give its gradients (``batch`` rows), and
+    the walk can order its nodes (created in this thread, not e.g. a ``DataParallel`` replica's)."""
+    return (
+        rule_for(call.module).bookkeeps(call.module)
+        and all(r == batch for r in call.rows)
+        and call.thread == threading.get_ident()
+    )
 
 
 def _independent(nodes: set[Node]) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
 import torch
 from oracle import errors_against_oracle
@@ -80,3 +83,24 @@ def test_sparse_embedding_is_not_book_kept() -> None:
     out = head(reference(ids).flatten(start_dim=1)).squeeze(1).pow(2)
     (expected,) = torch.autograd.grad(out, [reference.weight], weights)
     torch.testing.assert_close(grad.to_dense(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_from_another_thread_takes_the_plain_backward() -> None:
+    """The graph walk orders nodes by sequence numbers, which are counted per thread: a forward
+    run in another thread (as ``DataParallel`` replicas are) is not resumed, and stays exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model[2]])
+    x = torch.randn(5, 3)
+    out: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: out.append(model(x).pow(2).sum(dim=1)))
+    worker.start()
+    worker.join()
+    weights = optimizer.backward(out[0])
+    assert optimizer.last_step is not None and not optimizer.last_step.resumed
+    expected = torch.autograd.grad(
+        reference(x).pow(2).sum(dim=1), list(reference.parameters()), weights
+    )
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e)
