@@ -17,14 +17,13 @@ definite ``G``. Murty's paths can be very long on ill-conditioned rows, so once 
 row has stalled (or after 12 steps) they finish with a monotone Lawson–Hanson-type primal
 active-set method started from the warm start (also exact and finite).
 
-All ``k`` problems share ``G`` and are solved together, after a Jacobi scaling (unit diagonal):
-rows with ``q ≥ 0`` (no conflict) get ``x = 0`` after one matrix product; the others are
-warm-started by FISTA (float32; a row is frozen once its active-set guess stops moving); each
-pivoting step then solves all remaining rows at once: rows sorted by ``|F|`` and chunked, each
-row's free block gathered and padded with identity rows, one batched Cholesky per chunk. Large
-blocks are factorised in float32 and refined to float64 accuracy (a row whose refinement falls
-short is redone in float64). Converged rows are dropped; two host syncs per step (convergence
-test, chunk shapes).
+All ``k`` problems share ``G`` and are solved together, after a Jacobi scaling (unit diagonal);
+rows with ``q ≥ 0`` (no conflict) get ``x = 0``. Small float64 CPU problems (``m ≤ 160``) go to
+a lean NumPy implementation of the same method (:mod:`._dual_cone_small`; rows it declines
+come back here). Otherwise rows are warm-started by FISTA (float32) and each pivoting step
+solves all remaining rows at once: sorted by ``|F|`` and chunked, free blocks gathered and
+padded with identity rows, one batched Cholesky per chunk (large blocks in float32, refined to
+float64 accuracy). Converged rows are dropped; two host syncs per step.
 """
 
 from __future__ import annotations
@@ -34,12 +33,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from . import _dual_cone_small as _small
+from ._dual_cone_warm import max_eigenvalue as _max_eigenvalue
+from ._dual_cone_warm import warm_start as _warm_start
+
 __all__ = ["project_dual_cone", "solve_lcp"]
 
 _MURTY_PATIENCE = 3  # full exchanges allowed without progress before Murty's single pivot
 _MIXED_MIN_SIZE = 192  # free-set size from which float32 factorisation + refinement pays off
 _REFINE_STEPS = 3
 _BPP_STEPS = 12  # pivoting steps before the remaining rows switch to the primal active-set method
+_NUMPY_MAX_M = 160  # float64 CPU problems up to this size go to the NumPy path
+
+
+_Options = tuple[int | None, int | None, float | None, bool | None, int | None]
 
 
 def project_dual_cone(
@@ -75,15 +82,8 @@ def project_dual_cone(
     _check_shapes(gramian, lower, "lower")
     G = gramian.detach().to(dtype)
     U = lower.detach().to(device=gramian.device, dtype=dtype)
-    X = solve_lcp(
-        G,
-        U @ G,  # rows of (G Uᵀ)ᵀ, G symmetric
-        warm_start_iter=warm_start_iter,
-        max_iter=max_iter,
-        rtol=rtol,
-        mixed_precision=mixed_precision,
-        max_chunk_bytes=max_chunk_bytes,
-    )
+    options = (warm_start_iter, max_iter, rtol, mixed_precision, max_chunk_bytes)
+    X = _solve(G, U @ G, -U, options)  # rows of (G Uᵀ)ᵀ; the unconstrained minimiser is −U
     return (U + X).to(gramian.dtype)
 
 
@@ -104,6 +104,52 @@ def solve_lcp(
     Options as in :func:`project_dual_cone`. Returns ``[k, m]``, exactly zero on active sets.
     """
     _check_shapes(matrix, q, "q")
+    options = (warm_start_iter, max_iter, rtol, mixed_precision, max_chunk_bytes)
+    return _solve(matrix, q, None, options)
+
+
+def _solve(matrix: Tensor, q: Tensor, p: Tensor | None, options: _Options) -> Tensor:
+    """Dispatch: small float64 CPU problems to NumPy (rows it leaves go on in torch)."""
+    k, m = q.shape
+    if not (_use_numpy(matrix) and matrix.dtype == q.dtype == torch.float64 and k > 0):
+        return _solve_torch(matrix, q, *options)
+    steps = (100 + 10 * m) if options[1] is None else options[1]
+    M, Q = matrix.detach(), q.detach()
+    P = None if p is None else p.detach().numpy()
+    X_np, unsolved = _small.solve_lcp_numpy(M.numpy(), Q.numpy(), P, options[2], steps)
+    X = torch.from_numpy(X_np)
+    if unsolved.any():
+        rows = torch.from_numpy(unsolved.nonzero()[0])
+        X[rows] = _solve_torch(M, Q[rows], *options)
+    return X
+
+
+def _use_numpy(matrix: Tensor) -> bool:
+    m = matrix.shape[0]
+    return matrix.device.type == "cpu" and 0 < m <= _NUMPY_MAX_M
+
+
+def upgrad_weights_numpy(
+    gramian: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float
+) -> Tensor | None:
+    """UPGrad's weights for a small CPU Gramian by the NumPy path (``None``: not applicable)."""
+    if not _use_numpy(gramian):
+        return None
+    G = gramian.detach().to(torch.float64).numpy()
+    p = None if pref is None else pref.detach().to(torch.float64).numpy()
+    w = _small.upgrad_weights(G, p, norm_eps, reg_eps, 100 + 10 * G.shape[0])
+    return None if w is None else torch.from_numpy(w).to(gramian.dtype)
+
+
+def _solve_torch(
+    matrix: Tensor,
+    q: Tensor,
+    warm_start_iter: int | None,
+    max_iter: int | None,
+    rtol: float | None,
+    mixed_precision: bool | None,
+    max_chunk_bytes: int | None,
+) -> Tensor:
     k, m = q.shape
     X = torch.zeros(k, m, dtype=matrix.dtype, device=matrix.device)
     if k == 0 or m == 0:
@@ -264,53 +310,6 @@ def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:
         )
     if not (matrix.is_floating_point() and rows.is_floating_point()):
         raise ValueError("The gramian and the bounds must be floating-point tensors.")
-
-
-def _max_eigenvalue(M: Tensor, n_iter: int = 16) -> Tensor:
-    """Estimate of λ_max(M) (power iteration, with margin, capped by ‖M‖_F); a device scalar."""
-    v = 1.0 + 0.1 * torch.sin(torch.arange(M.shape[0], device=M.device, dtype=M.dtype))
-    for _ in range(n_iter):
-        v = M @ v
-        v = v / v.norm().clamp_min(torch.finfo(M.dtype).tiny)
-    rayleigh = v @ (M @ v)
-    frobenius = torch.linalg.matrix_norm(M)
-    return torch.minimum(1.25 * rayleigh, frobenius).clamp_min(torch.finfo(M.dtype).tiny)
-
-
-def _warm_start(
-    M: Tensor, Q: Tensor, lam: float, max_iter: int, check: int = 20
-) -> tuple[Tensor, Tensor]:
-    """Free-set guesses from FISTA (gradient restart) on ½xᵀMx + qᵀx, x ≥ 0, step 1/lam.
-
-    The guess is the identification rule of a projected-gradient step, ``x_j − y_j / lam > 0``.
-    Every ``check`` iterations the rows whose guess did not change are frozen (dropped).
-    Also returns the (feasible) iterates.
-    """
-    guess, out = Q < 0, torch.zeros_like(Q)
-    rows = torch.arange(Q.shape[0], device=Q.device)
-    x, z = torch.zeros_like(Q), torch.zeros_like(Q)
-    k = torch.zeros(Q.shape[0], 1, device=Q.device, dtype=Q.dtype)  # momentum age per row
-    done = 0
-    while done < max_iter:
-        for _ in range(min(check, max_iter - done)):
-            x_new = torch.add(z, torch.addmm(Q, z, M), alpha=-1.0 / lam).clamp_min_(0.0)
-            step = x_new - x
-            restart = torch.linalg.vecdot(z - x_new, step).unsqueeze(1) > 0
-            k = torch.where(restart, 0.0, k + 1.0)
-            z = torch.addcmul(x_new, k / (k + 3.0), step)
-            x = x_new
-        done += check
-        new_guess = torch.add(x, torch.addmm(Q, x, M), alpha=-1.0 / lam) > 0
-        moving = (new_guess != guess.index_select(0, rows)).any(dim=1)
-        guess.index_copy_(0, rows, new_guess)
-        out.index_copy_(0, rows, x)
-        n_moving = int(moving.sum())  # one sync per `check` iterations
-        if n_moving == 0:
-            break
-        if n_moving < rows.numel():
-            keep = torch.argsort((~moving).to(torch.int8), stable=True)[:n_moving]
-            rows, Q, x, z, k = rows[keep], Q[keep], x[keep], z[keep], k[keep]
-    return guess, out
 
 
 def _solve_free(

@@ -22,6 +22,12 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every problem to the torch solver (options such as chunk sizes only matter there)."""
+    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", 0)
+
+
 def make_gramian(m: int, rank: int, kind: str, seed: int) -> Tensor:
     """J Jᵀ / tr + 1e-4·I for a random J of the given rank and conflict structure."""
     gen = torch.Generator().manual_seed(seed)
@@ -114,6 +120,7 @@ def test_kkt_large(m: int, mixed: bool | None) -> None:
     assert_kkt(G, U, V, rtol=1e-9)
 
 
+@pytest.mark.usefixtures("torch_path")
 def test_mixed_and_double_precision_agree() -> None:
     G = make_gramian(200, 100, "gaussian", seed=3)
     U = torch.eye(200, dtype=F64) / 200
@@ -145,6 +152,7 @@ def test_matches_quadprog(m: int, rank: int, kind: str) -> None:
     assert (V - expected).abs().max().item() <= 1e-8 * expected.abs().max().item()
 
 
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize("warm_start_iter", [0, 5])
 def test_pivoting_alone_converges(warm_start_iter: int) -> None:
     """Without (or with a poor) warm start, block pivoting + Murty's rule still terminates."""
@@ -158,6 +166,7 @@ def test_pivoting_alone_converges(warm_start_iter: int) -> None:
 def test_primal_active_set_fallback(m: int, rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows left after the pivoting budget go to the monotone active-set method: still exact."""
     monkeypatch.setattr(_dual_cone, "_BPP_STEPS", 1)
+    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", 0)  # the torch solver
     G = make_gramian(m, rank, "conflicting", seed=m)
     U = torch.eye(m, dtype=F64) / m
     V = project_dual_cone(G, U, warm_start_iter=0)
@@ -175,7 +184,9 @@ def test_ill_conditioned_matches_quadprog() -> None:
     assert (V - expected).abs().max().item() <= 1e-7 * expected.abs().max().item()
 
 
-def test_iteration_bound_raises() -> None:
+@pytest.mark.parametrize("numpy_max_m", [0, 160])
+def test_iteration_bound_raises(numpy_max_m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", numpy_max_m)
     G = make_gramian(40, 20, "conflicting", seed=2)
     U = torch.eye(40, dtype=F64) / 40
     with pytest.raises(RuntimeError, match="did not converge"):
@@ -228,6 +239,7 @@ def test_empty_and_trivial_shapes() -> None:
     torch.testing.assert_close(one, torch.tensor([[0.5], [0.0]], dtype=F64))
 
 
+@pytest.mark.usefixtures("torch_path")
 def test_small_chunks_give_the_same_answer() -> None:
     G = make_gramian(70, 35, "gaussian", seed=7)
     U = torch.eye(70, dtype=F64) / 70
@@ -236,6 +248,7 @@ def test_small_chunks_give_the_same_answer() -> None:
     )
 
 
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize("mixed", [False, True])
 def test_chunks_spread_over_threads(mixed: bool) -> None:
     """CPU chunks solved by a thread pool (one kernel thread each) give the same answer."""
@@ -278,3 +291,141 @@ def test_cuda_matches_cpu() -> None:
     V = project_dual_cone(G.cuda(), U.cuda())
     assert V.device.type == "cuda"
     torch.testing.assert_close(V.cpu(), project_dual_cone(G, U), rtol=1e-9, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- NumPy path
+
+
+def conflicting_gramian(m: int, n_classes: int, seed: int) -> Tensor:
+    """Cross-entropy-like Gramian (normalised + 1e-4·I): G_ij = (p_i − e_yi)·(p_j − e_yj) h_i·h_j.
+
+    Samples of different classes conflict (about 1 − 1/n_classes of the pairs), as in an MLP.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    logits = 0.3 * torch.randn(m, n_classes, generator=gen, dtype=F64)
+    labels = torch.randint(0, n_classes, (m,), generator=gen)
+    C = logits.softmax(dim=1) - torch.nn.functional.one_hot(labels, n_classes).to(F64)
+    h = torch.randn(m, 32, generator=gen, dtype=F64).relu() + 0.1
+    G = (C @ C.T) * (h @ h.T)
+    return G / G.trace() + 1e-4 * torch.eye(m, dtype=F64)
+
+
+def seed_like_gramian(m: int, seed: int) -> Tensor:
+    """MSE of a scalar output: g_i = r_i ∇f(x_i) with ∇f of low rank (two conflicting groups)."""
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, 4, generator=gen, dtype=F64).abs() * torch.randn(m, 1, generator=gen)
+    G = J @ J.T
+    return G / G.trace() + 1e-4 * torch.eye(m, dtype=F64)
+
+
+NUMPY_CASES = {
+    "seed m=16": lambda: seed_like_gramian(16, 0),
+    "seed m=16 b": lambda: seed_like_gramian(16, 1),
+    "conflicting m=128": lambda: conflicting_gramian(128, 10, 0),
+    "conflicting m=64": lambda: conflicting_gramian(64, 4, 1),
+    "rank-deficient m=16": lambda: make_gramian(16, 3, "gaussian", seed=3),
+    "rank-deficient m=24": lambda: make_gramian(24, 2, "scaled", seed=4),
+    "full rank m=30": lambda: make_gramian(30, 60, "conflicting", seed=5),
+}
+
+
+@pytest.fixture
+def torch_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if any row reaches the torch solver (the NumPy path must finish alone)."""
+
+    def forbidden(*args: object) -> Tensor:
+        raise AssertionError("the NumPy path handed rows to the torch solver")
+
+    monkeypatch.setattr(_dual_cone, "_solve_torch", forbidden)
+
+
+@pytest.mark.usefixtures("torch_forbidden")
+@pytest.mark.parametrize("case", list(NUMPY_CASES))
+def test_numpy_path_matches_quadprog(case: str) -> None:
+    G = NUMPY_CASES[case]()
+    m = G.shape[0]
+    U = torch.eye(m, dtype=F64) / m
+    V = project_dual_cone(G, U)
+    assert_kkt(G, U, V, rtol=1e-10)
+    expected = quadprog_rows(G, U)
+    assert (V - expected).abs().max().item() <= 1e-8 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(NUMPY_CASES))
+def test_numpy_and_torch_paths_agree(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    G = NUMPY_CASES[case]()
+    m = G.shape[0]
+    U = torch.eye(m, dtype=F64) / m
+    fast = project_dual_cone(G, U)
+    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", 0)
+    slow = project_dual_cone(G, U)
+    assert (fast - slow).abs().max().item() <= 1e-12 * slow.abs().max().item()
+
+
+@pytest.mark.usefixtures("torch_forbidden")
+@pytest.mark.parametrize("m", [3, 8, 40])
+def test_numpy_path_general_rows_and_brute_force(m: int) -> None:
+    """solve_lcp without a known minimiser (p = −QH, gathered path for m = 40)."""
+    G = conflicting_gramian(m, 3, seed=m)
+    gen = torch.Generator().manual_seed(m)
+    U = torch.randn(5, m, generator=gen, dtype=F64)
+    X = solve_lcp(G, U @ G)
+    assert_kkt(G, U, U + X, rtol=1e-10)
+    if m <= 8:
+        expected = torch.stack([brute_force(G, u) for u in U])
+        torch.testing.assert_close(U + X, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.usefixtures("torch_forbidden")
+@pytest.mark.parametrize(("m", "rank"), [(8, 4), (16, 8), (40, 20), (64, 32)])
+def test_numpy_active_set_fallback(m: int, rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows finished by the NumPy Lawson–Hanson method after one pivoting step are exact."""
+    from pjd_optim import _dual_cone_small
+
+    monkeypatch.setattr(_dual_cone_small, "_BPP_STEPS", 1)
+    monkeypatch.setattr(_dual_cone_small, "_MAX_BLOCK", m)
+    G = make_gramian(m, rank, "gaussian", seed=m)
+    U = torch.eye(m, dtype=F64) / m
+    V = project_dual_cone(G, U)
+    assert_kkt(G, U, V, rtol=1e-10)
+    expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
+    torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)
+
+
+def test_numpy_path_declines_large_and_ill_conditioned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large dual/primal systems and κ > 1e7 go to the torch solver, with the same answer."""
+    calls: list[int] = []
+    solve_torch = _dual_cone._solve_torch
+
+    def counting(matrix: Tensor, q: Tensor, *options: object) -> Tensor:
+        calls.append(q.shape[0])
+        return solve_torch(matrix, q, *options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_dual_cone, "_solve_torch", counting)
+    G = make_gramian(128, 64, "gaussian", seed=12)  # |F| ≈ |A| ≈ 64
+    U = torch.eye(128, dtype=F64) / 128
+    assert_kkt(G, U, project_dual_cone(G, U))
+    ill = make_gramian(20, 5, "gaussian", seed=13) + (1e-9 - 1e-4) * torch.eye(20, dtype=F64)
+    U = torch.eye(20, dtype=F64) / 20
+    assert_kkt(ill, U, project_dual_cone(ill, U))  # quadprog itself is inexact at κ ≈ 1e9
+    assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("torch_forbidden")
+def test_numpy_path_no_conflict_and_float32() -> None:
+    G = make_gramian(16, 16, "aligned", seed=0)
+    U = torch.eye(16, dtype=F64) / 16
+    assert torch.equal(project_dual_cone(G, U), U)
+    G = seed_like_gramian(16, 2)
+    exact = project_dual_cone(G, U)
+    out = project_dual_cone(G.float(), U.float())
+    assert out.dtype == torch.float32
+    assert (out.double() - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
+
+
+def test_numpy_path_not_positive_definite_raises() -> None:
+    with pytest.raises(ValueError, match="positive definite"):
+        project_dual_cone(-torch.eye(5, dtype=F64), torch.eye(5, dtype=F64))
+    J = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.raises((ValueError, RuntimeError)):
+        project_dual_cone(J @ J.T - 1e-3 * torch.eye(6, dtype=F64), torch.eye(6, dtype=F64))

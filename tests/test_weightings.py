@@ -265,3 +265,40 @@ def test_mgda_edge_cases() -> None:
     # Two opposite gradients: the min-norm point of the segment is the origin, w = (½, ½).
     G = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=F64)
     torch.testing.assert_close(MGDA()(G), torch.tensor([0.5, 0.5], dtype=F64))
+
+
+# ----------------------------------------------------------------------------- NumPy fast path
+
+
+@pytest.mark.parametrize(
+    ("m", "rank", "pref"),
+    [(1, 1, False), (5, 2, True), (16, 4, False), (16, 4, True), (128, 9, False)],
+)
+def test_upgrad_numpy_path_matches_torch_path_and_quadprog(
+    m: int, rank: int, pref: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pjd_optim import _dual_cone
+
+    G = random_gramian(m, rank, seed=m + rank)
+    p = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=F64) + 0.1 if pref else None
+    weighting = UPGrad(p)
+    fast = weighting(G)
+    fast32 = weighting(G.float())
+    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", 0)
+    slow = weighting(G)
+    U = torch.diag(p) if p is not None else torch.eye(m, dtype=F64) / m
+    expected = qp_rows(regularised(G), U).sum(dim=0)
+    assert rel_err(fast, slow) <= 1e-12
+    assert rel_err(fast, expected) <= 1e-8
+    assert fast32.dtype == torch.float32 and rel_err(fast32, slow) <= 1e-3
+
+
+def test_upgrad_numpy_path_edge_cases() -> None:
+    tiny = 1e-6 * torch.eye(4, dtype=F64)  # trace < norm_eps: G̃ = reg_eps·I, w = pref
+    torch.testing.assert_close(UPGrad()(tiny), torch.full((4,), 0.25, dtype=F64))
+    bad = random_gramian(6, 3, seed=0)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        UPGrad()(bad)
+    with pytest.raises(ValueError, match="pref_vector"):
+        UPGrad(torch.ones(3))(random_gramian(6, 3, seed=1))
