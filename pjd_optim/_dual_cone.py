@@ -116,7 +116,8 @@ def _solve(matrix: Tensor, q: Tensor, p: Tensor | None, options: _Options) -> Te
     steps = (100 + 10 * m) if options[1] is None else options[1]
     M, Q = matrix.detach(), q.detach()
     P = None if p is None else p.detach().numpy()
-    X_np, unsolved = _small.solve_lcp_numpy(M.numpy(), Q.numpy(), P, options[2], steps)
+    solve = _small.one_blas_thread(_small.solve_lcp_numpy)
+    X_np, unsolved = solve(M.numpy(), Q.numpy(), P, options[2], steps)
     X = torch.from_numpy(X_np)
     if unsolved.any():
         rows = torch.from_numpy(unsolved.nonzero()[0])

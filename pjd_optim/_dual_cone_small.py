@@ -17,8 +17,13 @@ Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``. Rows l
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import numpy as np
 from numpy.typing import NDArray
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["solve_lcp_numpy"]
 
@@ -30,6 +35,27 @@ _MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is 
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
 _BPP_STEPS = 12  # pivoting steps before the remaining rows switch to the active-set method
 _MURTY_PATIENCE = 3  # pivoting steps without progress before a row is called stalled
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_controller: list[ThreadpoolController] = []  # created at first use (it scans loaded libraries)
+
+
+def one_blas_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn``'s BLAS/LAPACK calls in the calling thread. NumPy's OpenBLAS keeps a thread pool
+    of its own beside torch's OpenMP one; on a few cores the two pools' spinning threads slowed
+    torch's next kernels several-fold (measured: 2–4x on the MLP step). The problems here are
+    too small for BLAS threads to help anyway."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not _controller:
+            _controller.append(ThreadpoolController())
+        with _controller[0].limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def solve_lcp_numpy(
@@ -218,6 +244,7 @@ class _Systems:
         return out[:, :m]
 
 
+@one_blas_thread
 def upgrad_weights(
     G: Array, pref: Array | None, norm_eps: float, reg_eps: float, max_iter: int
 ) -> Array | None:
