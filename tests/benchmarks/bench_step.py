@@ -7,7 +7,9 @@ Every variant does forward + backward + ``SGD.step()`` on the same batch; rounds
 to the plain step. Peak memory per variant: on CUDA ``max_memory_allocated`` during the timed
 steps; on CPU the peak resident-set growth of one step, each variant in a fresh process
 (``bench_memory.peak_growth``). ``resumed``: whether our step resumed the trunk's backward at the
-considered part's boundary (``StepInfo.resumed``).
+considered part's boundary (``StepInfo.resumed``); ``stages``: the medians of
+``StepInfo.gramian_seconds`` (graph walk, collection pass to the boundary, per-layer rules) and
+``weighting_seconds`` (UPGrad's QP).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
     w.inputs, w.targets = w.inputs.to(device), w.targets.to(device)
     runs, ours = variants(w, weighting)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    stages: dict[str, list[float]] = {"Gramian": [], "weighting": []}
     peaks: dict[str, int] = {}
     for run in runs.values():  # warm-up
         run()
@@ -141,6 +144,9 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
                 torch.cuda.synchronize()
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
             times[name].append(time.perf_counter() - start)
+            if name == "ours" and ours.last_step is not None:
+                stages["Gramian"].append(ours.last_step.gramian_seconds)
+                stages["weighting"].append(ours.last_step.weighting_seconds)
     if device == "cpu":
         peaks = {name: peak_in_fresh_process(key, name, weighting) for name in runs}
     plain = statistics.median(times["plain"])
@@ -154,6 +160,8 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
             f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}"
             f"   {kind} {peaks[name] / 2**20:8.1f} MiB"
         )
+    inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
+    print(f"  ours' stages (StepInfo): {inside}")
 
 
 def peak_in_fresh_process(key: str, variant: str, weighting: str) -> int:
