@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from oracle import oracle_grads, oracle_gramian, relative_error, trainable
+from oracle import errors_against_oracle, oracle_grads, oracle_gramian, relative_error, trainable
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from zoo import Case, _mse
 
 from pjd_optim import JDScaler, PartialJDOptimizer, UPGrad
 from pjd_optim._groups import parameters_of
@@ -221,3 +222,16 @@ def test_jd_scaler_native_scaler_style_loop_equals_the_unscaled_step(clip_mode: 
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
     assert "scale" in scaler.state_dict()
+
+
+def test_timm_gradient_checkpointing_is_exact_and_resumed() -> None:
+    """``set_grad_checkpointing`` re-runs the blocks (the considered one included) during the
+    backward; the step still matches the oracle and resumes at the last block's input."""
+    model = tiny_vit()
+    model.set_grad_checkpointing(True)  # type: ignore[operator]  # (typed as nn.Module here)
+    *_, last = model.get_submodule("blocks").children()
+    considered = [last, model.get_submodule("norm"), model.get_submodule("head")]
+    case = Case(model.double(), torch.randn(3, 3, 32, 32), considered, _mse)
+    errors = errors_against_oracle(case, torch.float64)
+    assert errors.pop("resumed") == 1.0
+    assert max(errors.values()) < 1e-9, errors
