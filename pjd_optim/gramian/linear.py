@@ -128,7 +128,10 @@ class GroupedLinearRule(GramianRule):
         self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
     ) -> Tensor:
         a, gy = self.factors(module, calls)
-        b = a.shape[0]
+        b, t, g, _ = a.shape
+        if "weight" in params and "bias" in params and t == g == 1 and use_ghost(a, gy, self.mode):
+            a_flat, g_flat = a.reshape(b, -1), gy.reshape(b, -1)
+            return (a_flat @ a_flat.T + 1) * (g_flat @ g_flat.T)  # bias: the "+ 1"
         gramian = a.new_zeros(b, b)
         if "weight" in params:
             gramian = gramian + weight_gramian(a, gy, self.mode)
