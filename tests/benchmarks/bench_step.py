@@ -1,6 +1,7 @@
 """Time of one training step: plain optimizer step vs partial JD (ours) vs TorchJD (if installed).
 
-Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--rounds 30]``
+Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--rounds 30]``, or
+``--profile mlp`` for ``torch.profiler`` tables of plain and ours.
 
 Every variant does forward + backward + ``SGD.step()`` on the same batch; rounds are interleaved
 (plain, ours, torchjd, plain, ...) in one process and the medians are reported, with the ratio
@@ -164,6 +165,22 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
     print(f"  ours' stages (StepInfo): {inside}")
 
 
+def profile(key: str, weighting: str, steps: int = 10) -> None:
+    """``torch.profiler`` tables (top operators by self CPU time) of ``steps`` steps of plain and
+    ours: where ours spends time that plain does not (non-torch work, e.g. the NumPy QP and
+    Python, shows as the self time of ``PartialJDOptimizer.step``)."""
+    from torch.profiler import profile as torch_profile
+
+    runs, _ = variants(BUILDERS[key]("cpu"), weighting)
+    for name in ("plain", "ours"):
+        runs[name]()
+        with torch_profile() as prof:
+            for _ in range(steps):
+                runs[name]()
+        print(f"\n{name}, {steps} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 def peak_in_fresh_process(key: str, variant: str, weighting: str) -> int:
     command = [sys.executable, __file__, "--peak", key, variant, "--weighting", weighting]
     return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
@@ -181,8 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         "--weighting", choices=["upgrad", "mean"], default="upgrad", help="mean: Gramian cost only"
     )
     parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # workload, variant
+    parser.add_argument("--profile", choices=list(BUILDERS), help="operator tables, no timing")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.profile:
+        profile(args.profile, args.weighting)
+        return
     if args.peak:
         key, variant = args.peak
         print(peak_growth(variants(BUILDERS[key]("cpu"), args.weighting)[0][variant]))
