@@ -83,8 +83,7 @@ class HookedGramian:
 
     def resume_point(self, losses: Tensor) -> Resume | None:
         """Where the weighted backward can resume (see ``_resume``), or ``None``."""
-        considered = {id(p): p for params in self.plan.values() for p in params.values()}
-        return find_resume(losses, self.hooks, considered)
+        return find_resume(losses, self.hooks, self.plan)
 
     def gramian(
         self,

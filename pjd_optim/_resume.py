@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from ._hooks import HookSet, ModuleCall, _Tap
@@ -54,13 +54,19 @@ class Resume:
     calls: list[ModuleCall] = field(default_factory=list)
 
 
-def find(losses: Tensor, hooks: HookSet, considered: Mapping[int, Tensor]) -> Resume | None:
+def find(
+    losses: Tensor, hooks: HookSet, plan: Mapping[nn.Module, Mapping[str, Tensor]]
+) -> Resume | None:
     """The boundary of the considered part of ``losses``' graph, or ``None`` if the split is not
-    exact (see the module docstring) or saves too little. ``considered``: parameters by ``id``."""
+    exact (see the module docstring) or saves too little. ``plan``: the hooked modules and the
+    considered parameters each owns."""
     if losses.ndim != 1 or losses.grad_fn is None:
         return None
+    considered = {id(p): p for params in plan.values() for p in params.values()}
     if 2 * losses.shape[0] * sum(p.numel() for p in considered.values()) < MIN_SAVED_FLOPS:
         return None
+    reached_params: set[int] = set()  # considered parameters the losses depend on
+    covered: set[int] = set()  # those of modules with a reached call (book-kept)
     batch = losses.shape[0]
     first_tap = hooks.live.first_seq()
     # Candidate edges: (node, output_nr) of the trunk tensors fed to considered modules.
@@ -82,18 +88,22 @@ def find(losses: Tensor, hooks: HookSet, considered: Mapping[int, Tensor]) -> Re
                 call: ModuleCall = node.call
                 if not _bookkept(call, batch):
                     return None
+                covered.update(id(p) for p in plan[call.module].values())
                 candidates.update(((t.grad_fn, t.output_nr), t) for t in call.sources if t.grad_fn)
         for child, nr in children:
             if child is None:
                 continue
             if hasattr(child, "variable"):  # AccumulateGrad of a leaf
-                if id(child.variable) in considered:
-                    continue
-                return None  # a trainable leaf that is not book-kept
+                if id(child.variable) not in considered:
+                    return None  # a trainable leaf that is not book-kept
+                reached_params.add(id(child.variable))
+                continue
             if child not in reached:
                 reached[child] = set()
                 heapq.heappush(heap, (-child._sequence_nr(), len(reached), child))
             reached[child].add(nr)
+    if not reached_params <= covered:
+        return None  # a considered parameter used outside a hooked call (e.g. compiled code)
     tensors = list(boundary.values())
     if any(t.ndim == 0 or t.shape[0] != batch for t in tensors):
         return None

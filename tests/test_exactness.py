@@ -104,3 +104,30 @@ def test_forward_from_another_thread_takes_the_plain_backward() -> None:
     )
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e)
+
+
+class FunctionalHead(nn.Module):
+    """``head``'s parameters are used through ``F.linear``, never by calling ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return nn.functional.linear(h, self.head.weight, self.head.bias).pow(2).sum(dim=1)
+
+
+def test_considered_parameter_used_outside_its_module_takes_the_plain_backward() -> None:
+    """A considered module whose parameters are used without calling it (no hooked call) gets no
+    book-kept gradient, so the step does not resume; ``.grad`` is ``Σ w_i ∇ℓ_i`` either way."""
+    torch.manual_seed(0)
+    model = FunctionalHead()
+    reference = copy.deepcopy(model)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model])
+    x = torch.randn(5, 3)
+    weights = optimizer.backward(model(x))
+    assert optimizer.last_step is not None and not optimizer.last_step.resumed
+    expected = torch.autograd.grad(reference(x), list(reference.parameters()), weights)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e)
