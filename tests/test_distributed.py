@@ -116,8 +116,14 @@ def test_ddp_example_runs_under_torchrun() -> None:
         "2",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback only, whatever the hostname says
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, check=False, env=env
-    )
+    for _ in range(2):
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, check=False, env=env
+        )
+        # About 1 run in 30 on this machine, a rank aborts in torch's gloo teardown after the
+        # example has finished ("terminate called without an active exception"): run it again.
+        finished = result.stdout.count("received 1216 bytes") == 2
+        if not (finished and "terminate called without" in result.stderr):
+            break
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "received 1216 bytes" in result.stdout
