@@ -36,9 +36,8 @@ class StepInfo:
     ``conflict`` is the fraction of pairs ``i < j`` with a negative cosine ``G_ij < 0`` and
     ``min_cosine`` the smallest ``G_ij / √(G_ii G_jj)`` (both over the considered parameters).
     ``gramian_seconds`` and ``weighting_seconds`` are host wall-clock times of the two stages
-    (on CUDA, without synchronisation: they measure launch, not kernel, time). ``resumed`` tells
-    whether the weighted gradient came from book-keeping plus one trunk backward resumed at the
-    considered part's boundary (else from ``losses.backward(w)``; see ``pjd_optim._resume``).
+    (on CUDA, without synchronisation: they measure launch, not kernel, time). ``resumed``: the
+    weighted gradient was book-kept and the trunk's backward resumed at the boundary.
     """
 
     gramian: Tensor
@@ -79,11 +78,10 @@ class PartialJDOptimizer(Optimizer):
         \ \text{for every trainable } \theta, \qquad \texttt{base.step()}.
 
     ``G`` is computed from module hooks (the considered modules' inputs and output gradients,
-    DESIGN.md §3) without per-sample gradients where a closed form exists. The weighted gradient
-    of considered Linear/Conv/Embedding/norm layers comes from the same saved factors, and the
-    trunk's backward resumes at the considered part's boundary with each sample's cotangent
-    scaled by its weight, wherever the graph makes that exact (``pjd_optim._resume``, reported
-    by ``last_step.resumed``); elsewhere the step runs ``losses.backward(w)``. The wrapper shares
+    DESIGN.md §3) without per-sample gradients where a closed form exists. Where the graph
+    makes it exact (``pjd_optim._resume``; ``last_step.resumed``), the weighted gradient is
+    book-kept from the same factors and the trunk's backward resumes at the considered part's
+    boundary; elsewhere the step runs ``losses.backward(w)``. The wrapper shares
     ``param_groups`` and ``state`` with ``base``, so schedulers, ``zero_grad``, ``state_dict`` and
     ``load_state_dict`` act on the base optimizer.
 
