@@ -116,8 +116,7 @@ def _solve(matrix: Tensor, q: Tensor, p: Tensor | None, options: _Options) -> Te
     steps = (100 + 10 * m) if options[1] is None else options[1]
     M, Q = matrix.detach(), q.detach()
     P = None if p is None else p.detach().numpy()
-    solve = _small.one_blas_thread(_small.solve_lcp_numpy)
-    X_np, unsolved = solve(M.numpy(), Q.numpy(), P, options[2], steps)
+    X_np, unsolved = _small.solve_lcp_numpy(M.numpy(), Q.numpy(), P, options[2], steps)
     X = torch.from_numpy(X_np)
     if unsolved.any():
         rows = torch.from_numpy(unsolved.nonzero()[0])
@@ -128,18 +127,6 @@ def _solve(matrix: Tensor, q: Tensor, p: Tensor | None, options: _Options) -> Te
 def _use_numpy(matrix: Tensor) -> bool:
     m = matrix.shape[0]
     return matrix.device.type == "cpu" and 0 < m <= _NUMPY_MAX_M
-
-
-def upgrad_weights_numpy(
-    gramian: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float
-) -> Tensor | None:
-    """UPGrad's weights for a small CPU Gramian by the NumPy path (``None``: not applicable)."""
-    if not _use_numpy(gramian):
-        return None
-    G = gramian.detach().to(torch.float64).numpy()
-    p = None if pref is None else pref.detach().to(torch.float64).numpy()
-    w = _small.upgrad_weights(G, p, norm_eps, reg_eps, 100 + 10 * G.shape[0])
-    return None if w is None else torch.from_numpy(w).to(gramian.dtype)
 
 
 def _solve_torch(

@@ -42,7 +42,7 @@ _R = TypeVar("_R")
 _controller: list[ThreadpoolController] = []  # created at first use (it scans loaded libraries)
 
 
-def one_blas_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+def _one_blas_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn``'s BLAS/LAPACK calls in the calling thread. NumPy's OpenBLAS keeps a thread pool
     of its own beside torch's OpenMP one; on a few cores the two pools' spinning threads slowed
     torch's next kernels several-fold (measured: 2–4x on the MLP step). The problems here are
@@ -58,6 +58,7 @@ def one_blas_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+@_one_blas_thread
 def solve_lcp_numpy(
     M: Array, Q: Array, P: Array | None, rtol: float | None, max_iter: int
 ) -> tuple[Array, Mask]:
@@ -242,23 +243,3 @@ class _Systems:
         out = np.zeros((b, m + 1))
         np.put_along_axis(out, idx, z, axis=1)
         return out[:, :m]
-
-
-@one_blas_thread
-def upgrad_weights(
-    G: Array, pref: Array | None, norm_eps: float, reg_eps: float, max_iter: int
-) -> Array | None:
-    """UPGrad's ``w = Σᵢ vᵢ`` for a raw float64 Gramian (TorchJD's normalisation, as in
-    :func:`~pjd_optim.weightings.normalise_and_regularise`); ``pref`` defaults to ``1/m``.
-
-    ``None`` if the Gramian is not finite or a row is left unsolved (the caller goes on in torch).
-    """
-    m = G.shape[0]
-    if not np.isfinite(G).all():
-        return None
-    trace = G.trace()
-    M = np.zeros((m, m)) if trace < norm_eps else G / trace
-    M.flat[:: m + 1] += reg_eps
-    p = np.full(m, 1.0 / m) if pref is None else pref
-    X, unsolved = solve_lcp_numpy(M, p[:, None] * M, -np.diag(p), None, max_iter)
-    return None if unsolved.any() else p + X.sum(axis=0)

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ._dual_cone import project_dual_cone, solve_lcp, upgrad_weights_numpy
+from ._dual_cone import project_dual_cone, solve_lcp
 
 __all__ = ["MGDA", "DualProj", "Mean", "UPGrad", "Weighting"]
 
@@ -88,11 +88,6 @@ class UPGrad(_Projecting):
     """
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
-        m = _check_gramian(gramian, check_finite=False)
-        if self.pref_vector is None or self.pref_vector.shape == (m,):
-            w = upgrad_weights_numpy(gramian, self.pref_vector, self.norm_eps, self.reg_eps)
-            if w is not None:  # small CPU Gramian (finite, all rows solved): NumPy fast path
-                return w
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
