@@ -58,12 +58,20 @@ def weight_gramian(a: Tensor, gy: Tensor, mode: Mode = "auto") -> Tensor:
         flat = weight_grads(a, gy).reshape(b, -1)
         return flat @ flat.T
     if t == 1 and g == 1:
-        a_flat, g_flat = a.reshape(b, d), gy.reshape(b, -1)
-        return (a_flat @ a_flat.T) * (g_flat @ g_flat.T)
+        return single_position_gramian(a, gy, bias=False)
     a_flat = a.reshape(b * t, g, d).transpose(0, 1)  # [g, BT, d]
     g_flat = gy.reshape(b * t, g, -1).transpose(0, 1)  # [g, BT, p]
     kernel = ((a_flat @ a_flat.transpose(1, 2)) * (g_flat @ g_flat.transpose(1, 2))).sum(0)
     return kernel.view(b, t, b, t).sum(dim=(1, 3))
+
+
+def single_position_gramian(a: Tensor, gy: Tensor, bias: bool) -> Tensor:
+    """Ghost form for ``T = g = 1``: ``(A Aᵀ) ⊙ (Gy Gyᵀ)``, plus the bias Gramian ``Gy Gyᵀ``
+    folded in as ``(A Aᵀ + 1) ⊙ (Gy Gyᵀ)`` when ``bias``."""
+    b = a.shape[0]
+    a_flat, g_flat = a.reshape(b, -1), gy.reshape(b, -1)
+    inputs = a_flat @ a_flat.T
+    return (inputs + 1 if bias else inputs) * (g_flat @ g_flat.T)
 
 
 def linear_factors(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
@@ -130,8 +138,7 @@ class GroupedLinearRule(GramianRule):
         a, gy = self.factors(module, calls)
         b, t, g, _ = a.shape
         if "weight" in params and "bias" in params and t == g == 1 and use_ghost(a, gy, self.mode):
-            a_flat, g_flat = a.reshape(b, -1), gy.reshape(b, -1)
-            return (a_flat @ a_flat.T + 1) * (g_flat @ g_flat.T)  # bias: the "+ 1"
+            return single_position_gramian(a, gy, bias=True)
         gramian = a.new_zeros(b, b)
         if "weight" in params:
             gramian = gramian + weight_gramian(a, gy, self.mode)
