@@ -126,26 +126,27 @@ class HookedGramian:
         one backward from the boundary with rows scaled by ``w`` (DESIGN.md §3). Both run in one
         engine call, so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
         by_module = _by_module(resume.calls)
-        params = {id(p): p for module in by_module for p in self._trainable(module).values()}
+        owned = {module: self._trainable(module) for module in by_module}
+        params = {id(p): p for own in owned.values() for p in own.values()}
 
         def summed() -> list[Tensor | None]:
             total: dict[int, Tensor] = {}
             for module, calls in by_module.items():
-                scaled = [
+                weighted = [
                     replace(
                         c, output_grads=tuple(g * _rows_like(weights, g) for g in c.output_grads)
                     )
                     for c in calls
                 ]
-                own = self._trainable(module)
-                for name, grad in rule_for(module).summed_grads(module, scaled, own).items():
+                own = owned[module]
+                for name, grad in rule_for(module).summed_grads(module, weighted, own).items():
                     key = id(own[name])
                     total[key] = total[key] + grad if key in total else grad
             return [total[k].to(p.dtype) if k in total else None for k, p in params.items()]
 
         root = book_kept(summed, list(params.values()))
-        scaled = [grad * _rows_like(weights, grad) for grad in resume.grads]
-        torch.autograd.backward([*resume.boundary, root], [*scaled, torch.ones_like(root)])
+        boundary_grads = [grad * _rows_like(weights, grad) for grad in resume.grads]
+        torch.autograd.backward([*resume.boundary, root], [*boundary_grads, torch.ones_like(root)])
 
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
