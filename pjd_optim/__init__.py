@@ -5,12 +5,13 @@
 """
 
 from .amp import JDScaler
-from .gramian import GramianRule, register_gramian_rule
+from .gramian import Call, GramianRule, register_gramian_rule
 from .optimizer import Distributed, GramianMode, NonFinite, PartialJDOptimizer, StepInfo
 from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
 
 __all__ = [
     "MGDA",
+    "Call",
     "Distributed",
     "DualProj",
     "GramianMode",

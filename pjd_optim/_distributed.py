@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._hooks import ModuleCall
+from .gramian import Call, map_rows
+
+Record = tuple[torch.nn.Module, Call]
 
 
 def world() -> tuple[int, int]:
@@ -32,14 +34,14 @@ class CallGatherer:
     def __init__(self) -> None:
         self.received_bytes = 0
 
-    def __call__(self, calls: Sequence[ModuleCall]) -> list[ModuleCall]:
+    def __call__(self, records: Sequence[Record]) -> list[Record]:
         size, _ = world()
         self.received_bytes = 0
         gathered = []
-        for call in calls:
+        for module, call in records:
             grads = tuple(self._gather(g, size) for g in call.output_grads)
             rows = call.output_grads[0].shape[0]
-            gathered.append(call.map_rows(rows, lambda x: self._gather(x, size), grads))
+            gathered.append((module, map_rows(call, rows, lambda x: self._gather(x, size), grads)))
         return gathered
 
     def _gather(self, x: Tensor, size: int) -> Tensor:

@@ -1,13 +1,15 @@
-"""The Gramian ``G = J Jᵀ`` of the losses' Jacobian w.r.t. the considered parameters.
+"""Gramian sources: where ``G = J Jᵀ`` (the objectives' Jacobian w.r.t. the considered
+parameters) comes from. The optimizer holds one of them, chosen at construction:
 
-Two ways, same result for models whose samples are independent:
-
-- :class:`HookedGramian` (default): taps on the considered modules save their inputs; one backward
-  from the losses with cotangent 1 (per objective column) gives each module's output gradients;
-  the per-layer rules turn (inputs, output gradients) into the module's Gramian. Parameters used by
-  several modules (tied weights) get their per-sample gradients summed across modules first.
-- :func:`autograd_gramian`: one vector-Jacobian product per loss (batched). Exact for any graph,
-  including batch-coupled ones, and slow.
+- :class:`HookedGramian` (``gramian_mode="hooks"``): taps on the considered modules save their
+  inputs; one backward from the losses with cotangent 1 (per objective column) gives each module's
+  output gradients; the per-layer rules turn (inputs, output gradients) into the module's Gramian.
+  Parameters used by several modules (tied weights) get their per-sample gradients summed across
+  modules first. Where the graph allows it, the weighted gradient is then book-kept from the same
+  factors and the trunk's backward resumes at the considered part's boundary (``_resume``).
+- :class:`AutogradGramian` (``gramian_mode="autograd"``): one vector-Jacobian product per
+  objective (batched). Exact for any graph, including batch-coupled ones, and slow.
+- :class:`ClosedGramian`: after ``close()``; every Jacobian-descent step is refused.
 """
 
 from __future__ import annotations
@@ -18,16 +20,42 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._hooks import HookSet, ModuleCall, collecting, input_versions
+from ._hooks import HookSet, ModuleCall, suspended
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
-from .gramian import couples_batch, rule_for, sum_of_gramians
+from .gramian import Call, couples_batch, map_rows, rule_for, sum_of_gramians
+from .gramian._registry import GramianRule
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
+Record = tuple[nn.Module, Call]
+Gather = Callable[[list[Record]], list[Record]]
 
 
-def plan_modules(model: nn.Module, considered: Sequence[nn.Parameter]) -> Plan:
+class GramianSource:
+    """Strategy interface: the Gramian of some losses and, optionally, a cheaper weighted backward.
+
+    ``resume_point`` returns where the weighted backward can resume (``None``: the optimizer runs
+    ``losses.backward(w)``); ``weighted_backward`` is only called with such a point.
+    """
+
+    def resume_point(self, losses: Tensor) -> Resume | None:
+        return None
+
+    def gramian(
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
     """Which module owns which considered parameter, by local name.
 
     A module owns its direct parameters; a module whose rule is ``recursive`` (e.g.
@@ -57,16 +85,16 @@ def plan_modules(model: nn.Module, considered: Sequence[nn.Parameter]) -> Plan:
     if missing:
         shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
         raise ValueError(
-            f"{len(missing)} considered parameter(s) (shapes {shapes}) belong to no module of "
-            "`model`. Pass the model that uses them, or remove them from the considered groups."
+            f"{len(missing)} considered parameter(s) (shapes {shapes}) are not in `model`. Pass "
+            "the model that uses them, or consider modules and parameters of that model only."
         )
     return plan
 
 
-class HookedGramian:
+class HookedGramian(GramianSource):
     """Hooks the planned modules of ``model`` and computes Gramians from their taps."""
 
-    def __init__(self, model: nn.Module, considered: Sequence[nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module, considered: Sequence[Tensor]) -> None:
         self.plan = plan_modules(model, considered)
         owners: defaultdict[int, int] = defaultdict(int)
         for params in self.plan.values():
@@ -81,15 +109,15 @@ class HookedGramian:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self.hooks.mark(module, couples_batch)
 
+    def close(self) -> None:
+        self.hooks.remove()
+
     def resume_point(self, losses: Tensor) -> Resume | None:
         """Where the weighted backward can resume (see ``_resume``), or ``None``."""
         return find_resume(losses, self.hooks, self.plan)
 
     def gramian(
-        self,
-        losses: Tensor,
-        gather: Callable[[list[ModuleCall]], list[ModuleCall]] | None = None,
-        resume: Resume | None = None,
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
     ) -> Tensor:
         """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after).
 
@@ -97,22 +125,22 @@ class HookedGramian:
         samples appended, see ``_distributed``); the Gramian is then over that batch. With
         ``resume``, the collection pass also fills ``resume`` for :meth:`weighted_backward`.
         """
-        calls = self.collect(losses, resume)
+        records = self.collect(losses, resume)
         if gather is not None:
-            calls = gather(calls)
+            records = gather(records)
         gramians: list[Tensor] = []
         shared_grads: dict[int, Tensor] = {}
-        for module, module_calls in _by_module(calls).items():
-            params = self._trainable(module)
-            own = {n: p for n, p in params.items() if id(p) not in self.shared}
-            tied = {n: p for n, p in params.items() if id(p) in self.shared}
-            rule = rule_for(module)
-            if own:
-                gramians.append(rule.gramian(module, module_calls, own))
-            if tied:
-                for name, grad in rule.per_sample_grads(module, module_calls, tied).items():
-                    key = id(tied[name])
-                    shared_grads[key] = shared_grads[key] + grad if key in shared_grads else grad
+        with suspended():  # rules may re-run a module's forward: no taps there
+            for module, calls in _by_module(records).items():
+                params = self._trainable(module)
+                own = {n: p for n, p in params.items() if id(p) not in self.shared}
+                tied = {n: p for n, p in params.items() if id(p) in self.shared}
+                rule = rule_for(module)
+                if own:
+                    gramians.append(rule.gramian(module, calls, own))
+                if tied:
+                    for name, grad in rule.per_sample_grads(module, calls, tied).items():
+                        _accumulate(shared_grads, id(tied[name]), grad)
         if shared_grads:
             gramians.append(sum_of_gramians(list(shared_grads.values())))
         total = gramians[0]
@@ -123,25 +151,20 @@ class HookedGramian:
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
         """``Σ_i w_i ∇ℓ_i`` into ``.grad`` without a second backward through the considered
         modules: theirs from ``summed_grads`` on output gradients scaled by ``w``, the trunk's by
-        one backward from the boundary with rows scaled by ``w`` (DESIGN.md §3). Both run in one
-        engine call, so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
-        by_module = _by_module(resume.calls)
+        one backward from the boundary with rows scaled by ``w``. Both run in one engine call,
+        so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
+        by_module = _by_module(resume.records)
         owned = {module: self._trainable(module) for module in by_module}
         params = {id(p): p for own in owned.values() for p in own.values()}
 
         def summed() -> list[Tensor | None]:
             total: dict[int, Tensor] = {}
-            for module, calls in by_module.items():
-                weighted = [
-                    replace(
-                        c, output_grads=tuple(g * _rows_like(weights, g) for g in c.output_grads)
-                    )
-                    for c in calls
-                ]
-                own = owned[module]
-                for name, grad in rule_for(module).summed_grads(module, weighted, own).items():
-                    key = id(own[name])
-                    total[key] = total[key] + grad if key in total else grad
+            with suspended():
+                for module, calls in by_module.items():
+                    weighted = [_scaled(call, weights) for call in calls]
+                    own = owned[module]
+                    for name, grad in rule_for(module).summed_grads(module, weighted, own).items():
+                        _accumulate(total, id(own[name]), grad)
             return [total[k].to(p.dtype) if k in total else None for k, p in params.items()]
 
         root = book_kept(summed, list(params.values()))
@@ -151,7 +174,7 @@ class HookedGramian:
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
 
-    def collect(self, losses: Tensor, resume: Resume | None = None) -> list[ModuleCall]:
+    def collect(self, losses: Tensor, resume: Resume | None = None) -> list[Record]:
         """Run the cotangent pass(es); return every reached call with its output gradients.
 
         Losses ``[B, k...]`` take ``K = Π k`` passes (one per objective column); the calls are
@@ -164,16 +187,16 @@ class HookedGramian:
         objectives = columns.shape[1]
         grads: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
         coupling: list[nn.Module] = []
+        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
         for j in range(objectives):
             if objectives == 1:
                 cotangent = torch.ones_like(columns)
             else:
                 cotangent = torch.zeros_like(columns)
                 cotangent[:, j] = 1
-            inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-            with collecting(self.hooks.token) as collector:
+            with self.hooks.collecting() as collector:
                 found = torch.autograd.grad(
-                    columns,
+                    self.hooks.probe(columns),
                     inputs,
                     cotangent,
                     retain_graph=resume is None,
@@ -186,101 +209,154 @@ class HookedGramian:
                 grads.setdefault(call, []).append(call_grads)
             coupling += collector.coupling
         if coupling:
-            names = sorted({f"{self.names.get(id(m), '?')} ({type(m).__name__})" for m in coupling})
-            raise ValueError(
-                f"{', '.join(names)} in train mode sits between the considered parameters and the "
-                "losses and mixes the samples of the batch, so per-sample gradients do not factor. "
-                "Fix: put those layers in eval mode (module.eval(), or "
-                "timm.layers.freeze_batch_norm_2d), or pass gramian_mode='autograd' (exact, slow)."
-            )
+            self._refuse_coupling(coupling)
         if not grads:
             raise ValueError(
-                "The losses do not depend on any considered parameter: check that the losses come "
-                "from a forward of `model` with gradients enabled after the optimizer was created. "
-                "If the considered modules run inside torch.compile, compile only the trunk "
-                "below them (their forward hooks do not run in compiled code)."
+                "The losses do not depend on any considered parameter. Compute them from a "
+                "forward of the model this optimizer was built with (not of a copy of it, e.g. "
+                "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
             )
         for call in grads:
-            if input_versions(call) != call.versions:
+            if call.modified_in_place():
                 raise ValueError(
-                    f"An input of {type(call.module).__name__} was modified in place after its "
-                    "forward; its saved activations are stale. Avoid in-place ops on that input."
+                    f"An input of {self._name(call.module)} was modified in place after its "
+                    "forward, so its saved value is stale. Avoid in-place operations on the inputs "
+                    "of considered modules (e.g. use out = x * 2 instead of x.mul_(2))."
                 )
-        if objectives == 1 and any(p[0][0].shape[0] != batch for p in grads.values()):
-            grads = self._scatter_to_losses(columns, grads)
-        ordered = sorted(grads.items(), key=lambda item: item[0].order)
-        calls = [_with_rows(call, passes, batch) for call, passes in ordered]
+        records = [_batch_major(call, passes) for call, passes in grads.items()]
+        if objectives == 1 and any(r.output_grads[0].shape[0] != batch for _, r in records):
+            records = self._scatter_to_losses(columns, records)
+        records.sort(key=lambda item: item[0].order)
+        out = [
+            (call.module, _with_rows(self._name(call.module), rec, batch, objectives))
+            for call, rec in records
+        ]
         if resume is not None:
-            resume.calls = calls
-        return calls
+            resume.records = out
+        return out
+
+    def _name(self, module: nn.Module) -> str:
+        return f"{self.names.get(id(module), '?')} ({type(module).__name__})"
+
+    def _refuse_coupling(self, coupling: list[nn.Module]) -> None:
+        names = ", ".join(sorted({self._name(m) for m in coupling}))
+        raise ValueError(
+            f"{names} normalises with statistics of the whole batch (BatchNorm in train mode, or "
+            "with track_running_stats=False) between the considered parameters and the losses, "
+            "so every loss depends on every sample and per-sample gradients do not factor. Fix: "
+            "normalise with running statistics (module.eval() on those layers, or "
+            "timm.layers.freeze_batch_norm_2d), or pass gramian_mode='autograd' (exact, slow)."
+        )
 
     def _scatter_to_losses(
-        self, columns: Tensor, grads: dict[ModuleCall, list[tuple[Tensor, ...]]]
-    ) -> dict[ModuleCall, list[tuple[Tensor, ...]]]:
+        self, columns: Tensor, records: list[tuple[ModuleCall, _Passes]]
+    ) -> list[tuple[ModuleCall, _Passes]]:
         """Several forwards concatenated into one loss vector: find which loss each row of each
         call feeds (one more pass, cotangent ``i + 1`` for loss ``i``, gives row ``r`` scaled by
         its loss index) and spread every call's rows onto the ``B`` losses, with zero rows where
         a call has no sample (those contribute nothing)."""
         batch = columns.shape[0]
         tags = torch.arange(1, batch + 1, dtype=columns.dtype, device=columns.device)
-        with collecting(self.hooks.token) as collector:
+        with self.hooks.collecting() as collector:
             torch.autograd.grad(
-                columns, self.hooks.anchor, tags.unsqueeze(1), retain_graph=True, allow_unused=True
+                self.hooks.probe(columns),
+                self.hooks.anchor,
+                tags.unsqueeze(1),
+                retain_graph=True,
+                allow_unused=True,
             )
-        tagged = dict(collector.calls)
-        spread: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
-        for call, passes in grads.items():
-            ones = torch.cat([g.flatten(start_dim=1) for g in passes[0]], dim=1)
-            scaled = torch.cat([g.flatten(start_dim=1) for g in tagged[call]], dim=1)
+        tagged = {call: _batch_major(call, [grads])[1] for call, grads in collector.calls}
+        spread = []
+        for call, passes in records:
+            ones = torch.cat([g.flatten(start_dim=1) for g in passes.output_grads], dim=1)
+            scaled = torch.cat([g.flatten(start_dim=1) for g in tagged[call].output_grads], dim=1)
             pick = ones.abs().argmax(dim=1, keepdim=True)
             ratio = scaled.gather(1, pick) / ones.gather(1, pick)
             index = torch.where(ones.gather(1, pick) != 0, ratio.round() - 1, -1).long().squeeze(1)
             live = index >= 0
             if torch.unique(index[live]).numel() != int(live.sum()):
                 raise ValueError(
-                    f"Two rows of one call of {type(call.module).__name__} feed the same loss: "
+                    f"Two rows of one call of {self._name(call.module)} feed the same loss: "
                     "losses must be per-instance (one row of the batch each)."
                 )
 
             def place(x: Tensor, index: Tensor = index[live], live: Tensor = live) -> Tensor:
                 return x.new_zeros(batch, *x.shape[1:]).index_copy_(0, index, x[live])
 
-            placed = tuple(place(g) for g in passes[0])
-            spread[call.map_rows(ones.shape[0], place, ())] = [placed]
+            placed = tuple(place(g) for g in passes.output_grads)
+            spread.append((call, map_rows(passes, ones.shape[0], place, placed)))
         return spread
 
 
-def _by_module(calls: Iterable[ModuleCall]) -> dict[nn.Module, list[ModuleCall]]:
-    by_module: dict[nn.Module, list[ModuleCall]] = defaultdict(list)
-    for call in calls:
-        by_module[call.module].append(call)
+_Passes = Call  # a call whose output gradients are stacked over the passes (objective-major)
+
+
+def _batch_major(call: ModuleCall, passes: list[tuple[Tensor, ...]]) -> tuple[ModuleCall, _Passes]:
+    """The public record of ``call`` with the batch moved to dim 0 (see
+    :meth:`GramianRule.batch_dims`) and the output gradients of the passes stacked along it."""
+    rule = rule_for(call.module)
+    in_dims, out_dims = rule.batch_dims(call.module)
+    grads = [torch.cat(g, dim=0) if len(g) > 1 else g[0] for g in zip(*passes, strict=True)]
+    if tuple(in_dims) == (0,) and tuple(out_dims) == (0,):
+        return call, Call(call.args, call.kwargs, tuple(grads), call.tapped)
+    # Dims other than 0: move them (the passes were stacked along dim 0 above, so redo it).
+    grads = [
+        torch.cat([g[k].movedim(_dim(out_dims, p), 0) for g in passes], dim=0)
+        for k, p in enumerate(call.tapped)
+    ]
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    position = 0
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            leaves[i] = leaf.movedim(_dim(in_dims, position), 0)
+            position += 1
+    args, kwargs = tree_unflatten(leaves, spec)
+    return call, Call(args, kwargs, tuple(grads), call.tapped)
+
+
+def _dim(dims: Sequence[int], position: int) -> int:
+    return dims[min(position, len(dims) - 1)]
+
+
+def _with_rows(name: str, call: Call, batch: int, objectives: int) -> Call:
+    """``call`` checked to have ``K·B`` rows; for ``K`` objective columns, inputs repeated."""
+    rows = objectives * batch
+    if any(g.shape[0] != rows for g in call.output_grads):
+        raise ValueError(
+            f"{name} saw a batch of {call.output_grads[0].shape[0] // objectives} rows but the "
+            f"losses have {batch} rows. Losses must be "
+            "per-instance with the batch on dim 0 of every considered module's input and output; "
+            "concatenate per-sample losses of separate forwards in order, or use "
+            "gramian_mode='autograd'."
+        )
+    if objectives == 1:
+        return call
+
+    def repeat(x: Tensor) -> Tensor:
+        return x.repeat(objectives, *([1] * (x.ndim - 1)))
+
+    return map_rows(call, batch, repeat, call.output_grads)
+
+
+def _by_module(records: Iterable[Record]) -> dict[nn.Module, list[Call]]:
+    by_module: dict[nn.Module, list[Call]] = defaultdict(list)
+    for module, call in records:
+        by_module[module].append(call)
     return by_module
+
+
+def _accumulate(total: dict[int, Tensor], key: int, value: Tensor) -> None:
+    total[key] = total[key] + value if key in total else value
+
+
+def _scaled(call: Call, weights: Tensor) -> Call:
+    """``call`` with row ``i`` of its output gradients scaled by ``weights[i]``."""
+    return replace(call, output_grads=tuple(g * _rows_like(weights, g) for g in call.output_grads))
 
 
 def _rows_like(weights: Tensor, x: Tensor) -> Tensor:
     """``weights`` ``[B]`` shaped to scale the rows of ``x`` ``[B, ...]``."""
     return weights.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-
-
-def _with_rows(call: ModuleCall, passes: list[tuple[Tensor, ...]], batch: int) -> ModuleCall:
-    """``call`` with output gradients of the passes stacked objective-major and inputs repeated."""
-    objectives = len(passes)
-    rows = passes[0][0].shape[0]
-    if rows != batch:
-        raise ValueError(
-            f"{type(call.module).__name__} saw a batch of {rows} rows but the losses have "
-            f"{batch} rows. Losses must be per-instance with the batch on dim 0 of every "
-            "considered module's input and output; concatenate per-sample losses of separate "
-            "forwards in order, or use gramian_mode='autograd'."
-        )
-    if objectives == 1:
-        return replace(call, output_grads=passes[0])
-    stacked = tuple(torch.cat(grads, dim=0) for grads in zip(*passes, strict=True))
-
-    def repeat(x: Tensor) -> Tensor:
-        return x.repeat(objectives, *([1] * (x.ndim - 1)))
-
-    return call.map_rows(batch, repeat, stacked)
 
 
 def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
@@ -293,7 +369,19 @@ def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
     return g.reshape(batch * objectives, batch * objectives)
 
 
-def autograd_gramian(losses: Tensor, params: Iterable[nn.Parameter]) -> Tensor:
+class AutogradGramian(GramianSource):
+    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
+
+    def __init__(self, considered: Sequence[Tensor]) -> None:
+        self.considered = list(considered)
+
+    def gramian(
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
+    ) -> Tensor:
+        return autograd_gramian(losses, self.considered)
+
+
+def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
     """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
     flat = losses.flatten()
     inputs = [p for p in params if p.requires_grad]
@@ -309,3 +397,25 @@ def autograd_gramian(losses: Tensor, params: Iterable[nn.Parameter]) -> Tensor:
         ]
         jac = tuple(torch.stack(col) for col in zip(*rows, strict=True))
     return sum_of_gramians(list(jac))
+
+
+class ClosedGramian(GramianSource):
+    """After ``close()``: the hooks are gone, so no Gramian can be computed."""
+
+    def gramian(
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
+    ) -> Tensor:
+        raise ValueError(
+            "This PartialJDOptimizer was closed (its hooks were removed), so it cannot take a "
+            "Jacobian-descent step any more: build a new one, or call step() for a plain step."
+        )
+
+
+__all__ = [
+    "AutogradGramian",
+    "ClosedGramian",
+    "GramianRule",
+    "GramianSource",
+    "HookedGramian",
+    "plan_modules",
+]

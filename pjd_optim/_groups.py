@@ -1,7 +1,8 @@
 """Parameter-group helpers: which parameters are *considered* (enter the Gramian).
 
 Pure functions over ``param_groups`` (lists of dicts as in ``torch.optim``), so they are testable
-alone and work on groups built by any factory (``timm.optim.create_optimizer_v2`` included).
+alone and work on groups built by any factory (``timm.optim.create_optimizer_v2`` included). The
+wrapper never rewrites the base optimizer's groups: it keeps the considered parameters beside them.
 """
 
 from __future__ import annotations
@@ -32,41 +33,30 @@ def parameters_of(items: Iterable[nn.Module | Tensor] | nn.Module | Tensor) -> l
     return list(out.values())
 
 
-def split_considered(
-    groups: Sequence[ParamGroup], considered: Sequence[Tensor]
-) -> list[ParamGroup]:
-    """Split every group into a part outside and a part inside ``considered``.
+def flagged_parameters(groups: Sequence[ParamGroup]) -> list[Tensor]:
+    """Parameters of the groups flagged ``"considered": True``, in group order."""
+    return [p for group in groups if group.get("considered") for p in group["params"]]
 
-    Each part keeps every hyper-parameter of its group (lr, weight decay, ``lr_scale``, ...) and
-    gets ``"considered": False`` / ``True``; groups already flagged stay considered. Raises
-    ``ValueError`` if some considered parameter is in no group.
-    """
-    wanted = {id(p) for p in considered}
+
+def considered_of(
+    groups: Sequence[ParamGroup], considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor
+) -> list[Tensor]:
+    """The considered parameters: those of flagged groups, then those named by ``considered``
+    (deduplicated, in that order)."""
+    out = {id(p): p for p in flagged_parameters(groups)}
+    out.update((id(p), p) for p in parameters_of(considered))
+    return list(out.values())
+
+
+def check_optimized(groups: Sequence[ParamGroup], considered: Sequence[Tensor]) -> None:
+    """``ValueError`` if a trainable considered parameter is in no group."""
     in_groups = {id(p) for group in groups for p in group["params"]}
     missing = [p for p in considered if id(p) not in in_groups and p.requires_grad]
     if missing:
         raise ValueError(
-            f"{len(missing)} parameter(s) given in considered= are not optimized by the base "
-            "optimizer. Build the base optimizer over all the model's trainable parameters."
+            f"{len(missing)} considered parameter(s) are not optimized by the base optimizer. "
+            "Build the base optimizer over all the model's trainable parameters."
         )
-    result: list[ParamGroup] = []
-    for group in groups:
-        names = group.get("param_names")
-        flags = [bool(group.get("considered")) or id(p) in wanted for p in group["params"]]
-        for flag in (False, True):
-            keep = [i for i, f in enumerate(flags) if f == flag]
-            if not keep:
-                continue
-            part = dict(group, params=[group["params"][i] for i in keep], considered=flag)
-            if names is not None:
-                part["param_names"] = [names[i] for i in keep]
-            result.append(part)
-    return result
-
-
-def considered_parameters(groups: Sequence[ParamGroup]) -> list[nn.Parameter]:
-    """Parameters of the groups flagged ``"considered": True``, in group order."""
-    return [p for group in groups if group.get("considered") for p in group["params"]]
 
 
 def check_disjoint(groups: Sequence[ParamGroup]) -> None:

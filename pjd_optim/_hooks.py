@@ -4,23 +4,31 @@ A tap is an identity :class:`torch.autograd.Function` on the module's output. It
 the module's (detached) inputs, so what is saved lives exactly as long as the graph: a forward
 whose losses are never stepped frees itself, and ``torch.no_grad`` forwards save nothing.
 
-During a *collection* pass (a backward from the losses to a shared ``anchor`` leaf, which only
-walks the part of the graph between the losses and the taps) each tap reports its saved inputs
-and the gradient of the losses w.r.t. the module's output. Outside a collection pass, taps pass
-gradients through unchanged.
+During a *collection* pass (a backward from the losses to the hook set's ``anchor`` leaf, which
+only walks the part of the graph between the losses and the taps) each tap reports its saved
+inputs and the gradient of the objectives w.r.t. the module's output to the hook set's collector.
+Outside a collection pass, taps pass gradients through unchanged. A pass is recognised by its
+autograd graph task, which a *probe* on the losses (the first node the pass runs) records: a
+backward that another thread runs meanwhile through the same taps reports nothing.
 
 Batch-coupling modules (BatchNorm using batch statistics) get a *marker* instead: if the
 collection pass walks through one, the per-sample factorisation is invalid and the engine raises.
+
+Threads: autograd runs the backward of a CUDA graph on a per-device worker thread, so what a
+tap or marker reads during a backward (the collector) lives on its :class:`HookSet`, never in
+thread-local storage. The only per-thread state is :func:`suspended`, which forward hooks read in
+the thread that runs the forward. An optimizer's hook set serves one step at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +39,13 @@ from torch.utils.hooks import RemovableHandle
 
 @dataclass(eq=False)
 class ModuleCall:
-    """One call of a hooked module: its inputs (detached) and, once collected, output gradients.
+    """One recorded call of a hooked module (the engine's record; rules see a ``Call``).
 
-    ``output_grads[k]`` is the gradient of the collected cotangent pass w.r.t. the ``k``-th tapped
-    output; ``tapped`` gives the positions of those outputs among the flattened outputs. The
-    graph-side fields (``sources``: the inputs that require grad, not detached; ``rows``: dim 0 of
-    the tapped outputs; ``seq``: the tap node's sequence number, and the ``thread`` that created
-    it) serve ``_resume``.
+    ``tapped``: positions of the tapped outputs among the flattened outputs. ``versions``: the
+    saved inputs' version counters at call time (in-place edits are detected). The graph-side
+    fields serve ``_resume``: ``sources`` (the inputs that require grad, not detached), ``rows``
+    (dim 0 of the tapped outputs), ``seq`` (the tap node's sequence number) and the ``thread``
+    that created it (sequence numbers are counted per thread).
     """
 
     module: nn.Module
@@ -46,150 +54,85 @@ class ModuleCall:
     tapped: tuple[int, ...]
     order: int
     versions: tuple[int, ...] = ()
-    output_grads: tuple[Tensor, ...] = field(default=())
     sources: tuple[Tensor, ...] = ()
     rows: tuple[int, ...] = ()
     seq: int = -1
     thread: int = 0
 
-    def map_rows(
-        self, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
-    ) -> ModuleCall:
-        """A new call with ``fn`` applied to every saved input whose dim 0 has ``rows`` rows
-        (the per-sample ones), and the given output gradients."""
+    def saved_tensors(self) -> list[Tensor]:
+        return [t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, Tensor)]
 
-        def apply(x: Any) -> Any:
-            return fn(x) if has_rows(x, rows) else x
-
-        return ModuleCall(
-            module=self.module,
-            args=tree_map(apply, self.args),
-            kwargs=tree_map(apply, self.kwargs),
-            tapped=self.tapped,
-            order=self.order,
-            output_grads=output_grads,
-        )
+    def modified_in_place(self) -> bool:
+        """Whether a saved input was modified in place after the call (its values are stale)."""
+        return tuple(t._version for t in self.saved_tensors()) != self.versions
 
 
-def has_rows(x: object, rows: int) -> bool:
-    """Whether ``x`` is a tensor with ``rows`` rows on dim 0 (one per sample)."""
-    return isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows
-
-
+@dataclass
 class Collector:
-    """Receives the taps' reports during one collection pass."""
+    """Receives the taps' reports during one collection pass (graph task ``task``)."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[ModuleCall, tuple[Tensor, ...]]] = []
-        self.coupling: list[nn.Module] = []
+    calls: list[tuple[ModuleCall, tuple[Tensor, ...]]] = field(default_factory=list)
+    coupling: list[nn.Module] = field(default_factory=list)
+    task: int | None = None
 
-
-_ACTIVE = threading.local()
-
-
-def _active(token: int) -> Collector | None:
-    collectors: dict[int, Collector] = getattr(_ACTIVE, "collectors", {})
-    return collectors.get(token)
+    def accepts(self) -> bool:
+        """Whether the backward running now (in whatever thread) is this collector's pass."""
+        return self.task is not None and self.task == torch._C._current_graph_task_id()
 
 
-@contextmanager
-def collecting(token: int) -> Iterator[Collector]:
-    """Route the reports of the taps owned by ``token`` to a fresh collector."""
-    collectors: dict[int, Collector] = getattr(_ACTIVE, "collectors", None) or {}
-    _ACTIVE.collectors = collectors
-    collector = collectors[token] = Collector()
-    try:
-        yield collector
-    finally:
-        del collectors[token]
-
-
-@contextmanager
-def suspended() -> Iterator[None]:
-    """Disable every tap and marker (used while rules re-run a module's forward)."""
-    previous = getattr(_ACTIVE, "suspended", False)
-    _ACTIVE.suspended = True
-    try:
-        yield
-    finally:
-        _ACTIVE.suspended = previous
-
-
-def _recording() -> bool:
-    return torch.is_grad_enabled() and not getattr(_ACTIVE, "suspended", False)
-
-
-class _Tap(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, call: ModuleCall, token: int, anchor: Tensor, *outs: Tensor
-    ) -> Any:
-        ctx.call = call  # type: ignore[attr-defined]
-        ctx.token = token  # type: ignore[attr-defined]
-        # detach() gives fresh tensors (not views), so in-place activations may follow the tap.
-        return tuple(out.detach() for out in outs)
+class _Probe(torch.autograd.Function):
+    """Identity on the losses; its backward, the root of a collection pass, names the pass."""
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:
-        collector = _active(ctx.token)
-        if collector is not None:
-            collector.calls.append((ctx.call, grads))
-        return (None, None, None, *grads)
-
-
-class _Marker(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, module: nn.Module, token: int, out: Tensor) -> Tensor:
-        ctx.module = module  # type: ignore[attr-defined]
-        ctx.token = token  # type: ignore[attr-defined]
-        return out.detach()
+    def forward(ctx: FunctionCtx, collector: Collector, losses: Tensor) -> Tensor:
+        ctx.collector = collector  # type: ignore[attr-defined]
+        return losses.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:
-        collector = _active(ctx.token)
-        if collector is not None:
-            collector.coupling.append(ctx.module)
-        return None, None, grad
-
-
-def _detach(value: Any) -> Any:
-    return value.detach() if isinstance(value, Tensor) else value
-
-
-class _Counter:
-    def __init__(self) -> None:
-        self.value = 0
-
-    def next(self) -> int:
-        self.value += 1
-        return self.value
+        ctx.collector.task = torch._C._current_graph_task_id()
+        return None, grad
 
 
 class HookSet:
     """The hooks of one optimizer on one model. Holds no reference to the optimizer.
 
     ``anchor`` is the leaf every tap depends on: ``autograd.grad(losses, anchor)`` is the
-    collection pass. ``token`` identifies this hook set's taps.
+    collection pass. ``collector`` is set during :meth:`collecting` only.
     """
 
     def __init__(self) -> None:
         self.anchor = torch.zeros((), requires_grad=True)
-        self.token = id(self)
         self.handles: list[RemovableHandle] = []
         self.live = LiveCalls()
-        self._counter = _Counter()
+        self.collector: Collector | None = None
+        self.order = itertools.count()
+
+    @contextmanager
+    def collecting(self) -> Iterator[Collector]:
+        """Route the reports of this set's taps (from whatever thread runs them) to a fresh
+        collector, for the pass whose root is :meth:`probe`."""
+        self.collector = collector = Collector()
+        try:
+            yield collector
+        finally:
+            self.collector = None
+
+    def probe(self, losses: Tensor) -> Tensor:
+        """``losses``, through the probe that marks the collection pass run from them."""
+        assert self.collector is not None, "probe() belongs inside collecting()"
+        with torch.enable_grad():
+            out: Tensor = _Probe.apply(self.collector, losses)
+        return out
 
     def tap(self, module: nn.Module) -> None:
         """Save inputs and tap outputs of every grad-enabled call of ``module``."""
-        self.handles.append(
-            module.register_forward_hook(
-                _make_tap_hook(self.anchor, self.token, self._counter, self.live), with_kwargs=True
-            )
-        )
+        hook = _TapHook(self, module)
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def mark(self, module: nn.Module, couples: Callable[[nn.Module], bool]) -> None:
         """Mark outputs of ``module`` whenever ``couples(module)`` holds at call time."""
-        self.handles.append(module.register_forward_hook(_make_mark_hook(self.token, couples)))
+        self.handles.append(module.register_forward_hook(_MarkHook(self, module, couples)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -197,8 +140,165 @@ class HookSet:
         self.handles.clear()
 
 
+_FORWARD = threading.local()
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Disable every tap and marker in this thread (while rules re-run a module's forward)."""
+    previous = getattr(_FORWARD, "suspended", False)
+    _FORWARD.suspended = True
+    try:
+        yield
+    finally:
+        _FORWARD.suspended = previous
+
+
+def _recording() -> bool:
+    return torch.is_grad_enabled() and not getattr(_FORWARD, "suspended", False)
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, call: ModuleCall, hooks: HookSet, anchor: Tensor, *outs: Tensor
+    ) -> Any:
+        ctx.call = call  # type: ignore[attr-defined]
+        ctx.hooks = hooks  # type: ignore[attr-defined]
+        # detach() gives fresh tensors (not views), so in-place activations may follow the tap.
+        return tuple(out.detach() for out in outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        collector: Collector | None = ctx.hooks.collector
+        if collector is not None and collector.accepts():
+            collector.calls.append((ctx.call, grads))
+        return (None, None, None, *grads)
+
+
+class _Marker(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, module: nn.Module, hooks: HookSet, out: Tensor) -> Tensor:
+        ctx.module = module  # type: ignore[attr-defined]
+        ctx.hooks = hooks  # type: ignore[attr-defined]
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        collector: Collector | None = ctx.hooks.collector
+        if collector is not None and collector.accepts():
+            collector.coupling.append(ctx.module)
+        return None, None, grad
+
+
+def is_tap(node: object) -> bool:
+    """Whether an autograd node is the backward of a tap."""
+    return issubclass(type(node), _Tap._backward_cls)
+
+
+class _Inert:
+    """What a hook becomes in a copy of its module (``copy.deepcopy``, pickling): nothing."""
+
+    def __call__(self, *args: object) -> None:
+        return None
+
+
+class _Hook:
+    """A forward hook of one hook set on one module. A copy or a pickle of the module gets an
+    inert hook (its calls are not this optimizer's business), and calls of any other module that
+    shares the hook dict (a shallow copy, a ``DataParallel`` replica) are ignored."""
+
+    def __init__(self, hooks: HookSet, module: nn.Module) -> None:
+        self.hooks = hooks
+        self.module = weakref.ref(module)
+
+    def __reduce__(self) -> tuple[type[_Inert], tuple[()]]:
+        return _Inert, ()
+
+    def active(self, module: nn.Module) -> bool:
+        return module is self.module() and _recording()
+
+
+class _TapHook(_Hook):
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        if not self.active(module):
+            return None
+        if torch.compiler.is_compiling():  # graph break: the tap runs eagerly
+            return _tap_eagerly(self.hooks, module, args, kwargs, output)
+        return _tap(self.hooks, module, args, kwargs, output)
+
+
+class _MarkHook(_Hook):
+    def __init__(
+        self, hooks: HookSet, module: nn.Module, couples: Callable[[nn.Module], bool]
+    ) -> None:
+        super().__init__(hooks, module)
+        self.couples = couples
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not (self.active(module) and self.couples(module)):
+            return None
+        if isinstance(output, Tensor) and output.requires_grad:
+            return _Marker.apply(module, self.hooks, output)
+        return None
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
 def _rows(output: Tensor) -> tuple[int, ...]:
     return (output.shape[0] if output.ndim else -1,)
+
+
+def _differentiable(x: object) -> bool:
+    return isinstance(x, Tensor) and x.requires_grad and x.is_floating_point()
+
+
+def _tap(
+    hooks: HookSet, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
+    if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
+        # Fast path for the common case: tensors in, one tensor out.
+        if not _differentiable(output):
+            return None
+        call = ModuleCall(
+            module=module,
+            args=tuple(a.detach() for a in args),
+            kwargs={},
+            tapped=(0,),
+            order=next(hooks.order),
+            versions=tuple(a._version for a in args),
+            sources=tuple(a for a in args if a.requires_grad),
+            rows=_rows(output),
+        )
+        return hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, output))[0]
+    leaves, spec = tree_flatten(output)
+    tapped = tuple(k for k, leaf in enumerate(leaves) if _differentiable(leaf))
+    if not tapped:
+        return None
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    call = ModuleCall(
+        module=module,
+        args=tree_map(_detach, args),
+        kwargs=tree_map(_detach, kwargs),
+        tapped=tapped,
+        order=next(hooks.order),
+        versions=tuple(t._version for t in inputs),
+        sources=tuple(t for t in inputs if t.requires_grad),
+        rows=tuple(r for k in tapped for r in _rows(leaves[k])),
+    )
+    outs = hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, *(leaves[k] for k in tapped)))
+    for k, out in zip(tapped, outs, strict=True):
+        leaves[k] = out
+    return tree_unflatten(leaves, spec)
+
+
+# Under torch.compile the tap cannot be traced (it records Python objects on the graph): the
+# compiler breaks the graph around the considered module's call and runs it, and its tap, eagerly.
+_tap_eagerly = cast(Callable[..., Any], torch.compiler.disable)(_tap)
 
 
 class LiveCalls:
@@ -210,7 +310,7 @@ class LiveCalls:
     def add(self, call: ModuleCall, outs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         grad_fn = outs[0].grad_fn
         call.seq = -1 if grad_fn is None else grad_fn._sequence_nr()
-        call.thread = threading.get_ident()  # sequence numbers are counted per thread
+        call.thread = threading.get_ident()
         self.calls.add(call)
         return outs
 
@@ -218,74 +318,6 @@ class LiveCalls:
         """Smallest sequence number of a live tap: nodes created before it cannot depend on any
         considered module's output."""
         return min((call.seq for call in list(self.calls)), default=-1)
-
-
-def _make_tap_hook(
-    anchor: Tensor, token: int, counter: _Counter, live: LiveCalls
-) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if not _recording():
-            return None
-        if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
-            # Fast path for the common case: tensors in, one tensor out.
-            if not (output.requires_grad and output.is_floating_point()):
-                return None
-            call = ModuleCall(
-                module=module,
-                args=tuple(a.detach() for a in args),
-                kwargs={},
-                tapped=(0,),
-                order=counter.next(),
-                versions=tuple(a._version for a in args),
-                sources=tuple(a for a in args if a.requires_grad),
-                rows=_rows(output),
-            )
-            return live.add(call, _Tap.apply(call, token, anchor, output))[0]
-        leaves, spec = tree_flatten(output)
-        tapped = tuple(
-            k
-            for k, leaf in enumerate(leaves)
-            if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()
-        )
-        if not tapped:
-            return None
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        call = ModuleCall(
-            module=module,
-            args=tree_map(_detach, args),
-            kwargs=tree_map(_detach, kwargs),
-            tapped=tapped,
-            order=counter.next(),
-            versions=tuple(t._version for t in inputs),
-            sources=tuple(t for t in inputs if t.requires_grad),
-            rows=tuple(r for k in tapped for r in _rows(leaves[k])),
-        )
-        outs = live.add(call, _Tap.apply(call, token, anchor, *(leaves[k] for k in tapped)))
-        for k, out in zip(tapped, outs, strict=True):
-            leaves[k] = out
-        return tree_unflatten(leaves, spec)
-
-    return hook
-
-
-def _make_mark_hook(
-    token: int, couples: Callable[[nn.Module], bool]
-) -> Callable[[nn.Module, Any, Any], Any]:
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if not _recording() or not couples(module):
-            return None
-        if isinstance(output, Tensor) and output.requires_grad:
-            return _Marker.apply(module, token, output)
-        return None
-
-    return hook
-
-
-def input_versions(call: ModuleCall) -> tuple[int, ...]:
-    """Current version counters of the tensors saved by ``call`` (to detect in-place edits)."""
-    return tuple(
-        t._version for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor)
-    )
 
 
 def finalize_with(owner: object, hooks: HookSet) -> None:

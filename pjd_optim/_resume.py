@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from ._hooks import HookSet, ModuleCall, _Tap
+from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian import rule_for
 
 Node = Any  # torch.autograd.graph.Node (its Python type is not exported with a stable name)
@@ -47,11 +47,11 @@ MIN_SAVED_FLOPS = 4_000_000
 @dataclass(eq=False)
 class Resume:
     """The boundary tensors of one step and, once collected, their gradients ``∂(Σℓ)/∂b`` and
-    the considered calls with their output gradients."""
+    the considered calls with their output gradients (``(module, Call)`` records)."""
 
     boundary: list[Tensor]
     grads: tuple[Tensor, ...] = field(default=())
-    calls: list[ModuleCall] = field(default_factory=list)
+    records: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
 
 def find(
@@ -82,9 +82,9 @@ def find(
             boundary.update((edge, candidates[edge]) for edge in edges)
             continue
         children = node.next_functions
-        if issubclass(type(node), _Tap._backward_cls):  # (no isinstance: it would narrow `node`)
+        if is_tap(node):
             children = children[1:]  # the first edge goes to the tap's anchor
-            if node.token == hooks.token:
+            if node.hooks is hooks:
                 call: ModuleCall = node.call
                 if not _bookkept(call, batch):
                     return None

@@ -31,12 +31,21 @@ class JDScaler:
         clip_grad: float | None = None,
         clip_mode: str = "norm",
         parameters: Iterable[Tensor] | None = None,
+        create_graph: bool = False,
         need_update: bool = True,
     ) -> Tensor:
         """One scaled Jacobian-descent backward (and, if ``need_update``, the step); returns the
-        weights. With ``need_update=False`` gradients accumulate, as with ``NativeScaler``."""
+        weights. With ``need_update=False`` gradients accumulate, as with ``NativeScaler``.
+
+        The arguments are ``NativeScaler.__call__``'s. An overflow (inf/NaN in the scaled losses
+        or Gramian) is a skipped step with a smaller scale, as with ``NativeScaler``."""
         if not isinstance(optimizer, PartialJDOptimizer):
             raise TypeError("JDScaler needs a PartialJDOptimizer (use NativeScaler otherwise).")
+        if create_graph:
+            raise ValueError(
+                "create_graph=True (a second-order optimizer) is not supported by partial "
+                "Jacobian descent: its weighted gradient has no graph of its own."
+            )
         if clip_grad is not None and parameters is None:
             raise ValueError("clip_grad needs parameters=..., as with NativeScaler.")
         if clip_mode not in ("norm", "value", "agc"):
@@ -63,6 +72,6 @@ def _clip(parameters: list[Tensor], value: float, mode: str) -> None:
     elif mode == "value":
         torch.nn.utils.clip_grad_value_(parameters, value)
     else:  # adaptive gradient clipping lives in timm
-        from timm.utils import dispatch_clip_grad
+        from timm.utils.clip_grad import dispatch_clip_grad
 
         dispatch_clip_grad(parameters, value, mode=mode)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -12,15 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._checks import RestoreGradsOnError, as_weighting, check_losses, check_weights, is_finite
 from ._distributed import CallGatherer, world
-from ._engine import HookedGramian, autograd_gramian
-from ._groups import (
-    ParamGroup,
-    check_disjoint,
-    considered_parameters,
-    parameters_of,
-    split_considered,
-)
+from ._engine import AutogradGramian, ClosedGramian, GramianSource, HookedGramian, plan_modules
+from ._groups import check_disjoint, check_optimized, considered_of
 from ._hooks import finalize_with
 from .weightings import UPGrad, Weighting
 
@@ -65,34 +60,47 @@ class StepInfo:
         return float(self.cosines.min())
 
 
+@dataclass
+class _Status:
+    """What the steps change on the wrapper, in one object: a proxy of the optimizer (Lightning's
+    ``LightningOptimizer`` subclasses the optimizer's class and forwards attribute reads) calling
+    these methods then updates the optimizer's own state."""
+
+    source: GramianSource
+    last_step: StepInfo | None = None
+    skipped_steps: int = 0
+    pending: bool = False  # a Jacobian-descent backward since the last step
+    warned_plain: bool = False
+    nonfinite_grad: tuple[Tensor, Tensor] | None = None  # (parameter, its non-finite .grad)
+
+
 class PartialJDOptimizer(Optimizer):
     r"""Partial Jacobian descent: resolves conflicts between per-instance losses, then lets
     ``base`` update the parameters.
 
     With ``ℓ = (ℓ_1, …, ℓ_m)`` the losses and ``J`` their Jacobian w.r.t. the *considered*
-    parameters (groups flagged ``"considered": True``), one step is
+    parameters, one step is
 
     .. math::
         G = J J^\top, \qquad w = \mathrm{weighting}(G), \qquad
         \theta.\mathrm{grad} \mathrel{+}= \textstyle\sum_i w_i \nabla_\theta \ell_i
         \ \text{for every trainable } \theta, \qquad \texttt{base.step()}.
 
-    ``G`` is computed from module hooks (the considered modules' inputs and output gradients,
-    DESIGN.md §3) without per-sample gradients where a closed form exists. Where the graph
-    makes it exact (``pjd_optim._resume``; ``last_step.resumed``), the weighted gradient is
-    book-kept from the same factors and the trunk's backward resumes at the considered part's
-    boundary; elsewhere the step runs ``losses.backward(w)``. The wrapper shares
-    ``param_groups`` and ``state`` with ``base``, so schedulers, ``zero_grad``, ``state_dict`` and
-    ``load_state_dict`` act on the base optimizer.
+    ``G`` is computed from module hooks (the considered modules' inputs and output gradients)
+    without per-sample gradients where a closed form exists. Where the graph makes it exact
+    (``last_step.resumed``), the weighted gradient is book-kept from the same factors and the
+    trunk's backward resumes at the considered part's boundary; elsewhere the step runs
+    ``losses.backward(w)``. The wrapper leaves ``base`` as it was built: ``param_groups``,
+    ``state``, ``defaults`` and checkpoints are the base's, schedulers built on either keep
+    working, and attributes the wrapper does not define are the base's.
 
     Args:
         base: any ``torch.optim.Optimizer`` over the model's trainable parameters.
         model: the module whose forward produces the losses; its modules that own considered
             parameters are hooked.
         weighting: maps the ``[m, m]`` Gramian to ``[m]`` weights (default :class:`UPGrad`).
-        considered: modules or parameters to consider, as an alternative to group flags: the base's
-            groups are split so these sit in groups flagged ``"considered": True``, every
-            hyper-parameter kept.
+        considered: modules or parameters whose Jacobian gives the Gramian (usually the last
+            layers), in addition to those of groups flagged ``"considered": True``.
         gramian_mode: ``"hooks"`` (default, fast) or ``"autograd"``: one backward per loss, exact
             even for models that mix samples (BatchNorm in train mode), and slow.
         distributed: with ``torch.distributed`` (e.g. ``model`` wrapped in
@@ -103,15 +111,16 @@ class PartialJDOptimizer(Optimizer):
             its slice of the weights (times the world size, for DDP's averaging), so the update
             equals single-process JD on the concatenated batch. ``"global"`` needs 1-D losses
             and equal shapes on every rank.
-        nonfinite: NaN/inf losses or Gramian: ``"raise"`` (default) a ``ValueError``, or
-            ``"skip"`` the step like ``GradScaler`` does (nothing changes; ``skipped_steps``
-            counts them).
+        nonfinite: NaN/inf losses or Gramian in ``step(losses)``: ``"raise"`` (default) a
+            ``ValueError``, or ``"skip"`` the step (``skipped_steps`` counts them); nothing
+            changes either way. ``backward(losses)`` leaves non-finite gradients instead, as
+            ``Tensor.backward`` would, so that ``GradScaler`` skips the step and backs off; a
+            plain ``step()`` on such gradients raises or skips likewise.
 
     Example::
 
-        base = SGD([{"params": model[0].parameters()},
-                    {"params": model[2:].parameters(), "considered": True}], lr=0.1)
-        optimizer = PartialJDOptimizer(base, model)
+        base = SGD(model.parameters(), lr=0.1)
+        optimizer = PartialJDOptimizer(base, model, considered=model[2:])
         losses = MSELoss(reduction="none")(model(x).squeeze(1), y)  # shape [B]
         optimizer.step(losses)
         optimizer.zero_grad()
@@ -139,11 +148,7 @@ class PartialJDOptimizer(Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        weighting = UPGrad() if weighting is None else weighting
-        if not callable(weighting):
-            raise TypeError(
-                "weighting must be a callable mapping an [m, m] Gramian to [m] weights."
-            )
+        weighting = as_weighting(UPGrad() if weighting is None else weighting)
         if gramian_mode not in ("hooks", "autograd"):
             raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
         if distributed not in ("local", "global"):
@@ -153,107 +158,106 @@ class PartialJDOptimizer(Optimizer):
         if distributed == "global" and gramian_mode != "hooks":
             raise ValueError("distributed='global' needs gramian_mode='hooks'.")
         check_disjoint(base.param_groups)
-        groups = split_considered(
-            base.param_groups, parameters_of([] if considered is None else considered)
-        )
-        params = considered_parameters(groups)
+        params = considered_of(base.param_groups, [] if considered is None else considered)
         if not params:
             raise ValueError(
-                "No parameter is considered: flag the groups of the last layers with "
-                '{"params": ..., "considered": True}, or pass considered=[module, ...].'
+                "No parameter is considered: pass considered=[module, ...] (usually the last "
+                'layers), or flag groups of the base optimizer with "considered": True.'
             )
-        engine = HookedGramian(model, params) if gramian_mode == "hooks" else None
-        # Nothing above changed `base`; from here on the construction cannot fail.
-        base.param_groups[:] = groups
+        plan_modules(model, params)  # every considered parameter is in `model`
+        check_optimized(base.param_groups, params)
+        # Nothing above changed anything. torch's plumbing (step and state-dict hooks, profiler
+        # names) is set up around the base's groups; they are then shared, not copied.
+        super().__init__(base.param_groups, base.defaults)
         self.base = base
+        self.param_groups = base.param_groups
+        self.state = base.state
         self.model = model
         self.weighting = weighting
         self.gramian_mode: GramianMode = gramian_mode
         self.distributed: Distributed = distributed
         self.nonfinite: NonFinite = nonfinite
-        self.skipped_steps = 0
-        self._engine = engine
-        self.last_step: StepInfo | None = None
-        if engine is not None:
-            finalize_with(self, engine.hooks)
-        # torch.optim.Optimizer plumbing (hooks, profiler patching) without copying the groups.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        self._considered = params
+        self._status = _Status(self._open_source())
 
-    # -- shared state: the base optimizer's groups, state and defaults --------------------------
-    @property
-    def param_groups(self) -> list[ParamGroup]:
-        return self.base.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[ParamGroup]) -> None:
-        self.base.param_groups = value
+    def _open_source(self) -> GramianSource:
+        if self.gramian_mode == "autograd":
+            return AutogradGramian(self._considered)
+        source = HookedGramian(self.model, self._considered)
+        finalize_with(self, source.hooks)
+        return source
 
     @property
-    def state(self) -> Any:
-        return self.base.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.base.state = value
+    def last_step(self) -> StepInfo | None:
+        """What the last Jacobian-descent backward computed (``None`` before, or after a
+        non-finite one)."""
+        return self._status.last_step
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        return self.base.defaults
+    def skipped_steps(self) -> int:
+        """Steps skipped on non-finite losses or Gramian (``nonfinite="skip"``)."""
+        return self._status.skipped_steps
 
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.base.defaults = value
-
-    def considered_parameters(self) -> list[nn.Parameter]:
+    def considered_parameters(self) -> list[Tensor]:
         """The parameters whose Jacobian enters the Gramian."""
-        return considered_parameters(self.param_groups)
+        return list(self._considered)
 
     # -- the step ---------------------------------------------------------------------------------
     def backward(self, losses: Tensor) -> Tensor:
         """Accumulate ``Σ_i w_i ∇ℓ_i`` into ``.grad`` of every trainable parameter; return ``w``.
 
         No update. Called several times before :meth:`step`, it accumulates, each call weighted
-        by its own Gramian. On any error nothing (parameters, ``.grad``, state) has changed.
+        by its own Gramian. On an error nothing (parameters, ``.grad``, state) has changed.
+        Non-finite losses or Gramian (a ``GradScaler`` overflow) give non-finite gradients and
+        ``NaN`` weights, so that ``GradScaler`` skips the step; ``step()`` refuses them.
         """
-        flat = _check_losses(losses)
+        weights = self._jd_backward(losses, stop_on_nonfinite=False)
+        assert weights is not None
+        return weights
+
+    def _jd_backward(self, losses: Tensor, stop_on_nonfinite: bool) -> Tensor | None:
+        """The Jacobian-descent backward: Gramian → weights → weighted gradient into ``.grad``.
+        Returns the weights, or ``None`` when a non-finite step was skipped."""
+        status = self._status
+        flat = check_losses(losses)
         size, rank = world() if self.distributed == "global" else (1, 0)
         if size > 1 and losses.ndim != 1:
             raise ValueError("distributed='global' needs 1-D losses (one per sample).")
         gather = CallGatherer() if size > 1 else None
         start = time.perf_counter()
         # Resume the trunk's backward at the considered part's boundary where that is exact.
-        resume = self._engine.resume_point(losses) if self._engine is not None else None
-        if self._engine is not None:
-            gramian = self._engine.gramian(losses, gather, resume)
-        else:
-            gramian = autograd_gramian(losses, self.considered_parameters())
-        if not _is_finite(gramian, flat):
+        resume = status.source.resume_point(losses)
+        gramian = status.source.gramian(losses, gather, resume)
+        finite = is_finite(gramian, flat)
+        if not finite and stop_on_nonfinite:
             if self.nonfinite == "skip":
-                self.skipped_steps += 1
-                self.last_step = None
-                return torch.zeros_like(flat)
+                status.skipped_steps += 1
+                status.last_step = None
+                return None
             raise ValueError(
                 "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
                 "and the learning rate, skip this batch, or pass nonfinite='skip'."
             )
         middle = time.perf_counter()
-        all_weights = _check_weights(self.weighting(gramian.detach()), gramian.shape[0], flat)
+        if finite:
+            all_weights = check_weights(self.weighting(gramian.detach()), gramian.shape[0], flat)
+        else:  # as Tensor.backward on an overflowed loss: a non-finite gradient
+            all_weights = torch.full_like(gramian[0], torch.nan)
         end = time.perf_counter()
         m = flat.numel()
         weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
         applied = (weights * size).to(flat.dtype)  # DDP averages the ranks' gradients
-        with _restore_grads_on_error(self.model, self.param_groups):
-            if resume is not None and self._engine is not None:
-                self._engine.weighted_backward(resume, applied)
+        with RestoreGradsOnError([*self.model.parameters(), *self._group_parameters()]):
+            if resume is not None:
+                status.source.weighted_backward(resume, applied)
             else:
                 torch.autograd.backward(flat, applied)
-        self.last_step = StepInfo(
+        status.pending = True
+        if not finite:
+            status.nonfinite_grad = self._a_gradient()
+            status.last_step = None
+            return weights
+        status.last_step = StepInfo(
             gramian.detach(),
             all_weights.detach(),
             middle - start,
@@ -276,20 +280,25 @@ class PartialJDOptimizer(Optimizer):
         self, closure: Tensor | Callable[[], Tensor] | Callable[[], float] | None = None
     ) -> Tensor | float | None:
         """``step(losses)``: one Jacobian-descent step (Gramian → weights → weighted backward →
-        ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses.
-        ``step()``: a plain ``base.step()`` on gradients already in ``.grad``."""
+        ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses;
+        a closure returning ``None`` (Lightning's) is called, then ``step()``. ``step()``: a
+        plain ``base.step()`` on the gradients already in ``.grad`` (e.g. from :meth:`backward`,
+        called by ``GradScaler.step``)."""
         if closure is None:
-            self.base.step()
+            self._plain_step()
             return None
         if isinstance(closure, Tensor):
             losses = closure
         elif callable(closure):
             with torch.enable_grad():
                 result = closure()
+            if result is None:
+                self._plain_step()
+                return None
             if not isinstance(result, Tensor):
                 raise TypeError(
-                    "The closure must return the tensor of per-instance losses, "
-                    f"got {type(result).__name__}."
+                    "The closure must return the tensor of per-instance losses (or None, after "
+                    f"calling optimizer.backward(losses) itself), got {type(result).__name__}."
                 )
             losses = result
         else:
@@ -297,27 +306,70 @@ class PartialJDOptimizer(Optimizer):
                 "step() takes the per-instance losses (a Tensor), a closure returning them, or "
                 f"nothing; got {type(closure).__name__}."
             )
-        skipped = self.skipped_steps
-        self.backward(losses)
-        if self.skipped_steps == skipped:
+        if self._jd_backward(losses, stop_on_nonfinite=True) is not None:
+            self._status.pending = False
             self.base.step()
         return losses
 
-    # -- torch.optim plumbing delegated to the base ----------------------------------------------
+    def _plain_step(self) -> None:
+        """``base.step()`` on the gradients in ``.grad``, unless a non-finite ``backward`` left
+        them there (then raise or skip, as ``nonfinite`` says)."""
+        status = self._status
+        if status.nonfinite_grad is not None:
+            param, grad = status.nonfinite_grad
+            if param.grad is grad and not bool(torch.isfinite(grad).all()):
+                if self.nonfinite == "skip":
+                    status.skipped_steps += 1
+                    return
+                raise ValueError(
+                    "The gradients are not finite (the last backward(losses) had NaN or inf "
+                    "losses or Gramian): nothing was changed. Call zero_grad() and skip this "
+                    "batch, step through a GradScaler (it skips such steps), or pass "
+                    "nonfinite='skip'."
+                )
+            status.nonfinite_grad = None
+        if not status.pending and not status.warned_plain:
+            status.warned_plain = True
+            warnings.warn(
+                "PartialJDOptimizer.step() without losses applied the gradients already in .grad: "
+                "a plain step, without Jacobian descent. Pass the per-instance losses, "
+                "optimizer.step(losses), or call optimizer.backward(losses) before step().",
+                stacklevel=3,
+            )
+        status.pending = False
+        self.base.step()
+
+    def _a_gradient(self) -> tuple[Tensor, Tensor] | None:
+        """A parameter and its ``.grad`` (to tell later whether that gradient is still there)."""
+        for p in (*self._considered, *self._group_parameters()):
+            if p.grad is not None:
+                return p, p.grad
+        return None
+
+    def _group_parameters(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # -- torch.optim plumbing: the base optimizer's ----------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+        self._status.nonfinite_grad = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (so checkpoints are interchangeable with it)."""
+        """The base optimizer's state dict: checkpoints load into the plain optimizer and back."""
         return self.base.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer; ``param_groups`` stay the base's groups."""
+        """Load into the base optimizer (a plain optimizer's checkpoint too)."""
         self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups  # torch rebuilds both on load
+        self.state = self.base.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer. A group flagged ``"considered"`` must use modules
-        hooked at construction; add such groups by building a new wrapper."""
+        """Add a group to the base optimizer. Its parameters are not considered (the considered
+        modules are hooked at construction: build a new wrapper to consider more)."""
+        if "base" not in self.__dict__:  # Optimizer.__init__ registering the base's own groups
+            super().add_param_group(param_group)
+            return
         if param_group.get("considered"):
             raise ValueError(
                 "add_param_group cannot add considered parameters after construction (their "
@@ -325,11 +377,32 @@ class PartialJDOptimizer(Optimizer):
             )
         self.base.add_param_group(param_group)
 
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper does not define is the base's (e.g. ``sync_lookahead`` of timm's
+        Lookahead, ``is_second_order``)."""
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As torch's optimizers: picklable and deep-copyable (the copy hooks its own model)."""
+        state = dict(self.__dict__)
+        closed = isinstance(self._status.source, ClosedGramian)
+        state["_status"] = (closed, self._status.last_step, self._status.skipped_steps)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        closed, last_step, skipped_steps = state.pop("_status")
+        super().__setstate__(state)
+        source = ClosedGramian() if closed else self._open_source()
+        self._status = _Status(source, last_step, skipped_steps)
+
     def close(self) -> None:
-        """Remove the hooks from the model. The optimizer can still do plain ``step()``."""
-        if self._engine is not None:
-            self._engine.hooks.remove()
-            self._engine = None
+        """Remove the hooks from the model. A plain ``step()`` still works; a Jacobian-descent
+        step raises."""
+        self._status.source.close()
+        self._status.source = ClosedGramian()
 
     def __enter__(self) -> PartialJDOptimizer:
         return self
@@ -340,64 +413,5 @@ class PartialJDOptimizer(Optimizer):
     def __repr__(self) -> str:
         return (
             f"PartialJDOptimizer(base={type(self.base).__name__}, weighting={self.weighting!r}, "
-            f"considered={len(self.considered_parameters())} tensors, "
-            f"gramian_mode={self.gramian_mode!r})"
+            f"considered={len(self._considered)} tensors, gramian_mode={self.gramian_mode!r})"
         )
-
-
-def _check_losses(losses: object) -> Tensor:
-    """The flattened losses, or a clear error for what cannot be per-instance losses."""
-    if not isinstance(losses, Tensor):
-        raise TypeError(
-            f"losses must be a Tensor of per-instance losses, got {type(losses).__name__}."
-        )
-    if losses.ndim == 0:
-        raise ValueError(
-            "losses is a scalar: pass the per-instance losses (e.g. a loss function with "
-            "reduction='none', shape [batch]) instead of their mean."
-        )
-    if losses.numel() == 0:
-        raise ValueError("losses is empty: the batch has no sample.")
-    if not losses.requires_grad:
-        raise ValueError(
-            "losses do not require grad: compute them from a forward of the model with "
-            "gradients enabled (not under torch.no_grad())."
-        )
-    if not losses.is_floating_point():
-        raise TypeError(f"losses must be floating point, got {losses.dtype}.")
-    return losses.flatten()
-
-
-def _is_finite(gramian: Tensor, losses: Tensor) -> bool:
-    # One host-device synchronisation for both checks.
-    return bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all())
-
-
-def _check_weights(weights: object, m: int, losses: Tensor) -> Tensor:
-    if not isinstance(weights, Tensor) or weights.shape != (m,):
-        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-        raise ValueError(
-            f"The weighting returned {shape}; it must return a tensor of shape ({m},) "
-            "(one weight per loss)."
-        )
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError("The weighting returned non-finite weights: nothing was changed.")
-    return weights.to(losses.device)
-
-
-class _restore_grads_on_error:
-    """Snapshot ``.grad`` of the model's and the groups' parameters; restore it on an exception."""
-
-    def __init__(self, model: nn.Module, groups: list[ParamGroup]) -> None:
-        params = {id(p): p for p in model.parameters()}
-        params.update((id(p), p) for group in groups for p in group["params"])
-        self.params = list(params.values())
-        self.saved: list[Tensor | None] = []
-
-    def __enter__(self) -> None:
-        self.saved = [None if p.grad is None else p.grad.clone() for p in self.params]
-
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is not None:
-            for p, grad in zip(self.params, self.saved, strict=True):
-                p.grad = grad

@@ -1,4 +1,4 @@
-"""The test oracle of DESIGN.md §2: per-sample ``autograd.grad`` loops, independent of hooks."""
+"""The test oracle: per-sample ``autograd.grad`` loops, independent of hooks and of the package."""
 
 from __future__ import annotations
 
@@ -49,16 +49,19 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``max |actual − expected| / max |expected|`` (in float64, on the CPU)."""
+    expected = expected.detach().double().cpu()
     scale = expected.abs().max().clamp_min(1e-12)
-    return float((actual - expected).abs().max() / scale)
+    return float((actual.detach().double().cpu() - expected).abs().max() / scale)
 
 
 def errors_against_oracle(
-    case: Case, dtype: torch.dtype, gramian_mode: str = "hooks"
+    case: Case, dtype: torch.dtype, gramian_mode: str = "hooks", device: str = "cpu"
 ) -> dict[str, float]:
     """Errors of our backward() against the oracle on a copy of the same model."""
-    model = case.model.to(dtype)
-    inputs = case.inputs.to(dtype) if case.inputs.is_floating_point() else case.inputs
+    model = case.model.to(device=device, dtype=dtype)
+    inputs = case.inputs.to(device)
+    inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
     reference = copy.deepcopy(model)
 
     optimizer = PartialJDOptimizer(

@@ -16,34 +16,38 @@ from pjd_optim import PartialJDOptimizer, _resume
 
 _resume_default = _resume.MIN_SAVED_FLOPS  # read at import, before the autouse fixture lifts it
 
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
-# Where the weighted backward must not resume at the considered part's boundary: a rule without
-# book-keeping (generic, attention), a trainable non-considered layer after a considered one, trunk
-# features from below the boundary reaching the losses, boundary tensors that feed each other.
-NOT_RESUMED = {
-    "direct_parameter",
-    "multihead_attention",
-    "transformer_layer",
-    "non_considered_after_considered",
-    "timm_norms",
-    "deep_skip",
-    "trunk_feature_loss",
-    "nested_boundaries",
-}
+def tolerance(dtype: torch.dtype, device: str) -> float:
+    """float64: exact to round-off. float32 on CUDA: convolutions run in TF32 (torch's default)."""
+    if dtype == torch.float64:
+        return 1e-9
+    return 1e-4 if device == "cpu" else 2e-3
+
+
+def check_against_oracle(name: str, dtype: torch.dtype, device: str) -> None:
+    torch.manual_seed(0)
+    case = CASES[name]()
+    errors = errors_against_oracle(case, dtype, device=device)
+    bound = tolerance(dtype, device)
+    assert errors["gramian"] < bound, errors
+    assert errors["grads"] < bound, errors
+    # UPGrad is continuous in G, but less so near degenerate problems: looser bound in float32.
+    assert errors["weights"] < (bound if dtype == torch.float64 else 10 * bound), errors
+    assert errors["resumed"] == case.resumed, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_step_matches_per_sample_oracle(name: str, dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    errors = errors_against_oracle(CASES[name](), dtype)
-    tolerance = TOLERANCE[dtype]
-    assert errors["gramian"] < tolerance, errors
-    assert errors["grads"] < tolerance, errors
-    # UPGrad is continuous in G, but less so near degenerate problems: looser bound in float32.
-    assert errors["weights"] < (tolerance if dtype == torch.float64 else 1e-3), errors
-    assert errors["resumed"] == (name not in NOT_RESUMED), errors
+def test_step_matches_per_sample_oracle(name: str, dtype: torch.dtype, device: str) -> None:
+    check_against_oracle(name, dtype, device)
+
+
+@pytest.mark.usefixtures("backward_in_another_thread")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_step_is_exact_when_the_backward_runs_in_another_thread(name: str) -> None:
+    """As on CUDA, where autograd runs the backward (taps, markers, book-keeping) on a device
+    thread: the step still collects every tap and matches the oracle, on both paths."""
+    check_against_oracle(name, torch.float64, "cpu")
 
 
 @pytest.mark.parametrize("name", ["seed_mlp", "conv2d", "tied_embedding", "multihead_attention"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from torch.optim import SGD, Adam
 from torch.optim.lr_scheduler import StepLR
 
 from pjd_optim import Mean, PartialJDOptimizer, UPGrad
-from pjd_optim._hooks import ModuleCall
+from pjd_optim._hooks import ModuleCall  # the engine's record of a call
 
 
 def seed_model() -> Sequential:
@@ -74,14 +75,28 @@ def test_matches_torchjd_engine_on_seed_example() -> None:
         assert relative_error(p, q) < 1e-4
 
 
-def test_step_without_losses_is_a_plain_base_step() -> None:
+def test_step_without_losses_is_a_plain_base_step_and_warns_once_without_backward() -> None:
+    """The old loop ``loss.backward(); optimizer.step()`` still steps, but says that it did no
+    Jacobian descent (once)."""
     model = seed_model()
     optimizer = seed_optimizer(model)
-    torch.autograd.backward(seed_losses(model, torch.randn(4, 10), torch.randn(4)).mean())
-    expected = [p - 0.1 * p.grad for p in model.parameters() if p.grad is not None]
-    assert optimizer.step() is None
-    for p, e in zip(model.parameters(), expected, strict=True):
-        torch.testing.assert_close(p, e)
+    messages: list[list[str]] = []
+    for _ in range(2):
+        torch.autograd.backward(seed_losses(model, torch.randn(4, 10), torch.randn(4)).mean())
+        expected = [p - 0.1 * p.grad for p in model.parameters() if p.grad is not None]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert optimizer.step() is None
+        for p, e in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p, e)
+        optimizer.zero_grad()
+        messages.append([str(w.message) for w in caught])
+    assert len(messages[0]) == 1 and "without Jacobian descent" in messages[0][0]
+    assert messages[1] == []
+    optimizer.backward(seed_losses(model, torch.randn(4, 10), torch.randn(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()  # after backward(losses): no warning
 
 
 def test_step_with_closure_equals_step_with_losses() -> None:
@@ -208,21 +223,21 @@ def test_param_groups_and_state_are_the_base_optimizers() -> None:
     state = copy.deepcopy(optimizer.state_dict())
     optimizer.step(seed_losses(model, x, y))
     optimizer.load_state_dict(state)
-    assert optimizer.param_groups is base.param_groups
-    assert [g["considered"] for g in base.param_groups] == [False, True]
-    assert int(base.state[model[0].weight]["step"]) == 1
+    assert optimizer.param_groups is base.param_groups and optimizer.state is base.state
+    assert [len(g["params"]) for g in base.param_groups] == [2, 4]
+    assert int(base.state[model.get_parameter("0.weight")]["step"]) == 1
 
 
-def test_considered_argument_splits_groups_and_keeps_hyper_parameters() -> None:
+def test_considered_argument_leaves_the_groups_as_built() -> None:
     model = seed_model()
     decay = [model[0].weight, model[2].weight, model[4].weight]
     no_decay = [model[0].bias, model[2].bias, model[4].bias]
     base = SGD(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=0.1
     )
+    groups = [dict(g, params=list(g["params"])) for g in base.param_groups]
     optimizer = PartialJDOptimizer(base, model, considered=[model[4], model[2].weight])
-    summary = [(g["weight_decay"], g["considered"], len(g["params"])) for g in base.param_groups]
-    assert summary == [(0.1, False, 1), (0.1, True, 2), (0.0, False, 2), (0.0, True, 1)]
+    assert [dict(g, params=list(g["params"])) for g in base.param_groups] == groups
     considered = {id(p) for p in optimizer.considered_parameters()}
     assert considered == {id(model[4].weight), id(model[4].bias), id(model[2].weight)}
 

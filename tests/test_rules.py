@@ -10,8 +10,7 @@ import torch
 from oracle import oracle_gramian, relative_error
 from torch import Tensor, nn
 
-from pjd_optim import GramianRule, PartialJDOptimizer, register_gramian_rule
-from pjd_optim._hooks import ModuleCall
+from pjd_optim import Call, GramianRule, PartialJDOptimizer, register_gramian_rule
 from pjd_optim.gramian import rule_for
 from pjd_optim.gramian.linear import GroupedLinearRule, Mode
 
@@ -182,7 +181,7 @@ USED: list[int] = []
 @register_gramian_rule(Affine)
 class AffineRule(GramianRule):
     def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         USED.append(len(calls))
         total = sum(

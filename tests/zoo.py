@@ -14,17 +14,23 @@ B = 6
 
 @dataclass
 class Case:
+    """A model, a batch, the considered part and per-sample losses of the model's output.
+
+    ``resumed``: whether the step may resume the trunk's backward at the considered part's
+    boundary (``False`` where that would not be exact, and ``losses.backward(w)`` must run)."""
+
     model: nn.Module
     inputs: Tensor
     considered: Sequence[nn.Module | Tensor]
-    # per-sample losses from the model's output
     loss: Callable[[Tensor], Tensor]
+    resumed: bool = True
 
 
 def _mse(out: Tensor) -> Tensor:
     """Squared error to fixed targets of random sign per sample, so that the losses conflict."""
     generator = torch.Generator().manual_seed(0)
-    target = 3 * torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+    target = 3 * torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    target = target.to(dtype=out.dtype, device=out.device)
     return (out - target).pow(2).flatten(start_dim=1).mean(dim=1)
 
 
@@ -178,13 +184,13 @@ class Attention(nn.Module):
 
 def multihead_attention() -> Case:
     model = Attention()
-    return Case(model, torch.randn(B, 4, 8), [model], _mse)
+    return Case(model, torch.randn(B, 4, 8), [model], _mse, resumed=False)
 
 
 def transformer_layer() -> Case:
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.Linear(3, 8), layer, nn.Flatten(), nn.Linear(32, 2))
-    return Case(model, torch.randn(B, 4, 3), [model[1], model[3]], _mse)
+    return Case(model, torch.randn(B, 4, 3), [model[1], model[3]], _mse, resumed=False)
 
 
 class Scaled(nn.Module):
@@ -202,7 +208,7 @@ class Scaled(nn.Module):
 
 def direct_parameter() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 1))
-    return Case(model, torch.randn(B, 3), [model[1], model[2]], _mse)
+    return Case(model, torch.randn(B, 3), [model[1], model[2]], _mse, resumed=False)
 
 
 def frozen_weight() -> Case:
@@ -240,12 +246,13 @@ def timm_norms() -> Case:
         nn.Flatten(),
         nn.Linear(36, 2),
     )
-    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[2], model[4]], _mse)
+    parts = [model[1], model[2], model[4]]
+    return Case(model, torch.randn(B, 2, 5, 5), parts, _mse, resumed=False)
 
 
 def non_considered_after_considered() -> Case:
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
-    return Case(model, torch.randn(B, 3), [model[2]], _mse)
+    return Case(model, torch.randn(B, 3), [model[2]], _mse, resumed=False)
 
 
 class SkipAround(nn.Module):
@@ -289,12 +296,12 @@ class DeepSkip(nn.Module):
 
 def deep_skip() -> Case:
     model = DeepSkip("skip")
-    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse, resumed=False)
 
 
 def trunk_feature_loss() -> Case:
     model = DeepSkip("loss")
-    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse, resumed=False)
 
 
 class TwoInputs(nn.Module):
@@ -320,7 +327,7 @@ def two_towers() -> Case:
 
 def nested_boundaries() -> Case:
     model = TwoInputs(nested=True)
-    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse, resumed=False)
 
 
 def identical_samples() -> Case:

@@ -1,16 +1,27 @@
 """Per-layer Gramian rules (one file per layer family) behind one registry."""
 
 from . import conv, embedding, generic, linear, norm
-from ._registry import GramianRule, register_gramian_rule, rule_for, sum_of_gramians
+from ._registry import (
+    Call,
+    GramianRule,
+    has_rows,
+    map_rows,
+    register_gramian_rule,
+    rule_for,
+    sum_of_gramians,
+)
 from .norm import couples_batch
 
 __all__ = [
+    "Call",
     "GramianRule",
     "conv",
     "couples_batch",
     "embedding",
     "generic",
+    "has_rows",
     "linear",
+    "map_rows",
     "norm",
     "register_gramian_rule",
     "rule_for",

@@ -18,13 +18,31 @@ rule (``torch.func`` per-sample VJPs), which is exact for any module whose sampl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from .._hooks import ModuleCall
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a module in the forward, as a rule sees it.
+
+    ``args`` and ``kwargs`` are what the module received (tensors detached), with one row per
+    objective on dim 0 (the engine moves other batch dims there: ``GramianRule.batch_dims``).
+    ``output_grads[k]`` is the gradient of the objectives w.r.t. the module's ``k``-th
+    differentiable output (row ``i`` for objective ``i``) and ``output_positions[k]`` that output's
+    index among the module's flattened outputs.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    output_grads: tuple[Tensor, ...]
+    output_positions: tuple[int, ...] = (0,)
 
 
 class GramianRule:
@@ -37,14 +55,21 @@ class GramianRule:
 
     recursive: bool = False
 
+    def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
+        """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)
+        and in its differentiable outputs (flattened); the last entry of each repeats for the
+        tensors after it. Default ``((0,), (0,))``. The engine moves these dims to 0 in the calls
+        it gives the rule; a rule that re-runs the module moves them back."""
+        return (0,), (0,)
+
     def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         """``{name: P}`` with ``P[i] = Σ_calls ∇_θ loss_i`` for each ``θ = params[name]``."""
         raise NotImplementedError
 
     def gramian(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> Tensor:
         """``Σ_θ P_θ P_θᵀ`` over ``params``; by default from :meth:`per_sample_grads`."""
         grads = self.per_sample_grads(module, calls, params)
@@ -56,11 +81,29 @@ class GramianRule:
         return False
 
     def summed_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         """``{name: Σ_i P[i]}``; by default the sum of :meth:`per_sample_grads`."""
         grads = self.per_sample_grads(module, calls, params)
         return {name: grad.sum(dim=0) for name, grad in grads.items()}
+
+
+def has_rows(x: object, rows: int) -> bool:
+    """Whether ``x`` is a tensor with ``rows`` rows on dim 0 (one per objective)."""
+    return isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == rows
+
+
+def map_rows(
+    call: Call, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
+) -> Call:
+    """``call`` with ``fn`` applied to every input that has ``rows`` rows (the per-sample ones),
+    and the given output gradients."""
+
+    def apply(x: Any) -> Any:
+        return fn(x) if has_rows(x, rows) else x
+
+    args, kwargs = tree_map(apply, (call.args, dict(call.kwargs)))
+    return Call(args, kwargs, output_grads, call.output_positions)
 
 
 def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:
@@ -92,10 +135,17 @@ def register_gramian_rule(*module_types: type[nn.Module] | str) -> Callable[[_M]
     def register(rule_class: _M) -> _M:
         rule = rule_class()
         for module_type in module_types:
-            if isinstance(module_type, str):
-                _RULES_BY_NAME[module_type] = rule
-            else:
-                _RULES[module_type] = rule
+            table: dict[Any, GramianRule] = (
+                _RULES_BY_NAME if isinstance(module_type, str) else _RULES
+            )
+            previous = table.get(module_type)
+            if previous is not None and type(previous) is not rule_class:
+                warnings.warn(
+                    f"register_gramian_rule: {module_type!r} already had the rule "
+                    f"{type(previous).__name__}; {rule_class.__name__} replaces it.",
+                    stacklevel=2,
+                )
+            table[module_type] = rule
         return rule_class
 
     return register

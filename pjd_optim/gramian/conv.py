@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._hooks import ModuleCall
-from ._registry import register_gramian_rule
+from ._registry import Call, register_gramian_rule
 from .linear import GroupedLinearRule, cat_positions, compute_dtype
 
 
@@ -38,7 +37,7 @@ def unfold(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class ConvRule(GroupedLinearRule):
     """``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups)."""
 
-    def factors(self, module: nn.Module, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+    def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         g = module.groups
         inputs, grads = [], []

@@ -10,12 +10,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._hooks import ModuleCall
-from ._registry import GramianRule, register_gramian_rule
+from ._registry import Call, GramianRule, register_gramian_rule
 from .linear import cat_positions, compute_dtype
 
 
-def _ids_and_grads(module: nn.Embedding, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+def _ids_and_grads(module: nn.Embedding, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
     """Ids ``[B, T]`` (padding ids replaced by -1) and output gradients ``[B, T, D]``."""
     if module.scale_grad_by_freq:
         raise ValueError(
@@ -45,7 +44,7 @@ class EmbeddingRule(GramianRule):
     """``nn.Embedding`` (padding_idx, repeated ids within and across samples)."""
 
     def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         assert isinstance(module, nn.Embedding)
         ids, gy = _ids_and_grads(module, calls)
@@ -61,7 +60,7 @@ class EmbeddingRule(GramianRule):
         return isinstance(module, nn.Embedding) and not module.sparse
 
     def summed_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         assert isinstance(module, nn.Embedding)
         ids, gy = _ids_and_grads(module, calls)
@@ -70,7 +69,7 @@ class EmbeddingRule(GramianRule):
         return {"weight": grad.index_add_(0, ids.flatten(), gy.reshape(-1, gy.shape[-1]))}
 
     def gramian(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> Tensor:
         assert isinstance(module, nn.Embedding)
         ids, gy = _ids_and_grads(module, calls)

@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._hooks import ModuleCall
-from ._registry import GramianRule, register_gramian_rule
+from ._registry import Call, GramianRule, register_gramian_rule
 
 Mode = Literal["auto", "ghost", "materialize"]
 
@@ -74,7 +73,7 @@ def single_position_gramian(a: Tensor, gy: Tensor, bias: bool) -> Tensor:
     return (inputs + 1 if bias else inputs) * (g_flat @ g_flat.T)
 
 
-def linear_factors(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+def linear_factors(calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
     """Inputs ``[B, T, 1, d]`` and output gradients ``[B, T, 1, p]``; extra leading dims and
     the calls themselves are folded into ``T`` (a reused layer's gradient sums over uses)."""
     inputs, grads = [], []
@@ -97,11 +96,11 @@ class GroupedLinearRule(GramianRule):
     def __init__(self, mode: Mode = "auto") -> None:
         self.mode: Mode = mode
 
-    def factors(self, module: nn.Module, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+    def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         a, gy = self.factors(module, calls)
         grads: dict[str, Tensor] = {}
@@ -116,7 +115,7 @@ class GroupedLinearRule(GramianRule):
         return True
 
     def summed_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         """``Σ_{i,t} Gy_itk A_itkᵀ`` (one GEMM per group) and ``Σ_{i,t} Gy_it``."""
         a, gy = self.factors(module, calls)
@@ -133,7 +132,7 @@ class GroupedLinearRule(GramianRule):
         return grads
 
     def gramian(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> Tensor:
         a, gy = self.factors(module, calls)
         b, t, g, _ = a.shape
@@ -152,5 +151,5 @@ class GroupedLinearRule(GramianRule):
 class LinearRule(GroupedLinearRule):
     """``nn.Linear`` on inputs ``[B, *, d]``."""
 
-    def factors(self, module: nn.Module, calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor]:
+    def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         return linear_factors(calls)

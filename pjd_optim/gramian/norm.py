@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._hooks import ModuleCall
-from ._registry import GramianRule, register_gramian_rule
+from ._registry import Call, GramianRule, register_gramian_rule
 from .linear import compute_dtype
 
 
@@ -38,7 +37,7 @@ class AffineNormRule(GramianRule):
         return True  # per-sample gradients are [B, C]: summing them is as cheap as autograd
 
     def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[ModuleCall], params: Mapping[str, nn.Parameter]
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
         total: dict[str, Tensor] = {}
         for call in calls:

@@ -1,0 +1,91 @@
+"""Input checks of the step: each raises a clear error before anything changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .weightings import Weighting
+
+
+def check_losses(losses: object) -> Tensor:
+    """The flattened losses, or a clear error for what cannot be per-instance losses."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"losses must be a Tensor of per-instance losses, got {type(losses).__name__}."
+        )
+    if losses.ndim == 0:
+        raise ValueError(
+            "losses is a scalar: pass the per-instance losses (e.g. a loss function with "
+            "reduction='none', shape [batch]) instead of their mean."
+        )
+    if losses.numel() == 0:
+        raise ValueError("losses is empty: the batch has no sample.")
+    if not losses.requires_grad:
+        raise ValueError(
+            "losses do not require grad: compute them from a forward of the model with "
+            "gradients enabled (not under torch.no_grad())."
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"losses must be floating point, got {losses.dtype}.")
+    return losses.flatten()
+
+
+def is_finite(gramian: Tensor, losses: Tensor) -> bool:
+    # One host-device synchronisation for both checks.
+    return bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all())
+
+
+def check_weights(weights: object, m: int, losses: Tensor) -> Tensor:
+    if not isinstance(weights, Tensor) or weights.shape != (m,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(
+            f"The weighting returned {shape}; it must return a tensor of shape ({m},) "
+            "(one weight per loss)."
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("The weighting returned non-finite weights: nothing was changed.")
+    return weights.to(losses.device)
+
+
+def as_weighting(weighting: Any) -> Weighting:
+    """``weighting`` as a Gramian → weights callable.
+
+    TorchJD's Gramian-based aggregators (``UPGrad``, ``DualProj``, ...) map a *Jacobian* to a
+    vector: they are replaced by their Gramian weighting, i.e. the weights they would apply.
+    TorchJD's weightings and aggregators of the Jacobian itself cannot work from a Gramian and are
+    refused; TorchJD's Gramian weightings are used as they are.
+    """
+    names = {k.__name__ for k in type(weighting).__mro__}
+    if type(weighting).__module__.startswith("torchjd."):
+        if "GramianWeightedAggregator" in names:
+            weighting = weighting.gramian_weighting
+        elif "_GramianWeighting" not in names:
+            raise TypeError(
+                f"TorchJD's {type(weighting).__name__} works on the Jacobian, not on its Gramian: "
+                "pass a Gramian weighting (e.g. pjd_optim.UPGrad() or "
+                "torchjd.aggregation.UPGradWeighting())."
+            )
+    if not callable(weighting):
+        raise TypeError("weighting must be a callable mapping an [m, m] Gramian to [m] weights.")
+    checked: Weighting = weighting
+    return checked
+
+
+class RestoreGradsOnError:
+    """Snapshot ``.grad`` of ``params``; restore it if the block raises."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.params = list({id(p): p for p in params}.values())
+        self.saved: list[Tensor | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is not None:
+            for p, grad in zip(self.params, self.saved, strict=True):
+                p.grad = grad

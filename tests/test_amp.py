@@ -1,0 +1,230 @@
+"""Mixed precision: float32 Gramians under autocast, GradScaler's contract, NativeScaler's call."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from oracle import relative_error
+from torch import Tensor, nn
+
+from pjd_optim import JDScaler, PartialJDOptimizer
+
+
+def twin_optimizers(
+    momentum: float = 0.0, device: str = "cpu"
+) -> tuple[nn.Sequential, nn.Sequential, PartialJDOptimizer, PartialJDOptimizer]:
+    """Two copies of one model, each with its own optimizer (the last layer considered)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    reference = copy.deepcopy(model)
+    first = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum), model, considered=model[2]
+    )
+    second = PartialJDOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1, momentum=momentum),
+        reference,
+        considered=reference[2],
+    )
+    return model, reference, first, second
+
+
+def losses_of(model: nn.Module, x: Tensor) -> Tensor:
+    out: Tensor = model(x).float().pow(2).sum(dim=1)
+    return out
+
+
+def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
+    model, reference, scaled, plain = twin_optimizers()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(6, 5)
+    w_scaled = scaled.backward(scaler.scale(losses_of(model, x)))
+    scaler.unscale_(scaled)
+    nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    scaler.step(scaled)
+    scaler.update()
+    w_plain = plain.backward(losses_of(reference, x))
+    nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    plain.step()
+    torch.testing.assert_close(w_scaled, w_plain)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_gramian_and_weights_are_float32_and_close_to_float32_ones(
+    dtype: torch.dtype, device: str
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model
+    )
+    x = torch.randn(6, 5, device=device)
+    with torch.autocast(device, dtype=dtype):
+        out = model(x)
+        assert out.dtype == dtype
+        losses = out.float().pow(2).sum(1)
+    weights = optimizer.backward(losses)
+    assert optimizer.last_step is not None
+    low = optimizer.last_step.gramian
+    assert low.dtype == torch.float32 and weights.dtype == torch.float32
+    exact = optimizer.backward(model(x).pow(2).sum(1))
+    assert optimizer.last_step is not None
+    assert relative_error(low, optimizer.last_step.gramian) < 5e-2
+    assert relative_error(weights, exact) < 5e-2
+
+
+Step = Callable[[nn.Module, PartialJDOptimizer, Tensor], None]
+
+
+def readme_recipe(scaler: torch.amp.GradScaler) -> Step:
+    """The README's AMP loop around ``optimizer.backward``."""
+
+    def step(model: nn.Module, optimizer: PartialJDOptimizer, losses: Tensor) -> None:
+        optimizer.backward(scaler.scale(losses))
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def jd_scaler_recipe(scaler: JDScaler) -> Step:
+    """timm's ``train.py`` call of its ``NativeScaler``, keyword for keyword."""
+
+    def step(model: nn.Module, optimizer: PartialJDOptimizer, losses: Tensor) -> None:
+        scaler(
+            losses,
+            optimizer,
+            clip_grad=1.0,
+            clip_mode="norm",
+            parameters=model.parameters(),
+            create_graph=False,
+            need_update=True,
+        )
+
+    return step
+
+
+def state_of(model: nn.Module, optimizer: PartialJDOptimizer) -> list[Tensor]:
+    momenta = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
+    return [p.detach().clone() for p in model.parameters()] + [m.clone() for m in momenta]
+
+
+@pytest.mark.parametrize("recipe", ["readme", "jd_scaler"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_fp16_overflow_under_a_grad_scaler_is_a_skipped_step_and_training_goes_on(
+    recipe: str, nonfinite: str
+) -> None:
+    """As after ``scaler.scale(loss).backward()``: an overflow skips the step (no parameter or
+    optimizer state changes), the scale backs off, and once it is small enough steps update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model,
+        considered=model[2],
+        nonfinite=nonfinite,  # type: ignore[arg-type]
+    )
+    if recipe == "readme":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        step, scale = readme_recipe(scaler), scaler.get_scale
+    else:
+        jd = JDScaler("cpu", init_scale=2.0**24)
+        step, scale = jd_scaler_recipe(jd), lambda: jd.state_dict()["scale"]
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    optimizer.step(nn.functional.cross_entropy(model(x), y, reduction="none"))  # momentum state
+    optimizer.zero_grad()
+    updated = []
+    for _ in range(16):
+        before, scale_before = state_of(model, optimizer), scale()
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        step(model, optimizer, losses)
+        optimizer.zero_grad()
+        changed = [
+            not torch.equal(a, b) for a, b in zip(before, state_of(model, optimizer), strict=True)
+        ]
+        if scale() < scale_before:  # an overflow: nothing changed
+            assert not any(changed)
+            updated.append(False)
+        else:
+            assert all(changed[: len(list(model.parameters()))])
+            updated.append(True)
+    assert not updated[0] and updated[-1], updated  # first overflowed, later steps update
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_plain_step_after_a_non_finite_backward_raises_or_skips_and_changes_nothing() -> None:
+    for nonfinite in ("raise", "skip"):
+        model, _, optimizer, _ = twin_optimizers(momentum=0.9)
+        optimizer.nonfinite = nonfinite
+        x = torch.randn(6, 5)
+        optimizer.step(losses_of(model, x))
+        optimizer.zero_grad()
+        weights = optimizer.backward(losses_of(model, x) * float("inf"))
+        assert torch.isnan(weights).all() and optimizer.last_step is None
+        assert not all(
+            torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+        )
+        before = state_of(model, optimizer)
+        if nonfinite == "raise":
+            with pytest.raises(ValueError, match="not finite"):
+                optimizer.step()
+        else:
+            optimizer.step()
+            assert optimizer.skipped_steps == 1
+        for a, b in zip(before, state_of(model, optimizer), strict=True):
+            assert torch.equal(a, b)
+        optimizer.zero_grad()  # the gradients are cleared: steps go on
+        optimizer.step(losses_of(model, x))
+        assert all(
+            not torch.equal(a, b) for a, b in zip(before, state_of(model, optimizer), strict=True)
+        )
+
+
+@pytest.mark.parametrize("clip_mode", ["norm", "value", "agc"])
+def test_jd_scaler_native_scaler_style_loop_equals_the_unscaled_step(clip_mode: str) -> None:
+    if clip_mode == "agc":
+        pytest.importorskip("timm")
+    model, reference, scaled, plain = twin_optimizers()
+    scaler = JDScaler("cpu", init_scale=2.0**12)
+    x = torch.randn(6, 5)
+    for _ in range(2):  # accumulate one micro-batch, then update
+        w_scaled = scaler(losses_of(model, x), scaled, need_update=False)
+        scaler(losses_of(model, x), scaled, 0.05, clip_mode, model.parameters())
+        w_plain = plain.backward(losses_of(reference, x))
+        plain.backward(losses_of(reference, x))
+        if clip_mode == "norm":
+            nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        elif clip_mode == "value":
+            nn.utils.clip_grad_value_(reference.parameters(), 0.05)
+        else:
+            from timm.utils.clip_grad import dispatch_clip_grad
+
+            dispatch_clip_grad(reference.parameters(), 0.05, mode="agc")
+        plain.step()
+        scaled.zero_grad()
+        plain.zero_grad()
+        torch.testing.assert_close(w_scaled, w_plain)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    assert "scale" in scaler.state_dict()
+
+
+def test_jd_scaler_refuses_second_order_and_bad_arguments() -> None:
+    model, _, optimizer, _ = twin_optimizers()
+    scaler = JDScaler("cpu")
+    losses = losses_of(model, torch.randn(4, 5))
+    with pytest.raises(ValueError, match="second-order"):
+        scaler(losses, optimizer, create_graph=True)
+    with pytest.raises(ValueError, match="parameters"):
+        scaler(losses, optimizer, clip_grad=1.0)
+    with pytest.raises(ValueError, match="clip_mode"):
+        scaler(losses, optimizer, clip_grad=1.0, clip_mode="x", parameters=model.parameters())
+    with pytest.raises(TypeError, match="PartialJDOptimizer"):
+        scaler(losses, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
