@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -42,37 +43,52 @@ def run(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     _resume.MIN_SAVED_FLOPS = 0  # as conftest.always_resume: exercise the resumed backward
     try:
-        model = make_model()
-        ddp = DistributedDataParallel(model)
-        optimizer = PartialJDOptimizer(
-            torch.optim.SGD(ddp.parameters(), lr=0.1),
-            ddp,
-            considered=[model[2], model[4]],
-            distributed="global" if mode == "global" else "local",
-        )
-        x, y = batch(rank)
-        if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
-            Path(out_dir, "error1.txt").write_text("rank 1 failed")
-            return
-        if mode == "no_sync":  # gradient accumulation: the first micro-batch is not all-reduced
-            with ddp.no_sync():
-                x2, y2 = batch(rank + WORLD_OFFSET)
-                optimizer.backward(losses_of(ddp, x2, y2))
-        try:
-            weights = optimizer.backward(losses_of(ddp, x, y))
-        except RuntimeError as error:  # the collective timed out on the surviving rank
-            Path(out_dir, f"error{rank}.txt").write_text(str(error))
-            return
-        optimizer.step()
-        info = optimizer.last_step
-        assert info is not None
-        result = {
-            "params": [p.detach() for p in model.parameters()],
-            "weights": weights.detach(),
-            "bytes": info.received_bytes,
-            "resumed": info.resumed,
-        }
-        torch.save(result, Path(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another still talks to it
+        if step(rank, mode, out_dir):
+            dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        teardown()
+
+
+def step(rank: int, mode: str, out_dir: str) -> bool:
+    """One step in ``mode``; the result is saved to ``out_dir`` (``False``: this rank failed, as
+    the mode wanted). Every object that holds
+    collective work (DDP's reducer, the optimizer) is local here, so it is gone on return."""
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(ddp.parameters(), lr=0.1),
+        ddp,
+        considered=[model[2], model[4]],
+        distributed="global" if mode == "global" else "local",
+    )
+    x, y = batch(rank)
+    if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
+        Path(out_dir, "error1.txt").write_text("rank 1 failed")
+        return False
+    if mode == "no_sync":  # gradient accumulation: the first micro-batch is not all-reduced
+        with ddp.no_sync():
+            x2, y2 = batch(rank + WORLD_OFFSET)
+            optimizer.backward(losses_of(ddp, x2, y2))
+    try:
+        weights = optimizer.backward(losses_of(ddp, x, y))
+    except RuntimeError as error:  # the collective timed out on the surviving rank
+        Path(out_dir, f"error{rank}.txt").write_text(str(error))
+        return False
+    optimizer.step()
+    info = optimizer.last_step
+    assert info is not None
+    result = {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "weights": weights.detach().clone(),
+        "bytes": info.received_bytes,
+        "resumed": info.resumed,
+    }
+    torch.save(result, Path(out_dir, f"rank{rank}.pt"))
+    return True
+
+
+def teardown() -> None:
+    """A deterministic end: no tensor of the run is left for gloo's threads to release during
+    interpreter finalisation (where it aborts the process), then the group is destroyed."""
+    gc.collect()
+    dist.destroy_process_group()

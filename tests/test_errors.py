@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from oracle import oracle_grads, oracle_gramian, relative_error, trainable
+from oracle import oracle_grads, oracle_gramian, relative_error, trainable, weighted_sum_error
 from torch import Tensor, nn
 from torch.nn import Linear, ReLU, Sequential
 from torch.optim import SGD, Adam
@@ -198,9 +198,17 @@ def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_
         optimizer.step(losses_of(model, x))
     assert_unchanged(before, snapshot(model, optimizer))
     optimizer.close()
-    # BatchNorm below the considered part does not matter.
+    # BatchNorm below the considered part does not matter: the step is exact.
     below = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[3])
-    below.backward(losses_of(model, x))
+    reference = copy.deepcopy(model)
+    weights = below.backward(losses_of(model, x))
+    losses = losses_of(reference, x)
+    expected = UPGrad()(oracle_gramian(losses, list(reference[3].parameters())))
+    assert relative_error(weights, expected) < 1e-10
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    expected_grads = oracle_grads(losses, trainable(reference), weights)
+    # (the first layer's bias gradient is 0 up to round-off: BatchNorm removes the mean)
+    assert weighted_sum_error(grads, expected_grads, losses, trainable(reference), weights) < 1e-12
     below.close()
     model.zero_grad()
     exact = PartialJDOptimizer(
@@ -218,14 +226,34 @@ def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_
         assert p.grad is not None and relative_error(p.grad, g) < 1e-10
 
 
-def test_in_place_edit_of_a_saved_input_is_detected() -> None:
-    model, optimizer = make()
-    x = torch.randn(5, 4)
-    hidden = torch.relu(model[0](x))
-    losses = model[2](hidden).squeeze(1) ** 2
+def test_in_place_edit_of_a_frozen_trunks_output_is_refused() -> None:
+    """The head's gradients are book-kept from its saved input, so autograd never re-reads that
+    tensor: only the package's own check sees that it was edited after the forward."""
+    torch.manual_seed(0)
+    trunk, head = Linear(4, 6).requires_grad_(False), Linear(6, 1)
+    model = Sequential(trunk, ReLU(), head)
+    optimizer = PartialJDOptimizer(SGD(head.parameters(), lr=0.1), model, considered=head)
+    hidden = torch.relu(trunk(torch.randn(5, 4)))
+    losses = head(hidden).squeeze(1) ** 2
     hidden.mul_(2)
-    with pytest.raises((ValueError, RuntimeError), match="modified"):
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="modified in place"):
         optimizer.step(losses)
+    assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_in_place_edit_of_embedding_ids_is_refused() -> None:
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(10, 4), Linear(12, 1)
+    model = Sequential(embed, nn.Flatten(), head)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model)
+    ids = torch.randint(0, 9, (5, 3))
+    losses = model(ids).squeeze(1) ** 2
+    ids.add_(1)  # the saved ids no longer say which rows were used
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="modified in place"):
+        optimizer.step(losses)
+    assert_unchanged(before, snapshot(model, optimizer))
 
 
 def test_batch_size_one_equals_the_plain_step() -> None:
@@ -264,18 +292,52 @@ def test_results_are_deterministic_run_to_run() -> None:
 
 
 def test_nonfinite_skip_mode_skips_the_step_and_counts_it() -> None:
+    """With gradients pending (accumulation): a skipped step leaves parameters, gradients and
+    optimizer state bit-identical, and the next step applies everything."""
     torch.manual_seed(0)
     model = Sequential(Linear(4, 6), ReLU(), Linear(6, 1))
+    reference = copy.deepcopy(model)
     optimizer = PartialJDOptimizer(
         SGD(model.parameters(), lr=0.1, momentum=0.9), model, considered=model[2], nonfinite="skip"
     )
-    x = torch.randn(5, 4)
-    optimizer.step(losses_of(model, x))
+    x, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    optimizer.step(losses_of(model, x))  # momentum state
     optimizer.zero_grad()
+    optimizer.backward(losses_of(model, x))  # a pending micro-batch
     before = snapshot(model, optimizer)
-    assert optimizer.step(losses_of(model, x) * float("nan")) is not None
+    losses = losses_of(model, x2) * float("nan")
+    assert optimizer.step(losses) is losses
     assert_unchanged(before, snapshot(model, optimizer))
     assert optimizer.skipped_steps == 1 and optimizer.last_step is None
-    optimizer.step(losses_of(model, x))
+    pending = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    ref_optimizer = SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ref_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for q, p in zip(reference.parameters(), model.parameters(), strict=True):
+        q.data.copy_(p.data)
+    weights = optimizer.backward(losses_of(model, x2))
+    optimizer.step()  # the pending micro-batch and this one
+    losses2 = losses_of(reference, x2)
+    for q, old, g in zip(
+        reference.parameters(),
+        pending,
+        oracle_grads(losses2, trainable(reference), weights),
+        strict=True,
+    ):
+        q.grad = old + g
+    ref_optimizer.step()
     assert optimizer.skipped_steps == 1 and optimizer.last_step is not None
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert relative_error(p, q) < 1e-5
+
+
+def test_batchnorm_in_eval_mode_without_running_statistics_is_refused() -> None:
+    """``track_running_stats=False`` normalises with the batch's statistics even in eval mode."""
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), Linear(6, 1))
+    model.eval()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[0])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\).*track_running_stats=False") as error:
+        optimizer.step(losses_of(model, torch.randn(7, 4)))
+    assert "train mode" not in str(error.value).split("(BatchNorm in train mode")[0]
+    assert_unchanged(before, snapshot(model, optimizer))

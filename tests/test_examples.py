@@ -11,6 +11,7 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow
 
 
 def load_example(name: str) -> ModuleType:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
@@ -12,41 +12,46 @@ from torch import Tensor, nn
 
 from pjd_optim import Call, GramianRule, PartialJDOptimizer, register_gramian_rule
 from pjd_optim.gramian import rule_for
-from pjd_optim.gramian.linear import GroupedLinearRule, Mode
+from pjd_optim.gramian.conv import ConvRule
+from pjd_optim.gramian.embedding import EmbeddingRule
+from pjd_optim.gramian.linear import LinearRule, Mode, use_ghost
+
+
+def losses_of(module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample losses ``sum(tanh(module(x_i))²)`` and the module's output."""
+    out = module(inputs)
+    return torch.tanh(out).pow(2).flatten(start_dim=1).sum(dim=1), out
+
+
+def call_of(module: nn.Module, inputs: Tensor) -> Call:
+    """The record a rule receives: the input and ``∂loss_i/∂y_i`` in row ``i``."""
+    losses, out = losses_of(module, inputs)
+    (grad,) = torch.autograd.grad(losses.sum(), out)
+    return Call(args=(inputs,), kwargs={}, output_grads=(grad,))
+
+
+def rule_gramian(rule: GramianRule, module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(the rule's, the oracle's) Gramians over ``module``'s trainable parameters."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    ours = rule.gramian(module, [call_of(module, inputs)], params)
+    expected = oracle_gramian(losses_of(module, inputs)[0], list(params.values()))
+    return ours, expected
 
 
 def gramian_of(model: nn.Module, considered: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """(ours, oracle) Gramians of per-sample losses ``sum(tanh(model(x_i))²)``."""
+    """(ours, oracle) Gramians of a step with ``considered`` (the registered rules)."""
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), model, considered=considered
     )
-
-    def losses() -> Tensor:
-        return torch.tanh(model(inputs)).pow(2).flatten(start_dim=1).sum(dim=1)
-
-    optimizer.backward(losses())
+    optimizer.backward(losses_of(model, inputs)[0])
     assert optimizer.last_step is not None
     params = [p for p in considered.parameters() if p.requires_grad]
-    expected = oracle_gramian(losses(), params)
+    expected = oracle_gramian(losses_of(model, inputs)[0], params)
     optimizer.close()
     return optimizer.last_step.gramian, expected
 
 
-@pytest.fixture(params=["ghost", "materialize"])
-def forced_mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
-    rules = [rule_for(m) for m in (nn.Linear(1, 1), nn.Conv2d(1, 1, 1))]
-    assert all(isinstance(r, GroupedLinearRule) for r in rules)
-    mode: Mode = request.param
-    previous = [r.mode for r in rules if isinstance(r, GroupedLinearRule)]
-    for r in rules:
-        if isinstance(r, GroupedLinearRule):
-            r.mode = mode
-    yield mode
-    for r, m in zip(rules, previous, strict=True):
-        if isinstance(r, GroupedLinearRule):
-            r.mode = m
-
-
+MODES: list[Mode] = ["ghost", "materialize"]
 DTYPES = [torch.float64, torch.float32]
 
 
@@ -54,16 +59,17 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_linear_random_shapes(seed: int, dtype: torch.dtype, forced_mode: Mode) -> None:
+def test_linear_random_shapes(seed: int, dtype: torch.dtype, mode: Mode) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     b, t = rng.choice([1, 2, 7, 33]), rng.randint(1, 17)
     d, p = rng.randint(1, 9), rng.randint(1, 9)
     layer = nn.Linear(d, p, bias=rng.random() < 0.7).to(dtype)
     shape = (b, d) if rng.random() < 0.3 else (b, t, d)
-    ours, expected = gramian_of(layer, layer, torch.randn(*shape, dtype=dtype))
+    ours, expected = rule_gramian(LinearRule(mode), layer, torch.randn(*shape, dtype=dtype))
     assert relative_error(ours, expected) < tolerance(dtype)
 
 
@@ -118,17 +124,16 @@ CONVS = [
 ]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("index", range(len(CONVS)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_conv_stride_padding_dilation_groups(
-    index: int, dtype: torch.dtype, forced_mode: Mode
-) -> None:
+def test_conv_stride_padding_dilation_groups(index: int, dtype: torch.dtype, mode: Mode) -> None:
     torch.manual_seed(index)
     kind, kwargs = CONVS[index]
     layer = kind(**kwargs).to(dtype)  # type: ignore[arg-type]
     spatial = {nn.Conv1d: (9,), nn.Conv2d: (7, 8), nn.Conv3d: (3, 5, 6)}[kind]
     x = torch.randn(5, layer.in_channels, *spatial, dtype=dtype)
-    ours, expected = gramian_of(layer, layer, x)
+    ours, expected = rule_gramian(ConvRule(mode), layer, x)
     assert relative_error(ours, expected) < tolerance(dtype)
 
 
@@ -137,31 +142,33 @@ def test_conv_stride_padding_dilation_groups(
 def test_embedding_repeated_and_padding_ids(padding_idx: int | None, dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     embed = nn.Embedding(6, 5, padding_idx=padding_idx).to(dtype)
+    with torch.no_grad():  # a nonzero padding row: the losses depend on it, its gradient is 0
+        embed.weight.copy_(torch.randn(6, 5, dtype=dtype))
     ids = torch.randint(0, 6, (9, 7))
     ids[0] = 3  # every position the same id (a padding hit when padding_idx == 3)
     ids[1, :3] = 0
-    ours, expected = gramian_of(embed, embed, ids)
+    ours, expected = rule_gramian(EmbeddingRule(), embed, ids)
     assert relative_error(ours, expected) < tolerance(dtype)
 
 
-def test_ghost_and_materialized_branches_agree_and_cost_model_picks_both() -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(64, 64).double()
-    call_inputs = torch.randn(4, 50, 64, dtype=torch.float64)
-    rule = rule_for(layer)
-    assert isinstance(rule, GroupedLinearRule)
-    results = {}
-    for mode in ("ghost", "materialize"):
-        rule.mode = mode
-        results[mode], expected = gramian_of(layer, layer, call_inputs)
-        assert relative_error(results[mode], expected) < 1e-10
-    rule.mode = "auto"
-    from pjd_optim.gramian.linear import use_ghost
-
-    wide = torch.zeros(8, 1, 1, 2048)
-    assert use_ghost(wide, torch.zeros(8, 1, 1, 2048), "auto")  # few rows, wide layer
-    long = torch.zeros(8, 4096, 1, 16)
-    assert not use_ghost(long, torch.zeros(8, 4096, 1, 16), "auto")  # many positions, narrow
+def test_cost_model_follows_its_formula() -> None:
+    """Ghost iff ``(BT)²(d+p) < 2(BTpd + B²pd)`` (kernels under the memory cap): checked on
+    shapes on both sides of the formula, all well under the cap."""
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        b, t, d, p = (
+            rng.randint(1, 64),
+            rng.randint(1, 64),
+            rng.randint(1, 256),
+            rng.randint(1, 256),
+        )
+        a, gy = torch.zeros(b, t, 1, d), torch.zeros(b, t, 1, p)
+        ghost = (b * t) ** 2 * (d + p) < 2 * (b * t * p * d + b * b * p * d)
+        assert use_ghost(a, gy, "auto") == ghost, (b, t, d, p)
+        seen.add(ghost)
+    assert seen == {True, False}
+    assert not use_ghost(torch.zeros(1, 9000, 1, 2048), torch.zeros(1, 9000, 1, 2048), "auto")
 
 
 class Affine(nn.Module):
@@ -192,6 +199,23 @@ class AffineRule(GramianRule):
         )
         assert isinstance(total, Tensor)
         return {"scale": total}
+
+
+def test_registering_a_second_rule_for_a_type_warns() -> None:
+    class Layer(nn.Linear):
+        pass
+
+    @register_gramian_rule(Layer)
+    class First(GramianRule):
+        pass
+
+    with pytest.warns(UserWarning, match="already had the rule First"):
+
+        @register_gramian_rule(Layer)
+        class Second(GramianRule):
+            pass
+
+    assert type(rule_for(Layer(1, 1))) is Second
 
 
 def test_user_registered_rule_is_used_and_exact() -> None:

@@ -330,6 +330,78 @@ def nested_boundaries() -> Case:
     return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse, resumed=False)
 
 
+class Gate(nn.Module):
+    """``y = x ⊙ σ(a) + b`` with its own parameters: no closed-form rule (the generic one)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.a) + self.b
+
+
+class ReusedGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(3, 4), Gate(4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.gate(torch.tanh(self.gate(torch.tanh(self.inp(x))))))
+        out: Tensor = self.out(h)
+        return out
+
+
+def generic_module_called_twice() -> Case:
+    model = ReusedGate()
+    return Case(model, torch.randn(B, 3), [model.gate, model.out], _mse, resumed=False)
+
+
+class UnrolledGRUCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        out: Tensor = self.head(h)
+        return out
+
+
+def gru_cell_unrolled() -> Case:
+    model = UnrolledGRUCell()
+    return Case(model, torch.randn(B, 5, 3), [model.cell, model.head], _mse, resumed=False)
+
+
+class Chunked(nn.Module):
+    """A trunk op with two outputs (``chunk``): both feed considered heads, or one feeds the
+    head and the other the loss directly."""
+
+    def __init__(self, both: bool) -> None:
+        super().__init__()
+        self.both = both
+        self.trunk, self.head1, self.head2 = nn.Linear(3, 8), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = torch.tanh(self.trunk(x)).chunk(2, dim=1)
+        if self.both:
+            return self.head1(a) + self.head2(b)  # type: ignore[no-any-return]
+        out: Tensor = self.head1(a) + b[:, :2].pow(2)
+        return out
+
+
+def chunk_both_considered() -> Case:
+    model = Chunked(both=True)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+
+
+def chunk_partly_considered() -> Case:
+    model = Chunked(both=False)
+    return Case(model, torch.randn(B, 3), [model.head1], _mse, resumed=False)
+
+
 def identical_samples() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], _mse)
@@ -364,5 +436,9 @@ CASES: dict[str, Callable[[], Case]] = {
         trunk_feature_loss,
         two_towers,
         nested_boundaries,
+        generic_module_called_twice,
+        gru_cell_unrolled,
+        chunk_both_considered,
+        chunk_partly_considered,
     )
 }

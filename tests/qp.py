@@ -1,0 +1,79 @@
+"""Independent references for the dual-cone QPs of UPGrad (``v = argmin vᵀGv s.t. v ≥ u``):
+random Gramians, quadprog per row, brute force over active sets, KKT conditions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from qpsolvers import solve_qp
+from torch import Tensor
+
+F64 = torch.float64
+
+
+def random_gramian(m: int, rank: int, kind: str = "gaussian", seed: int = 0) -> Tensor:
+    """``J Jᵀ`` for a random ``J`` (``[m, rank]``), not normalised. ``kind``: ``"gaussian"``;
+    ``"uneven"`` (gradient norms spread by ``e^N(0,1)``); ``"scaled"`` (by ``e^3N(0,1)``);
+    ``"aligned"`` (every pair positive: no conflict); ``"conflicting"`` (gradients nearly
+    cancel)."""
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, rank, generator=gen, dtype=F64)
+    if kind == "aligned":
+        J = J.abs() + 1.0
+    elif kind == "conflicting":
+        J = J - J.mean(dim=0, keepdim=True) + 0.05 * J.abs().mean()
+    elif kind in ("uneven", "scaled"):
+        spread = 1.0 if kind == "uneven" else 3.0
+        J = J * torch.exp(spread * torch.randn(m, 1, generator=gen, dtype=F64))
+    return J @ J.T
+
+
+def regularised(G: Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> Tensor:
+    """TorchJD's normalize + regularize, written out independently of the package."""
+    trace = float(G.trace())
+    base = torch.zeros_like(G) if trace < norm_eps else G / trace
+    return base + reg_eps * torch.eye(G.shape[0], dtype=G.dtype)
+
+
+def normalised_gramian(m: int, rank: int, kind: str = "gaussian", seed: int = 0) -> Tensor:
+    """``regularised(random_gramian(...))``: a problem as UPGrad's solver receives it."""
+    return regularised(random_gramian(m, rank, kind, seed))
+
+
+def quadprog_rows(G: Tensor, U: Tensor) -> Tensor:
+    """One quadprog QP per row ``u`` of ``U``: ``argmin ½vᵀGv s.t. v ≥ u``."""
+    m = G.shape[0]
+    rows = []
+    for u in U.numpy():
+        v = solve_qp(G.numpy(), np.zeros(m), -np.eye(m), -u, solver="quadprog")
+        assert v is not None
+        rows.append(v)
+    return torch.from_numpy(np.stack(rows))
+
+
+def brute_force(G: Tensor, u: Tensor) -> Tensor:
+    """Enumerate all ``2^m`` free sets; return the one whose candidate satisfies the KKT
+    conditions (unique for positive definite ``G``)."""
+    m = G.shape[0]
+    q = G @ u
+    for bits in itertools.product([False, True], repeat=m):
+        free = torch.tensor(bits)
+        x = torch.zeros(m, dtype=F64)
+        if free.any():
+            x[free] = torch.linalg.solve(G[free][:, free], -q[free])
+        y = G @ x + q
+        if (x >= -1e-12).all() and (y[~free] >= -1e-12).all():
+            return u + x.clamp_min(0.0)
+    raise AssertionError("no KKT point found")
+
+
+def assert_kkt(G: Tensor, U: Tensor, V: Tensor, rtol: float = 1e-9) -> None:
+    """Per row: ``v ≥ u``, ``Gv ≥ 0`` and ``(v − u) ⊙ Gv = 0``, tolerances relative to scale."""
+    scale_v = max(V.abs().max().item(), U.abs().max().item(), 1e-300)
+    scale_y = scale_v * G.abs().max().item()
+    Y = V @ G
+    assert (V - U).min().item() >= -rtol * scale_v, "primal feasibility v >= u"
+    assert Y.min().item() >= -rtol * scale_y, "dual feasibility Gv >= 0"
+    assert ((V - U) * Y).abs().max().item() <= rtol * scale_v * scale_y, "complementarity"
