@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pjd_optim import PartialJDOptimizer
+from pjd_optim import Distributed, PartialJDOptimizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def train(mode: str, steps: int, batch: int) -> None:
+def train(mode: Distributed, steps: int, batch: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # same initial model on every rank
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ._dual_cone import project_dual_cone, solve_lcp
+from .solver import SolverOptions, project_dual_cone, solve_lcp
 
 __all__ = ["MGDA", "DualProj", "Mean", "UPGrad", "Weighting"]
 
@@ -38,10 +38,16 @@ class Mean:
 
 
 class _Projecting:
-    """Shared parameters: preference vector and TorchJD's normalisation/regularisation."""
+    """Shared parameters: preference vector, TorchJD's normalisation/regularisation, and the
+    solver's options (``pjd_optim.solver.SolverOptions``; its defaults suit every device)."""
 
     def __init__(
-        self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+        self,
+        pref_vector: Tensor | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        *,
+        solver: SolverOptions | None = None,
     ) -> None:
         if pref_vector is not None and pref_vector.ndim != 1:
             raise ValueError(
@@ -52,6 +58,7 @@ class _Projecting:
         self.pref_vector = pref_vector
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
+        self.solver = solver
 
     def _pref(self, G: Tensor) -> Tensor:
         m = G.shape[0]
@@ -83,7 +90,7 @@ class UPGrad(_Projecting):
 
         v⁽ⁱ⁾ = argmin_v vᵀ G̃ v  s.t.  v ≥ p_i e_i,        w = Σ_i v⁽ⁱ⁾.
 
-    All ``m`` QPs are solved together by :func:`~pjd_optim._dual_cone.project_dual_cone`;
+    All ``m`` QPs are solved together, exactly, by :func:`pjd_optim.solver.project_dual_cone`;
     numbers match TorchJD's ``UPGradWeighting`` (same normalisation and defaults).
     """
 
@@ -91,7 +98,7 @@ class UPGrad(_Projecting):
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
-        return project_dual_cone(G, torch.diag(pref)).sum(dim=0).to(gramian.dtype)
+        return project_dual_cone(G, torch.diag(pref), self.solver).sum(dim=0).to(gramian.dtype)
 
 
 class DualProj(_Projecting):
@@ -104,7 +111,7 @@ class DualProj(_Projecting):
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
-        return project_dual_cone(G, pref.unsqueeze(0))[0].to(gramian.dtype)
+        return project_dual_cone(G, pref.unsqueeze(0), self.solver)[0].to(gramian.dtype)
 
 
 class MGDA:

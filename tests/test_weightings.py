@@ -8,44 +8,21 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from oracle import relative_error as rel_err
+from qp import F64, assert_kkt, quadprog_rows, regularised
+from qp import random_gramian as _random_gramian
 from qpsolvers import solve_qp
 from torch import Tensor
 
 from pjd_optim import MGDA, DualProj, Mean, UPGrad, Weighting
-
-F64 = torch.float64
-
+from pjd_optim.solver import SolverOptions, project_dual_cone
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_gramian(m: int, rank: int, seed: int, scale: float = 1.0) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    J = torch.randn(m, rank, generator=gen, dtype=F64)
-    J = J * torch.exp(torch.randn(m, 1, generator=gen, dtype=F64))  # uneven gradient norms
-    return scale * (J @ J.T)
-
-
-def regularised(G: Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> Tensor:
-    """TorchJD's normalize + regularize, written out independently of the package."""
-    trace = float(G.trace())
-    base = torch.zeros_like(G) if trace < norm_eps else G / trace
-    return base + reg_eps * torch.eye(G.shape[0], dtype=G.dtype)
-
-
-def qp_rows(G: Tensor, U: Tensor) -> Tensor:
-    """quadprog per row: argmin ½vᵀGv s.t. v ≥ u."""
-    m = G.shape[0]
-    rows = []
-    for u in U.numpy():
-        v = solve_qp(G.numpy(), np.zeros(m), -np.eye(m), -u, solver="quadprog")
-        assert v is not None
-        rows.append(v)
-    return torch.from_numpy(np.stack(rows))
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    """Gradients of uneven norms, scaled by ``scale``."""
+    return scale * _random_gramian(m, rank, "uneven", seed)
 
 
 # ----------------------------------------------------------------------------- Mean / protocol
@@ -76,7 +53,7 @@ def test_reprs_show_parameters() -> None:
 )
 def test_upgrad_matches_quadprog(m: int, rank: int) -> None:
     G = random_gramian(m, rank, seed=m + rank)
-    expected = qp_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)
+    expected = quadprog_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)
     assert rel_err(UPGrad()(G), expected) <= 1e-8
 
 
@@ -90,15 +67,17 @@ def test_upgrad_matches_torchjd(m: int, rank: int) -> None:
     assert rel_err(UPGrad(pref_vector=pref)(G), expected) <= 1e-6
 
 
-def test_upgrad_weights_satisfy_projection_kkt() -> None:
-    """Each projected row (recomputed through quadprog-free KKT) sums to the weights."""
+def test_upgrad_weights_are_the_sum_of_the_kkt_projections() -> None:
+    """Each row's projection satisfies its own KKT conditions (which characterise the unique
+    minimiser of a strictly convex QP: ``v ≥ u``, ``G̃v ≥ 0``, ``(v − u) ⊙ G̃v = 0``), and UPGrad's
+    weights are their sum."""
     G = random_gramian(30, 10, seed=1)
-    w = UPGrad()(G)
     Gr = regularised(G)
-    # Jᵀw lies in the dual cone: G̃w ≥ 0 up to round-off (sum of dual-cone vectors).
-    assert float((Gr @ w).min()) >= -1e-12
-    # w ≥ pref: every v⁽ⁱ⁾ is ≥ 0 and ≥ 1/m on its own coordinate.
-    assert float(w.min()) >= 1 / 30 - 1e-12
+    U = torch.eye(30, dtype=F64) / 30
+    V = project_dual_cone(Gr, U)
+    assert_kkt(Gr, U, V, rtol=1e-10)
+    assert rel_err(UPGrad()(G), V.sum(dim=0)) <= 1e-12
+    assert rel_err(V, quadprog_rows(Gr, U)) <= 1e-8
 
 
 def test_upgrad_edge_cases() -> None:
@@ -118,7 +97,7 @@ def test_upgrad_rank_deficient_and_duplicated_gradients() -> None:
     w = UPGrad()(G)
     assert torch.isfinite(w).all()
     m = G.shape[0]
-    assert rel_err(w, qp_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)) <= 1e-7
+    assert rel_err(w, quadprog_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)) <= 1e-7
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
@@ -169,13 +148,12 @@ def test_bad_parameters_raise() -> None:
         UPGrad()(torch.eye(3, dtype=torch.long))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_weights() -> None:
+def test_weights_on_every_device(device: str) -> None:
     G = random_gramian(64, 32, seed=7)
     for weighting in (UPGrad(), DualProj(), MGDA()):
-        w = weighting(G.cuda())
-        assert w.device.type == "cuda"
-        assert rel_err(w.cpu(), weighting(G)) <= 1e-9
+        w = weighting(G.to(device))
+        assert w.device.type == device
+        assert rel_err(w, weighting(G)) <= 1e-9
 
 
 # ----------------------------------------------------------------------------- DualProj
@@ -190,7 +168,7 @@ def test_dualproj_kkt_and_quadprog(m: int, rank: int) -> None:
     y = Gr @ w
     assert float((w - pref).min()) >= -1e-12 and float(y.min()) >= -1e-12
     assert float(((w - pref) * y).abs().max()) <= 1e-12
-    assert rel_err(w, qp_rows(Gr, pref.unsqueeze(0))[0]) <= 1e-8
+    assert rel_err(w, quadprog_rows(Gr, pref.unsqueeze(0))[0]) <= 1e-8
 
 
 def test_dualproj_matches_torchjd() -> None:
@@ -274,20 +252,14 @@ def test_mgda_edge_cases() -> None:
     ("m", "rank", "pref"),
     [(1, 1, False), (5, 2, True), (16, 4, False), (16, 4, True), (128, 9, False)],
 )
-def test_upgrad_numpy_path_matches_torch_path_and_quadprog(
-    m: int, rank: int, pref: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from pjd_optim import _dual_cone
-
+def test_upgrad_numpy_path_matches_torch_path_and_quadprog(m: int, rank: int, pref: bool) -> None:
     G = random_gramian(m, rank, seed=m + rank)
     p = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=F64) + 0.1 if pref else None
-    weighting = UPGrad(p)
-    fast = weighting(G)
-    fast32 = weighting(G.float())
-    monkeypatch.setattr(_dual_cone, "_NUMPY_MAX_M", 0)
-    slow = weighting(G)
+    fast = UPGrad(p)(G)
+    fast32 = UPGrad(p)(G.float())
+    slow = UPGrad(p, solver=SolverOptions(numpy_max_m=0))(G)
     U = torch.diag(p) if p is not None else torch.eye(m, dtype=F64) / m
-    expected = qp_rows(regularised(G), U).sum(dim=0)
+    expected = quadprog_rows(regularised(G), U).sum(dim=0)
     assert rel_err(fast, slow) <= 1e-12
     assert rel_err(fast, expected) <= 1e-8
     assert fast32.dtype == torch.float32 and rel_err(fast32, slow) <= 1e-3

@@ -1,0 +1,130 @@
+r"""The solver of UPGrad's dual-cone projections (and of MGDA's LCP), in one unit.
+
+For a symmetric positive definite ``G`` (``[m, m]``) and rows ``u`` of ``lower`` (``[k, m]``)::
+
+    v = argmin_v  vᵀ G v   subject to  v ≥ u.
+
+With ``x = v − u`` and ``q = G u`` this is the linear complementarity problem LCP(q, G)::
+
+    x ≥ 0,   y = G x + q ≥ 0,   xᵀ y = 0          (KKT: v ≥ u, G v ≥ 0, (v − u) ⊙ G v = 0)
+
+All ``k`` rows share ``G`` and are solved together, after a Jacobi scaling (unit diagonal). Every
+path is exact: it returns rows whose KKT conditions hold to a tolerance set by the dtype and the
+conditioning of the free blocks, or raises. The paths (tuned by :class:`SolverOptions`):
+
+- CPU, float64, ``m ≤ numpy_max_m``: block pivoting in NumPy (:mod:`.numpy_path`), for its low
+  per-operation overhead; rows it leaves go to the pivoting path.
+- CPU otherwise: block pivoting in torch, warm-started by FISTA, with Murty's backup and a
+  monotone active-set method for stalling rows (:mod:`.pivoting`; host-synchronising).
+- Accelerators: problems with ``m ≤ host_max_m`` are copied to the host (one copy each way);
+  larger ones take the lock-step path (:mod:`.lockstep`: at most ``1 + checks`` host
+  synchronisations, whatever the number of iterations), whose unfinished rows, if any, the
+  pivoting path finishes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import lockstep, numpy_path, pivoting
+from ._common import SolverOptions
+from .first_order import fista, free_guess, max_eigenvalue
+
+__all__ = ["SolverOptions", "project_dual_cone", "solve_lcp"]
+
+_DEFAULT = SolverOptions()
+
+
+def project_dual_cone(
+    gramian: Tensor, lower: Tensor, options: SolverOptions | None = None
+) -> Tensor:
+    r"""Row-wise minimiser of ``vᵀ G v`` subject to ``v ≥ u``, for every row ``u`` of ``lower``.
+
+    ``v`` holds the weights of the projection of ``Jᵀu`` onto the dual cone of the rows of ``J``
+    when ``G = J Jᵀ`` (Proposition 1 of arXiv:2406.16232). ``gramian``: ``[m, m]`` symmetric
+    positive definite (already normalised and regularised); ``lower``: ``[k, m]``. Returns
+    ``V`` (``[k, m]``, ``V ≥ lower``) on ``gramian``'s device, in ``gramian``'s dtype.
+    """
+    options = options or _DEFAULT
+    _check_shapes(gramian, lower, "lower")
+    G = gramian.detach().to(options.dtype)
+    U = lower.detach().to(device=gramian.device, dtype=options.dtype)
+    X = _solve(G, U @ G, -U, options)  # rows of (G Uᵀ)ᵀ; the unconstrained minimiser is −U
+    return (U + X).to(gramian.dtype)
+
+
+def solve_lcp(matrix: Tensor, q: Tensor, options: SolverOptions | None = None) -> Tensor:
+    r"""Solve LCP(q, M) row-wise: ``x ≥ 0``, ``M x + q ≥ 0``, ``xᵀ(M x + q) = 0``.
+
+    Equivalently ``x = argmin_{x ≥ 0} ½ xᵀ M x + qᵀ x``. ``matrix`` (``[m, m]``) must be
+    symmetric positive definite, ``q`` is ``[k, m]``; computes in ``matrix``'s dtype and device.
+    Returns ``[k, m]``, exactly zero on active sets.
+    """
+    _check_shapes(matrix, q, "q")
+    return _solve(matrix.detach(), q.detach().to(matrix.dtype), None, options or _DEFAULT)
+
+
+def _solve(M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions) -> Tensor:
+    """Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``, ``x = Dx̃`` (``D = diag(M)^-½``), then a path."""
+    k, m = Q.shape
+    if k == 0 or m == 0:
+        return torch.zeros_like(Q)
+    diag = M.diagonal()
+    d = torch.where(diag > 0, diag.rsqrt(), 1.0)
+    M, Q = M * d.unsqueeze(1) * d.unsqueeze(0), Q * d
+    P = None if P is None else P / d
+    if M.device.type != "cpu" and options.lockstep is None and m <= options.host_max_m:
+        X = _on_host_or_lockstep(M.cpu(), Q.cpu(), None if P is None else P.cpu(), options)
+        return X.to(d.device, non_blocking=True) * d
+    return _on_host_or_lockstep(M, Q, P, options) * d
+
+
+def _on_host_or_lockstep(M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions) -> Tensor:
+    if options.lockstep or (options.lockstep is None and M.device.type != "cpu"):
+        lam = max_eigenvalue(M)
+        X, done, n_left = lockstep.solve(M, Q, lam, options)
+        if n_left:  # rows the lock-step path could not finish: the exact pivoting path
+            left = (~done).nonzero().squeeze(1)
+            X[left] = _pivot(M, Q[left], options, lam)
+        return X
+    # CPU: only rows with a conflict (some q_j < 0) have x ≠ 0.
+    tol = options.tolerance(M.dtype)
+    q_scale = Q.abs().amax(dim=1, keepdim=True)
+    rows = (Q + tol * q_scale < 0).any(dim=1).nonzero().squeeze(1)
+    X = torch.zeros_like(Q)
+    if rows.numel() == 0:
+        return X
+    Q, P = Q[rows], None if P is None else P[rows]
+    if M.dtype == torch.float64 and M.shape[0] <= options.numpy_max_m:
+        P_np = None if P is None else P.numpy()
+        X_np, unsolved = numpy_path.solve(
+            M.numpy(), Q.numpy(), P_np, tol, options.iterations(M.shape[0])
+        )
+        X[rows] = torch.from_numpy(X_np)
+        if not unsolved.any():
+            return X
+        left = torch.from_numpy(unsolved.nonzero()[0])
+        rows, Q = rows[left], Q[left]
+    X[rows] = _pivot(M, Q, options)
+    return X
+
+
+def _pivot(M: Tensor, Q: Tensor, options: SolverOptions, lam: Tensor | None = None) -> Tensor:
+    """The pivoting path on rows ``Q`` (all with a conflict), warm-started by FISTA."""
+    lam = max_eigenvalue(M) if lam is None else lam
+    low = torch.float32 if M.dtype == torch.float64 else M.dtype
+    iters = options.warm_start(M.shape[0], lockstep=False)
+    x = fista(M.to(low), Q.to(low), lam.to(low), iters, freeze_every=20).to(M.dtype)
+    return pivoting.solve(M, Q, free_guess(M, Q, x, lam), x, lam, options)
+
+
+def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"The gramian must be a square [m, m] matrix, got {tuple(matrix.shape)}.")
+    if rows.ndim != 2 or rows.shape[1] != matrix.shape[0]:
+        raise ValueError(
+            f"`{name}` must have shape [k, {matrix.shape[0]}], got {tuple(rows.shape)}."
+        )
+    if not (matrix.is_floating_point() and rows.is_floating_point()):
+        raise ValueError("The gramian and the bounds must be floating-point tensors.")

@@ -1,0 +1,150 @@
+r"""The NumPy path of the solver, for small float64 problems on the CPU.
+
+Solves the same rows of LCP(q, M) as the pivoting path (``M`` Jacobi-scaled, symmetric positive
+definite) by block principal pivoting with Murty's backup. A NumPy operation costs about a
+microsecond, a torch operator 5–10 µs: small problems are dominated by that overhead.
+
+Each step solves, for every remaining row, the system of its free set F. ``m ≤ 32``: one
+batched ``[b, m, m]`` primal system ``M_FF x_F = −q_F``, the other indices masked to identity.
+Larger ``m``: the smaller of the primal system and the dual one on the active set A
+(``H_AA z_A = −p_A`` with ``H = M⁻¹``, ``p = −Hq``, then ``x = p + H_{:A} z_A``), gathered and
+padded; UPGrad's conflicting rows usually keep most indices free, so the dual systems are tiny.
+Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``. Rows left unsolved
+(large systems, ill-conditioning, rows still infeasible after ``STEPS`` steps) are returned to
+the caller, which finishes them with the pivoting path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._common import MURTY_PATIENCE
+
+Array = NDArray[np.float64]
+Mask = NDArray[np.bool_]
+
+_DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
+_MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is not trusted
+_MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
+STEPS = 64  # pivoting steps (cheap here) before the rows left go to the pivoting path
+
+
+def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tuple[Array, Mask]:
+    """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[b, m]``, every row with a
+    negative entry); ``M`` SPD with a unit diagonal.
+
+    ``P`` (optional) is ``−M⁻¹Q`` if known exactly (UPGrad: ``−U``). Returns ``X`` and the mask
+    of rows left unsolved (their ``X`` rows are zero): all of them if ``M`` is not numerically
+    positive definite, too ill-conditioned or its systems too large for this path, and the rows
+    still infeasible after ``STEPS`` pivoting steps.
+    """
+    b, m = Q.shape
+    X = np.zeros((b, m))
+    unsolved = np.ones(b, dtype=bool)
+    n_active = (Q >= 0).sum(axis=1)  # sign guess, below
+    if m > _DENSE_MAX_M and min(int(n_active.max()), m - int(n_active.min())) > _MAX_BLOCK:
+        return X, unsolved  # large systems: the batched torch solver is faster
+    try:
+        system = _Systems(M)
+    except np.linalg.LinAlgError:  # not numerically positive definite
+        return X, unsolved
+    if not system.kappa <= _MAX_KAPPA:
+        return X, unsolved
+    eps = float(np.finfo(np.float64).eps)
+    rel = max(tol, 10 * eps * system.kappa)  # round-off bound of x and y, relative to scale
+    q_scale = np.abs(Q).max(axis=1, keepdims=True)
+    rows = np.arange(b)
+    P = None if system.dense else -(Q @ system.H) if P is None else P
+    active = Q >= 0  # sign guess: indices of non-conflicting rows stay at x = 0
+    best = np.full(b, m + 1)
+    patience = np.full(b, MURTY_PATIENCE)
+    murty = np.zeros(b, dtype=bool)
+    position = np.arange(1, m + 1)
+    for _ in range(min(max_iter, STEPS)):
+        x = system.solve(Q, P, active)
+        bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
+        infeasible = np.where(active, x @ M + Q, x) < -bound
+        n_infeasible = infeasible.sum(axis=1)
+        done = n_infeasible == 0
+        if done.any():
+            X[rows[done]] = x[done].clip(min=0.0)
+            unsolved[rows[done]] = False
+            if done.all():
+                break
+            keep = ~done
+            rows, Q, q_scale, active = rows[keep], Q[keep], q_scale[keep], active[keep]
+            infeasible, n_infeasible = infeasible[keep], n_infeasible[keep]
+            best, patience, murty = best[keep], patience[keep], murty[keep]
+            P = None if P is None else P[keep]
+        # Block pivoting; a row that made no progress for MURTY_PATIENCE steps switches to
+        # Murty's single pivot (the last infeasible index) for good, which terminates.
+        better = n_infeasible < best
+        best = np.minimum(best, n_infeasible)
+        full = (better | (patience > 0)) & ~murty
+        patience = np.where(better, MURTY_PATIENCE, np.where(full, patience - 1, patience))
+        murty |= ~full
+        single = np.zeros_like(infeasible)
+        single[np.arange(rows.size), (infeasible * position).argmax(axis=1)] = True
+        active ^= np.where(full[:, None], infeasible, single & infeasible)
+    return X, unsolved
+
+
+class _Systems:
+    """Batched solves of the per-row systems of a free set F (``x_A = 0``, ``(Mx + q)_F = 0``).
+
+    Dense (small ``m``): primal, masked ``[b, m, m]`` systems, ``κ`` estimated by the Cholesky
+    factor of ``M``. Else the smaller of the primal ``M_FF`` and dual ``H_AA`` systems, gathered
+    and padded with identity rows; ``κ`` is the exact 1-norm condition number.
+    """
+
+    def __init__(self, M: Array) -> None:
+        m = M.shape[0]
+        self.M = M
+        self.dense = m <= _DENSE_MAX_M
+        L = np.linalg.cholesky(M)  # raises LinAlgError unless positive definite
+        if self.dense:
+            self.eye = np.eye(m, dtype=bool)
+            self.kappa = float((L.diagonal().max() / L.diagonal().min()) ** 2)
+            return
+        H = np.linalg.inv(M)
+        self.H = 0.5 * (H + H.T)
+        self.kappa = float(np.abs(M).sum(axis=0).max() * np.abs(H).sum(axis=0).max())
+        self.M_pad = np.zeros((m + 1, m + 1))  # padded copies: index m is a zero row/column
+        self.M_pad[:m, :m] = M
+        self.H_pad = np.zeros((m + 1, m + 1))
+        self.H_pad[:m, :m] = self.H
+
+    def solve(self, Q: Array, P: Array | None, active: Mask) -> Array:
+        """``x`` with ``x_A = 0`` and ``(Mx + q)_F = 0``, per row (``P = −QH``, unused if dense)."""
+        if self.dense:
+            free = ~active
+            blocks = np.where(free[:, :, None] & free[:, None, :], self.M, self.eye)
+            return np.linalg.solve(blocks, np.where(free, -Q, 0.0)[:, :, None])[:, :, 0]
+        assert P is not None
+        n_active = active.sum(axis=1)
+        m = Q.shape[1]
+        if int(n_active.max()) <= m - int(n_active.min()):  # the smaller largest system
+            x = P + self._gathered_solve(self.H_pad, -P, active, n_active) @ self.H
+        else:
+            x = self._gathered_solve(self.M_pad, -Q, ~active, m - n_active)
+        x[active] = 0.0
+        return x
+
+    @staticmethod
+    def _gathered_solve(K_pad: Array, R: Array, sel: Mask, counts: NDArray[np.int_]) -> Array:
+        """Per row, ``z`` with ``K_SS z_S = R_S`` on the selected set S, zero elsewhere."""
+        b, m = R.shape
+        s = int(counts.max())
+        if s == 0:
+            return np.zeros_like(R)
+        order = np.argsort(~sel, axis=1, kind="stable")[:, :s]  # selected indices first
+        pad = np.arange(s) >= counts[:, None]
+        idx = np.where(pad, m, order)
+        blocks = K_pad[idx[:, :, None], idx[:, None, :]]
+        blocks[:, np.arange(s), np.arange(s)] += pad
+        rhs = np.where(pad, 0.0, np.take_along_axis(R, order, axis=1))
+        z = np.linalg.solve(blocks, rhs[:, :, None])[:, :, 0]
+        out = np.zeros((b, m + 1))
+        np.put_along_axis(out, idx, z, axis=1)
+        return out[:, :m]

@@ -1,0 +1,217 @@
+r"""The exact pivoting path of the solver, in torch (any device; host-synchronising).
+
+Each row is an LCP ``x ≥ 0``, ``y = Mx + q ≥ 0``, ``xᵀy = 0`` (``M`` Jacobi-scaled, SPD). For a
+free set F (``y_F = 0``) and active set A (``x_A = 0``) the candidate is ``x_F = −M_FF⁻¹ q_F``.
+Block principal pivoting (Júdice & Pires 1994; Kim & Park 2011) swaps every infeasible index
+(``x_F < 0`` or ``y_A < 0``) between F and A; when a row's infeasible count has not decreased for
+``MURTY_PATIENCE`` steps it takes Murty's single pivot (the largest infeasible index), finite for
+positive definite ``M``. Once every row left has stalled, or after ``BPP_STEPS`` steps, the rows
+finish with :func:`active_set`, a monotone Lawson–Hanson-type method (also exact and finite).
+
+Each step solves all remaining rows at once: sorted by ``|F|`` and chunked, free blocks gathered
+and padded with identity rows, one batched Cholesky per chunk (large blocks in float32, refined to
+float64 accuracy). Converged rows are dropped; about two host syncs per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import BPP_STEPS, MURTY_PATIENCE, SolverOptions, no_convergence
+from ._common import not_positive_definite as _not_pd
+
+_MIXED_MIN_SIZE = 192  # free-set size from which float32 factorisation + refinement pays off
+_REFINE_STEPS = 3
+
+
+def solve(
+    M: Tensor, Q: Tensor, free: Tensor, x_start: Tensor, lam: Tensor, options: SolverOptions
+) -> Tensor:
+    """Rows of LCP(``Q``, ``M``) by block pivoting from the free-set guess ``free``, then the
+    active-set method from ``x_start`` (feasible) for rows that stall. ``lam ≥ λ_max(M)``."""
+    b, m = Q.shape
+    X = torch.zeros_like(Q)
+    if b == 0:
+        return X
+    tol = options.tolerance(M.dtype)
+    iters = options.iterations(m)
+    chunk_bytes = options.max_chunk_bytes or 1 << (22 if M.device.type == "cpu" else 28)
+    eps = torch.finfo(M.dtype).eps
+    low = torch.float32 if M.dtype == torch.float64 else M.dtype
+    M_low = M.to(low)
+    rows = torch.arange(b, device=M.device)
+    q_scale = Q.abs().amax(dim=1, keepdim=True)
+    res_tol = 1e3 * eps * lam.clamp_min(1.0)  # residual bound of a refined float32 solution
+    best = torch.full((b,), m + 1, device=M.device, dtype=torch.long)
+    patience = torch.full((b,), MURTY_PATIENCE, device=M.device, dtype=torch.long)
+    precise = torch.zeros(b, device=M.device, dtype=torch.bool)
+    position = torch.arange(1, m + 1, device=M.device)
+    s, n_hopeful = int(free.sum(dim=1).amax()), b
+    for step in range(iters):
+        if step == BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
+            X[rows] = active_set(M, Q, x_start, q_scale, tol, iters - step, chunk_bytes)
+            return X
+        mixed = options.mixed_precision
+        use_low = low != M.dtype and (s >= _MIXED_MIN_SIZE if mixed is None else mixed)
+        x, failed, failed_low, cond = solve_free(
+            M, M_low if use_low else None, Q, free, ~precise, chunk_bytes
+        )
+        y = x @ M + Q  # rows of (M x + q), M symmetric
+        scale = x.abs().amax(dim=1, keepdim=True) + q_scale
+        # Per-row tolerance: round-off in x_F grows like eps·κ(M_FF) (estimated by the factor).
+        bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
+        infeasible = torch.where(free, x < -bound, y < -bound)
+        # A float32 factorisation that failed or whose refinement fell short: no pivot, the row
+        # is redone in float64 (rows are flagged at most once, so this cannot loop).
+        inexact = failed_low | (free & (y.abs() > res_tol * scale)).any(dim=1)
+        inexact = inexact & ~precise & use_low
+        precise = precise | inexact
+        infeasible = infeasible & ~inexact.unsqueeze(1)
+        n_infeasible = infeasible.sum(dim=1)
+        done = (n_infeasible == 0) & ~inexact
+        X.index_copy_(0, rows, torch.where(done.unsqueeze(1), x.clamp_min(0.0), 0.0))
+        # Block pivoting with Murty's backup rule, vectorised over rows.
+        better = (n_infeasible < best) & ~inexact
+        best = torch.where(better, n_infeasible, best)
+        full = better | (patience > 0)
+        patience = torch.where(
+            better, MURTY_PATIENCE, torch.where(full & ~inexact, patience - 1, patience)
+        )
+        last = (infeasible * position).argmax(dim=1, keepdim=True)
+        single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
+        free = free ^ torch.where(full.unsqueeze(1), infeasible, single)
+        stats = [(~done).sum(), (free & ~done.unsqueeze(1)).sum(dim=1).amax(), failed.sum()]
+        stats.append((~done & (patience > 0)).sum())  # rows not yet reduced to Murty's rule
+        n_keep, s, n_failed, n_hopeful = torch.stack(stats).tolist()  # the one sync per step
+        if n_failed:
+            raise _not_pd()
+        if n_keep == 0:
+            return X
+        if n_keep < len(rows):
+            keep = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
+            rows, Q, free, q_scale = rows[keep], Q[keep], free[keep], q_scale[keep]
+            x_start, best, patience = x_start[keep], best[keep], patience[keep]
+            precise = precise[keep]
+    raise no_convergence(iters, len(rows), b)
+
+
+def active_set(
+    M: Tensor, Q: Tensor, x: Tensor, q_scale: Tensor, tol: float, max_iter: int, chunk_bytes: int
+) -> Tensor:
+    """Lawson–Hanson-type primal active-set method for rows of LCP(``Q``, ``M``), from a
+    feasible ``x ≥ 0``.
+
+    Keeps ``x`` feasible and supported on the passive set P. If the minimiser ``z`` on P is
+    positive, take it and add the indices with ``y = Mz + q < 0`` (done if none); else step from
+    ``x`` towards ``z`` until a component vanishes and drop it. The objective never increases;
+    a row whose objective stalls at such a point adds only its most negative index from then on
+    (classic Lawson–Hanson), where it strictly decreases: this terminates.
+    """
+    eps = torch.finfo(M.dtype).eps
+    out = torch.zeros_like(Q)
+    rows = torch.arange(Q.shape[0], device=Q.device)
+    passive = x > 0
+    single = torch.zeros_like(passive[:, :1])
+    f_best = torch.full_like(Q[:, :1], torch.inf)
+    for _ in range(max_iter):
+        no_low = torch.zeros_like(passive[:, 0])
+        z, failed, _, cond = solve_free(M, None, Q, passive, no_low, chunk_bytes)
+        y = z @ M + Q
+        bound = (z.abs().amax(dim=1, keepdim=True) + q_scale) * torch.clamp(
+            eps * cond, min=tol
+        ).unsqueeze(1)
+        interior = (~passive | (z > -bound)).all(dim=1, keepdim=True)
+        violated = ~passive & (y < -bound)
+        done = interior.squeeze(1) & ~violated.any(dim=1)
+        out.index_copy_(0, rows, torch.where(done.unsqueeze(1), z.clamp_min(0.0), 0.0))
+        f = 0.5 * torch.linalg.vecdot(z, y + Q).unsqueeze(1)  # objective at z
+        single = single | (interior & ~(f < f_best))
+        f_best = torch.where(interior, f, f_best)
+        most = torch.zeros_like(passive).scatter_(
+            1, torch.where(violated, y, 0.0).argmin(1, True), True
+        )
+        add = violated & (most | ~single)
+        ratio = torch.where(passive & (z <= -bound), x / (x - z), torch.inf)
+        alpha = ratio.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+        blocking = torch.zeros_like(passive).scatter_(1, ratio.argmin(dim=1, keepdim=True), True)
+        stepped = (x + alpha * (z - x)).clamp_min(0.0)
+        x = torch.where(interior, z.clamp_min(0.0), stepped)
+        passive = torch.where(interior, passive | add, passive & ~blocking & (stepped > 0))
+        n_keep, n_failed = torch.stack([(~done).sum(), failed.sum()]).tolist()
+        if n_failed:
+            raise _not_pd()
+        if n_keep == 0:
+            return out
+        keep = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
+        rows, Q, x, passive, q_scale = rows[keep], Q[keep], x[keep], passive[keep], q_scale[keep]
+        single, f_best = single[keep], f_best[keep]
+    raise no_convergence(max_iter, rows.numel(), out.shape[0])
+
+
+def solve_free(
+    M: Tensor, M_low: Tensor | None, Q: Tensor, free: Tensor, low: Tensor, max_chunk_bytes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x`` with ``x_F = −M_FF⁻¹ q_F``, ``x_A = 0`` per row (free set ``F``).
+
+    Rows flagged ``low`` are factorised with ``M_low`` (float32) and refined with ``M``:
+    ``x += M_FF⁻¹(−q_F − (M x)_F)``. Also returns per row whether the Cholesky factorisation
+    failed (in ``M``'s dtype; in float32) and ``(max Lᵢᵢ / min Lᵢᵢ)²``, a cheap lower estimate
+    of the condition number of ``M_FF``. Rows are sorted by ``|F|`` and chunked; in a chunk each
+    row's free indices come first, padded to the chunk's largest ``|F|`` with indices of an
+    identity block appended to ``M``: one batched Cholesky per chunk.
+    """
+    b, m = Q.shape
+    low = low & (M_low is not None)
+    x = torch.zeros_like(Q)
+    failed, cond = torch.zeros_like(low), torch.ones_like(Q[:, 0])
+    counts = free.sum(dim=1)
+    key = torch.where(counts > 0, counts + (m + 1) * low, 0)  # float32 rows first, F = ∅ last
+    perm = torch.argsort(key, descending=True)
+    sizes, flags = torch.stack([counts[perm], low[perm].long()]).tolist()  # one sync
+    s = max(sizes, default=0)
+    if s == 0:
+        return x, failed, failed.clone(), cond
+    extended = {}
+    for mat in (M, M_low) if any(flags) else (M,):
+        assert mat is not None
+        ext = torch.zeros(m + s, m + s, device=mat.device, dtype=mat.dtype)
+        ext[:m, :m] = mat
+        ext.diagonal()[m:] = 1.0
+        extended[mat.dtype] = ext.view(-1)
+    order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :s]  # free first
+    position = torch.arange(s, device=Q.device)
+    start = 0
+    while start < b and sizes[start] > 0:  # rows with F = ∅ keep x = 0
+        end = start + max(1, max_chunk_bytes // (sizes[start] * sizes[start] * 8))
+        end = start + flags[start:end].count(flags[start])  # one precision per chunk
+        rows, sc, use_low = perm[start:end], sizes[start], bool(flags[start])
+        start = end
+        flat_M = extended[M_low.dtype if use_low and M_low is not None else M.dtype]
+        idx = torch.where(
+            position[:sc] < counts[rows].unsqueeze(1), order[rows, :sc], m + position[:sc]
+        )
+        # Gather the [c, sc, sc] blocks through flat indices (much faster than 2-D indexing).
+        flat = (idx * (m + s)).unsqueeze(2) + idx.unsqueeze(1)
+        block = flat_M.index_select(0, flat.view(-1)).view(-1, sc, sc)
+        factor, info = torch.linalg.cholesky_ex(block.mT)  # symmetric: column-major view
+        diag = factor.diagonal(dim1=1, dim2=2).abs()
+        q_ext = torch.nn.functional.pad(Q[rows], (0, s))
+        sol = chol_solve(factor, -q_ext.gather(1, idx).to(block.dtype)).to(Q.dtype)
+        x_rows = torch.zeros(rows.numel(), m + s, device=Q.device, dtype=Q.dtype)
+        x_rows.scatter_(1, idx, sol)
+        for _ in range(_REFINE_STEPS if use_low else 0):
+            residual = -q_ext - torch.nn.functional.pad(x_rows[:, :m] @ M, (0, s))
+            sol = sol + chol_solve(factor, residual.gather(1, idx).to(block.dtype)).to(Q.dtype)
+            x_rows.scatter_(1, idx, sol)
+        x[rows], failed[rows] = x_rows[:, :m], info != 0
+        cond[rows] = (diag.amax(1) / diag.amin(1)).square().to(Q.dtype)
+    cond = cond.nan_to_num(nan=1.0, posinf=1.0)
+    return x, failed & ~low, failed & low, cond
+
+
+def chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``L Lᵀ z = rhs`` for a batch of lower Cholesky factors; ``rhs`` is ``[c, s]``."""
+    z: Tensor = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
+    z = torch.linalg.solve_triangular(factor.mT, z, upper=True)
+    return z.squeeze(2)
