@@ -326,25 +326,17 @@ def test_numpy_path_general_rows_and_brute_force(m: int) -> None:
         torch.testing.assert_close(U + X, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.usefixtures("pivoting_forbidden")
 @pytest.mark.parametrize(("m", "rank"), [(8, 4), (16, 8), (40, 20), (64, 32)])
-def test_rows_the_numpy_path_leaves_are_finished_exactly(
+def test_rows_stalled_on_the_numpy_path_finish_with_the_active_set_method(
     m: int, rank: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows still infeasible after the NumPy path's budget go to the pivoting path: exact."""
-    monkeypatch.setattr(numpy_path, "STEPS", 1)
+    """After one pivoting step every row left goes to the active-set method: exact."""
+    monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
     monkeypatch.setattr(numpy_path, "_MAX_BLOCK", m)
-    handed: list[int] = []
-    solve = pivoting.solve
-
-    def counting(M: Tensor, Q: Tensor, *rest: object) -> Tensor:
-        handed.append(Q.shape[0])
-        return solve(M, Q, *rest)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pivoting, "solve", counting)
     G = normalised_gramian(m, rank, seed=m)
     U = upgrad_rows(m)
     V = project_dual_cone(G, U)
-    assert handed  # rows were handed on
     assert_kkt(G, U, V, rtol=1e-10)
     expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
     torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)

@@ -13,7 +13,8 @@ path is exact: it returns rows whose KKT conditions hold to a tolerance set by t
 conditioning of the free blocks, or raises. The paths (tuned by :class:`SolverOptions`):
 
 - CPU, float64, ``m ≤ numpy_max_m``: block pivoting in NumPy (:mod:`.numpy_path`), for its low
-  per-operation overhead; rows it leaves go to the pivoting path.
+  per-operation overhead, then the active-set method for rows that stall; problems it declines
+  go to the pivoting path.
 - CPU otherwise: block pivoting in torch, warm-started by FISTA, with Murty's backup and a
   monotone active-set method for stalling rows (:mod:`.pivoting`; host-synchronising).
 - Accelerators: problems with ``m ≤ host_max_m`` are copied to the host (one copy each way);

@@ -9,17 +9,19 @@ batched ``[b, m, m]`` primal system ``M_FF x_F = −q_F``, the other indices mas
 Larger ``m``: the smaller of the primal system and the dual one on the active set A
 (``H_AA z_A = −p_A`` with ``H = M⁻¹``, ``p = −Hq``, then ``x = p + H_{:A} z_A``), gathered and
 padded; UPGrad's conflicting rows usually keep most indices free, so the dual systems are tiny.
-Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``. Rows left unsolved
-(large systems, ill-conditioning, rows still infeasible after ``STEPS`` steps) are returned to
-the caller, which finishes them with the pivoting path.
+Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``. Rows that stop making
+progress finish with the active-set method (:mod:`.active_set`); problems this path declines
+(large systems, ill-conditioning) go to the pivoting path whole.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-from ._common import MURTY_PATIENCE
+from ._common import BPP_STEPS, MURTY_PATIENCE
+from .active_set import active_set
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
@@ -27,7 +29,20 @@ Mask = NDArray[np.bool_]
 _DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
 _MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is not trusted
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
-STEPS = 64  # pivoting steps (cheap here) before the rows left go to the pivoting path
+
+
+# NumPy for the elementwise work (about a microsecond per operation), torch for every BLAS and
+# LAPACK call: a threaded OpenBLAS call from NumPy would start OpenBLAS's own thread pool, whose
+# spinning threads slow torch's next kernels down several-fold on a few cores (measured: 2x on a
+# whole training step), and limiting it would change a process-wide setting.
+def _matmul(a: Array, b: Array) -> Array:
+    out: Array = torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return out
+
+
+def _batched_solve(A: Array, B: Array) -> Array:
+    out: Array = torch.linalg.solve(torch.from_numpy(A), torch.from_numpy(B)).numpy()
+    return out
 
 
 def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tuple[Array, Mask]:
@@ -36,8 +51,8 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
 
     ``P`` (optional) is ``−M⁻¹Q`` if known exactly (UPGrad: ``−U``). Returns ``X`` and the mask
     of rows left unsolved (their ``X`` rows are zero): all of them if ``M`` is not numerically
-    positive definite, too ill-conditioned or its systems too large for this path, and the rows
-    still infeasible after ``STEPS`` pivoting steps.
+    positive definite, too ill-conditioned or its systems too large for this path. At most
+    ``max_iter`` steps (pivoting, then the active-set method), as the pivoting path.
     """
     b, m = Q.shape
     X = np.zeros((b, m))
@@ -54,39 +69,46 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     eps = float(np.finfo(np.float64).eps)
     rel = max(tol, 10 * eps * system.kappa)  # round-off bound of x and y, relative to scale
     q_scale = np.abs(Q).max(axis=1, keepdims=True)
+    P = None if system.dense else -_matmul(Q, system.H) if P is None else P
     rows = np.arange(b)
-    P = None if system.dense else -(Q @ system.H) if P is None else P
     active = Q >= 0  # sign guess: indices of non-conflicting rows stay at x = 0
     best = np.full(b, m + 1)
     patience = np.full(b, MURTY_PATIENCE)
-    murty = np.zeros(b, dtype=bool)
-    position = np.arange(1, m + 1)
-    for _ in range(min(max_iter, STEPS)):
-        x = system.solve(Q, P, active)
-        bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
-        infeasible = np.where(active, x @ M + Q, x) < -bound
+    stalled = np.zeros(b, dtype=bool)
+    start = np.zeros((b, m))
+    steps = min(max_iter, BPP_STEPS)
+    for _ in range(steps):
+        x = system.solve(Q[rows], None if P is None else P[rows], active)
+        bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale[rows]) * rel
+        infeasible = np.where(active, _matmul(x, M) + Q[rows], x) < -bound
         n_infeasible = infeasible.sum(axis=1)
-        done = n_infeasible == 0
-        if done.any():
-            X[rows[done]] = x[done].clip(min=0.0)
-            unsolved[rows[done]] = False
-            if done.all():
-                break
-            keep = ~done
-            rows, Q, q_scale, active = rows[keep], Q[keep], q_scale[keep], active[keep]
-            infeasible, n_infeasible = infeasible[keep], n_infeasible[keep]
-            best, patience, murty = best[keep], patience[keep], murty[keep]
-            P = None if P is None else P[keep]
-        # Block pivoting; a row that made no progress for MURTY_PATIENCE steps switches to
-        # Murty's single pivot (the last infeasible index) for good, which terminates.
-        better = n_infeasible < best
+        patience = np.where(n_infeasible < best, MURTY_PATIENCE, patience - 1)
         best = np.minimum(best, n_infeasible)
-        full = (better | (patience > 0)) & ~murty
-        patience = np.where(better, MURTY_PATIENCE, np.where(full, patience - 1, patience))
-        murty |= ~full
-        single = np.zeros_like(infeasible)
-        single[np.arange(rows.size), (infeasible * position).argmax(axis=1)] = True
-        active ^= np.where(full[:, None], infeasible, single & infeasible)
+        done = n_infeasible == 0
+        X[rows[done]] = x[done].clip(min=0.0)
+        unsolved[rows[done]] = False
+        stop = ~done & (patience <= 0)  # no progress for MURTY_PATIENCE steps
+        stalled[rows[stop]], start[rows[stop]] = True, x[stop].clip(min=0.0)
+        keep = ~(done | stop)
+        rows, active, best, patience = rows[keep], active[keep], best[keep], patience[keep]
+        if not keep.any():
+            break
+        active ^= infeasible[keep]
+    else:  # the step budget is spent: the rows left are stalled too
+        stalled[rows] = True
+        start[rows] = system.solve(Q[rows], None if P is None else P[rows], active).clip(min=0.0)
+    left = stalled.nonzero()[0]
+    if left.size:  # the monotone active-set method, from where the rows stopped
+
+        def solve_passive(index: NDArray[np.int_], passive: Mask) -> tuple[Array, float]:
+            picked = left[index]
+            return system.solve(Q[picked], None if P is None else P[picked], ~passive), rel
+
+        X_left, not_done = active_set(
+            solve_passive, _matmul, np.arange, M, Q[left], start[left], max_iter - steps, np
+        )
+        X[left] = X_left
+        unsolved[left] = not_done
     return X, unsolved
 
 
@@ -102,12 +124,15 @@ class _Systems:
         m = M.shape[0]
         self.M = M
         self.dense = m <= _DENSE_MAX_M
-        L = np.linalg.cholesky(M)  # raises LinAlgError unless positive definite
+        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
+        if int(info):
+            raise np.linalg.LinAlgError("not positive definite")
+        L = factor.numpy()
         if self.dense:
             self.eye = np.eye(m, dtype=bool)
             self.kappa = float((L.diagonal().max() / L.diagonal().min()) ** 2)
             return
-        H = np.linalg.inv(M)
+        H = torch.cholesky_inverse(factor).numpy()
         self.H = 0.5 * (H + H.T)
         self.kappa = float(np.abs(M).sum(axis=0).max() * np.abs(H).sum(axis=0).max())
         self.M_pad = np.zeros((m + 1, m + 1))  # padded copies: index m is a zero row/column
@@ -120,12 +145,12 @@ class _Systems:
         if self.dense:
             free = ~active
             blocks = np.where(free[:, :, None] & free[:, None, :], self.M, self.eye)
-            return np.linalg.solve(blocks, np.where(free, -Q, 0.0)[:, :, None])[:, :, 0]
+            return _batched_solve(blocks, np.where(free, -Q, 0.0)[:, :, None])[:, :, 0]
         assert P is not None
         n_active = active.sum(axis=1)
         m = Q.shape[1]
         if int(n_active.max()) <= m - int(n_active.min()):  # the smaller largest system
-            x = P + self._gathered_solve(self.H_pad, -P, active, n_active) @ self.H
+            x = P + _matmul(self._gathered_solve(self.H_pad, -P, active, n_active), self.H)
         else:
             x = self._gathered_solve(self.M_pad, -Q, ~active, m - n_active)
         x[active] = 0.0
@@ -144,7 +169,7 @@ class _Systems:
         blocks = K_pad[idx[:, :, None], idx[:, None, :]]
         blocks[:, np.arange(s), np.arange(s)] += pad
         rhs = np.where(pad, 0.0, np.take_along_axis(R, order, axis=1))
-        z = np.linalg.solve(blocks, rhs[:, :, None])[:, :, 0]
+        z = _batched_solve(blocks, rhs[:, :, None])[:, :, 0]
         out = np.zeros((b, m + 1))
         np.put_along_axis(out, idx, z, axis=1)
         return out[:, :m]

@@ -6,7 +6,7 @@ Block principal pivoting (Júdice & Pires 1994; Kim & Park 2011) swaps every inf
 (``x_F < 0`` or ``y_A < 0``) between F and A; when a row's infeasible count has not decreased for
 ``MURTY_PATIENCE`` steps it takes Murty's single pivot (the largest infeasible index), finite for
 positive definite ``M``. Once every row left has stalled, or after ``BPP_STEPS`` steps, the rows
-finish with :func:`active_set`, a monotone Lawson–Hanson-type method (also exact and finite).
+finish with the monotone active-set method of :mod:`.active_set` (also exact and finite).
 
 Each step solves all remaining rows at once: sorted by ``|F|`` and chunked, free blocks gathered
 and padded with identity rows, one batched Cholesky per chunk (large blocks in float32, refined to
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._common import BPP_STEPS, MURTY_PATIENCE, SolverOptions, no_convergence
 from ._common import not_positive_definite as _not_pd
+from .active_set import active_set as _active_set
 
 _MIXED_MIN_SIZE = 192  # free-set size from which float32 factorisation + refinement pays off
 _REFINE_STEPS = 3
@@ -50,7 +51,7 @@ def solve(
     s, n_hopeful = int(free.sum(dim=1).amax()), b
     for step in range(iters):
         if step == BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
-            X[rows] = active_set(M, Q, x_start, q_scale, tol, iters - step, chunk_bytes)
+            X[rows] = active_set(M, Q, x_start, tol, iters - step, chunk_bytes)
             return X
         mixed = options.mixed_precision
         use_low = low != M.dtype and (s >= _MIXED_MIN_SIZE if mixed is None else mixed)
@@ -97,56 +98,27 @@ def solve(
 
 
 def active_set(
-    M: Tensor, Q: Tensor, x: Tensor, q_scale: Tensor, tol: float, max_iter: int, chunk_bytes: int
+    M: Tensor, Q: Tensor, x: Tensor, tol: float, max_iter: int, chunk_bytes: int
 ) -> Tensor:
-    """Lawson–Hanson-type primal active-set method for rows of LCP(``Q``, ``M``), from a
-    feasible ``x ≥ 0``.
-
-    Keeps ``x`` feasible and supported on the passive set P. If the minimiser ``z`` on P is
-    positive, take it and add the indices with ``y = Mz + q < 0`` (done if none); else step from
-    ``x`` towards ``z`` until a component vanishes and drop it. The objective never increases;
-    a row whose objective stalls at such a point adds only its most negative index from then on
-    (classic Lawson–Hanson), where it strictly decreases: this terminates.
-    """
+    """The active-set method (:mod:`.active_set`) on rows of LCP(``Q``, ``M``), from the
+    feasible ``x``, with this path's batched solves."""
     eps = torch.finfo(M.dtype).eps
-    out = torch.zeros_like(Q)
-    rows = torch.arange(Q.shape[0], device=Q.device)
-    passive = x > 0
-    single = torch.zeros_like(passive[:, :1])
-    f_best = torch.full_like(Q[:, :1], torch.inf)
-    for _ in range(max_iter):
+
+    def solve_passive(rows: Tensor, passive: Tensor) -> tuple[Tensor, Tensor]:
         no_low = torch.zeros_like(passive[:, 0])
-        z, failed, _, cond = solve_free(M, None, Q, passive, no_low, chunk_bytes)
-        y = z @ M + Q
-        bound = (z.abs().amax(dim=1, keepdim=True) + q_scale) * torch.clamp(
-            eps * cond, min=tol
-        ).unsqueeze(1)
-        interior = (~passive | (z > -bound)).all(dim=1, keepdim=True)
-        violated = ~passive & (y < -bound)
-        done = interior.squeeze(1) & ~violated.any(dim=1)
-        out.index_copy_(0, rows, torch.where(done.unsqueeze(1), z.clamp_min(0.0), 0.0))
-        f = 0.5 * torch.linalg.vecdot(z, y + Q).unsqueeze(1)  # objective at z
-        single = single | (interior & ~(f < f_best))
-        f_best = torch.where(interior, f, f_best)
-        most = torch.zeros_like(passive).scatter_(
-            1, torch.where(violated, y, 0.0).argmin(1, True), True
-        )
-        add = violated & (most | ~single)
-        ratio = torch.where(passive & (z <= -bound), x / (x - z), torch.inf)
-        alpha = ratio.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
-        blocking = torch.zeros_like(passive).scatter_(1, ratio.argmin(dim=1, keepdim=True), True)
-        stepped = (x + alpha * (z - x)).clamp_min(0.0)
-        x = torch.where(interior, z.clamp_min(0.0), stepped)
-        passive = torch.where(interior, passive | add, passive & ~blocking & (stepped > 0))
-        n_keep, n_failed = torch.stack([(~done).sum(), failed.sum()]).tolist()
-        if n_failed:
+        z, failed, _, cond = solve_free(M, None, Q[rows], passive, no_low, chunk_bytes)
+        if bool(failed.any()):
             raise _not_pd()
-        if n_keep == 0:
-            return out
-        keep = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
-        rows, Q, x, passive, q_scale = rows[keep], Q[keep], x[keep], passive[keep], q_scale[keep]
-        single, f_best = single[keep], f_best[keep]
-    raise no_convergence(max_iter, rows.numel(), out.shape[0])
+        return z, torch.clamp(eps * cond, min=tol).unsqueeze(1)
+
+    def arange(n: int) -> Tensor:
+        return torch.arange(n, device=Q.device)
+
+    X, left = _active_set(solve_passive, torch.matmul, arange, M, Q, x, max_iter, torch)
+    if bool(left.any()):
+        raise no_convergence(max_iter, int(left.sum()), Q.shape[0])
+    out: Tensor = X
+    return out
 
 
 def solve_free(

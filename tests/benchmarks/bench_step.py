@@ -1,21 +1,23 @@
-"""Time of one training step: plain optimizer step vs partial JD (ours) vs TorchJD (if installed).
+"""Time and memory of one training step: plain optimizer step vs partial JD (ours) vs TorchJD.
 
-Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--rounds 30]``, or
-``--profile mlp`` for ``torch.profiler`` tables of plain and ours.
+Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--only mlp vit] [--rounds 30]``,
+or ``--profile NAME`` for ``torch.profiler`` tables of plain and ours on that workload.
 
-Every variant does forward + backward + ``SGD.step()`` on the same batch; rounds are interleaved
-(plain, ours, torchjd, plain, ...) in one process and the medians are reported, with the ratio
-to the plain step. Peak memory per variant: on CUDA ``max_memory_allocated`` during the timed
-steps; on CPU the peak resident-set growth of one step, each variant in a fresh process
+Every variant does forward + backward + ``SGD.step()`` on the same batch (under autocast where the
+workload says so); rounds are interleaved (plain, ours, torchjd, plain, ...) in one process and
+the medians are reported, with the ratio to the plain step. TorchJD (if installed) runs where
+the batch is at most 256. Peak memory per variant: on CUDA ``max_memory_allocated`` during the
+timed steps; on the CPU the peak resident-set growth of one step, each variant in a fresh process
 (``bench_memory.peak_growth``). ``resumed``: whether our step resumed the trunk's backward at the
 considered part's boundary (``StepInfo.resumed``); ``stages``: the medians of
-``StepInfo.gramian_seconds`` (graph walk, collection pass to the boundary, per-layer rules) and
-``weighting_seconds`` (UPGrad's QP).
+``StepInfo.gramian_seconds`` (graph walk, collection pass, per-layer rules) and
+``weighting_seconds`` (UPGrad), host-side times (on CUDA, without synchronisation).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import subprocess
@@ -38,53 +40,97 @@ class Workload:
     considered: list[str]  # sub-module names
     inputs: Tensor
     targets: Tensor
+    autocast: torch.dtype | None = None
 
 
-def mlp(device: str) -> Workload:
-    model = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 10),
-    )
-    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
-    return Workload("MLP 784-1024-1024-10, B=128", model, ["3", "5"], x, y)
+def mlp(batch: int) -> Callable[[], Workload]:
+    def build() -> Workload:
+        model = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 10),
+        )
+        x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+        return Workload(f"MLP 784-1024-1024-10, B={batch}", model, ["3", "5"], x, y)
+
+    return build
 
 
-def seed(device: str) -> Workload:
+def seed() -> Workload:
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))
     return Workload("seed MLP, B=16", model, ["2", "4"], torch.randn(16, 10), torch.randn(16))
 
 
-def vit(device: str) -> Workload:
+def vit(name: str, size: int, batch: int, autocast: torch.dtype | None) -> Callable[[], Workload]:
+    def build() -> Workload:
+        import timm
+
+        model = timm.create_model(name, pretrained=False, img_size=size, num_classes=1000)
+        last = len(list(model.get_submodule("blocks").children())) - 1
+        considered = [f"blocks.{last}", "norm", "head"]
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+        amp = f", {str(autocast)[6:]} autocast" if autocast else ""
+        label = f"{name} {size}px, B={batch}{amp} (last block + norm + head)"
+        return Workload(label, model, considered, x, y, autocast)
+
+    return build
+
+
+def resnet50() -> Workload:
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10)
-    last = len(list(model.get_submodule("blocks").children())) - 1
-    considered = [f"blocks.{last}", "norm", "head"]
-    x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
-    return Workload("ViT-tiny 64px, B=32", model, considered, x, y)
+    model = timm.create_model("resnet50", pretrained=False, num_classes=1000)
+    x, y = torch.randn(256, 3, 224, 224), torch.randint(0, 1000, (256,))
+    return Workload("resnet50 224px, B=256 (fc)", model, ["fc"], x, y)
+
+
+BUILDERS: dict[str, Callable[[], Workload]] = {
+    "seed": seed,
+    "mlp": mlp(128),
+    "vit_tiny": vit("vit_tiny_patch16_224", 64, 32, None),
+    "mlp1024": mlp(1024),
+    "vit_b": vit("vit_base_patch16_224", 224, 64, None),
+    "vit_b_bf16": vit("vit_base_patch16_224", 224, 256, torch.bfloat16),
+    "resnet50": resnet50,
+}
+DEFAULTS = {
+    "cpu": ["seed", "mlp", "vit_tiny"],
+    "cuda": ["mlp", "mlp1024", "vit_b", "vit_b_bf16", "resnet50"],
+}
 
 
 def per_sample_loss(out: Tensor, targets: Tensor) -> Tensor:
     if targets.is_floating_point():
-        return (out.squeeze(1) - targets).pow(2)
-    return nn.functional.cross_entropy(out, targets, reduction="none")
+        return (out.float().squeeze(1) - targets).pow(2)
+    return nn.functional.cross_entropy(out.float(), targets, reduction="none")
 
 
 def variants(
-    w: Workload, weighting: str
+    w: Workload, weighting: str, device: str
 ) -> tuple[dict[str, Callable[[], None]], PartialJDOptimizer]:
     """One step per variant, each on its own copy of the model (hooks never overlap); and our
     optimizer (for ``last_step``)."""
+    w.model.to(device)
+    x, y = w.inputs.to(device), w.targets.to(device)
+
+    def autocast() -> contextlib.AbstractContextManager[None]:
+        if w.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=w.autocast)
+
+    def losses_of(model: nn.Module) -> Tensor:
+        with autocast():
+            return per_sample_loss(model(x), y)
+
     out: dict[str, Callable[[], None]] = {}
     model = copy.deepcopy(w.model)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def plain() -> None:
-        torch.autograd.backward(per_sample_loss(model(w.inputs), w.targets).mean())
+        torch.autograd.backward(losses_of(model).mean())
         sgd.step()
         sgd.zero_grad()
 
@@ -99,7 +145,7 @@ def variants(
     )
 
     def jd() -> None:
-        ours.step(per_sample_loss(jd_model(w.inputs), w.targets))
+        ours.step(losses_of(jd_model))
         ours.zero_grad()
 
     out["ours"] = jd
@@ -108,13 +154,15 @@ def variants(
         from torchjd.autogram import Engine
     except ImportError:
         return out, ours
+    if x.shape[0] > 256:
+        return out, ours
     ref_model = copy.deepcopy(w.model)
     ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=1e-3)
     engine = Engine(*[ref_model.get_submodule(name) for name in w.considered], batch_dim=0)
     torchjd_weighting = UPGradWeighting()
 
     def torchjd() -> None:
-        losses = per_sample_loss(ref_model(w.inputs), w.targets)
+        losses = losses_of(ref_model)
         torch.autograd.backward(losses, torchjd_weighting(engine.compute_gramian(losses)))
         ref_sgd.step()
         ref_sgd.zero_grad()
@@ -124,16 +172,19 @@ def variants(
 
 
 def measure(key: str, rounds: int, device: str, weighting: str) -> None:
-    w = BUILDERS[key](device)
-    w.model.to(device)
-    w.inputs, w.targets = w.inputs.to(device), w.targets.to(device)
-    runs, ours = variants(w, weighting)
+    w = BUILDERS[key]()
+    runs, ours = variants(w, weighting, device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     stages: dict[str, list[float]] = {"Gramian": [], "weighting": []}
     peaks: dict[str, int] = {}
-    for run in runs.values():  # warm-up
-        run()
-        run()
+    failed: dict[str, str] = {}
+    for name, run in list(runs.items()):  # warm-up
+        try:
+            run()
+            run()
+        except Exception as error:  # e.g. TorchJD on a dtype it does not support
+            failed[name] = f"{type(error).__name__}: {str(error)[:80]}"
+            del runs[name], times[name]
     for _ in range(rounds):
         for name, run in runs.items():
             if device == "cuda":
@@ -159,34 +210,41 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
         kind = "peak" if device == "cuda" else "peak growth"
         print(
             f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}"
-            f"   {kind} {peaks[name] / 2**20:8.1f} MiB"
+            f"   {kind} {peaks[name] / 2**20:9.1f} MiB"
         )
+    for name, reason in failed.items():
+        print(f"  {name:8s} failed: {reason}")
     inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
-    print(f"  ours' stages (StepInfo): {inside}")
+    print(f"  ours' stages (StepInfo): {inside}", flush=True)
 
 
-def profile(key: str, weighting: str, steps: int = 10) -> None:
-    """``torch.profiler`` tables (top operators by self CPU time) of ``steps`` steps of plain and
+def profile(key: str, weighting: str, device: str, steps: int = 10) -> None:
+    """``torch.profiler`` tables (top operators by self time) of ``steps`` steps of plain and
     ours: where ours spends time that plain does not (non-torch work, e.g. the NumPy QP and
     Python, shows as the self time of ``PartialJDOptimizer.step``)."""
+    from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    runs, _ = variants(BUILDERS[key]("cpu"), weighting)
+    runs, _ = variants(BUILDERS[key](), weighting, device)
+    activities = [ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
     for name in ("plain", "ours"):
         runs[name]()
-        with torch_profile() as prof:
+        with torch_profile(activities=activities) as prof:
             for _ in range(steps):
                 runs[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
         print(f"\n{name}, {steps} steps")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
 
 def peak_in_fresh_process(key: str, variant: str, weighting: str) -> int:
     command = [sys.executable, __file__, "--peak", key, variant, "--weighting", weighting]
     return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-
-
-BUILDERS: dict[str, Callable[[str], Workload]] = {"seed": seed, "mlp": mlp, "vit": vit}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,14 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.profile:
-        profile(args.profile, args.weighting)
+        profile(args.profile, args.weighting, args.device)
         return
     if args.peak:
         key, variant = args.peak
-        print(peak_growth(variants(BUILDERS[key]("cpu"), args.weighting)[0][variant]))
+        print(peak_growth(variants(BUILDERS[key](), args.weighting, "cpu")[0][variant]))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for key in args.only or list(BUILDERS):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    for key in args.only or DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]:
         measure(key, args.rounds, args.device, args.weighting)
 
 
