@@ -36,10 +36,10 @@ def losses_of(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step() -> None:
-    model, reference, scaled, plain = twin_optimizers()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x = torch.randn(6, 5)
+def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step(device: str) -> None:
+    model, reference, scaled, plain = twin_optimizers(device=device)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x = torch.randn(6, 5, device=device)
     w_scaled = scaled.backward(scaler.scale(losses_of(model, x)))
     scaler.unscale_(scaled)
     nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -118,12 +118,12 @@ def state_of(model: nn.Module, optimizer: PartialJDOptimizer) -> list[Tensor]:
 @pytest.mark.parametrize("recipe", ["readme", "jd_scaler"])
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 def test_fp16_overflow_under_a_grad_scaler_is_a_skipped_step_and_training_goes_on(
-    recipe: str, nonfinite: str
+    recipe: str, nonfinite: str, device: str
 ) -> None:
     """As after ``scaler.scale(loss).backward()``: an overflow skips the step (no parameter or
     optimizer state changes), the scale backs off, and once it is small enough steps update."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         model,
@@ -131,18 +131,18 @@ def test_fp16_overflow_under_a_grad_scaler_is_a_skipped_step_and_training_goes_o
         nonfinite=nonfinite,  # type: ignore[arg-type]
     )
     if recipe == "readme":
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**24)
         step, scale = readme_recipe(scaler), scaler.get_scale
     else:
-        jd = JDScaler("cpu", init_scale=2.0**24)
+        jd = JDScaler(device, init_scale=2.0**24)
         step, scale = jd_scaler_recipe(jd), lambda: jd.state_dict()["scale"]
-    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 5, device=device), torch.randint(0, 3, (6,), device=device)
     optimizer.step(nn.functional.cross_entropy(model(x), y, reduction="none"))  # momentum state
     optimizer.zero_grad()
     updated = []
     for _ in range(16):
         before, scale_before = state_of(model, optimizer), scale()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             losses = nn.functional.cross_entropy(model(x), y, reduction="none")
         step(model, optimizer, losses)
         optimizer.zero_grad()

@@ -245,3 +245,18 @@ def test_subclass_overriding_forward_falls_back_to_the_generic_rule() -> None:
         type(rule_for(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))).__name__
         == "LinearRule"
     )
+
+
+def test_materialised_gradients_in_slices_give_the_same_gramian(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-sample gradients are formed a few output channels at a time (bounded memory)."""
+    from pjd_optim.gramian import linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 9).double()
+    x = torch.randn(5, 6, 7, dtype=torch.float64)
+    whole, expected = rule_gramian(LinearRule("materialize"), layer, x)
+    monkeypatch.setattr(linear, "MATERIALIZE_LIMIT", 5 * 7 * 2)  # two channels per slice
+    sliced, _ = rule_gramian(LinearRule("materialize"), layer, x)
+    assert relative_error(sliced, expected) < 1e-12 and relative_error(whole, expected) < 1e-12

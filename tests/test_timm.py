@@ -49,9 +49,9 @@ def test_timm_adamw_groups_with_layer_decay_are_left_as_built() -> None:
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "lookahead_adamw", "sgd"])
-def test_timm_optimizer_step_equals_oracle_step(opt_name: str) -> None:
+def test_timm_optimizer_step_equals_oracle_step(opt_name: str, device: str) -> None:
     # float64: Adam divides by √v, which turns float32 noise on tiny gradients into visible steps.
-    model = tiny_vit().double()
+    model = tiny_vit().double().to(device)
     reference = copy.deepcopy(model)
     optimizer = PartialJDOptimizer(
         create_optimizer_v2(model, opt_name, lr=1e-2, weight_decay=0.05),
@@ -61,7 +61,8 @@ def test_timm_optimizer_step_equals_oracle_step(opt_name: str) -> None:
     ref_optimizer: Optimizer = create_optimizer_v2(reference, opt_name, lr=1e-2, weight_decay=0.05)
     ref_considered = parameters_of(considered_of(reference))
     for step in range(2):
-        x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, step])
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, device=device)
+        y = torch.tensor([0, 1, 2, step], device=device)
         losses = vit_losses(reference, x, y)
         weights = UPGrad()(oracle_gramian(losses, ref_considered))
         for p, g in zip(

@@ -11,7 +11,6 @@ import torch
 from oracle import relative_error as rel_err
 from qp import F64, assert_kkt, quadprog_rows, regularised
 from qp import random_gramian as _random_gramian
-from qpsolvers import solve_qp
 from torch import Tensor
 
 from pjd_optim import MGDA, DualProj, Mean, UPGrad, Weighting
@@ -228,6 +227,7 @@ def test_mgda_matches_quadprog(m: int, rank: int) -> None:
     w = MGDA()(G)
     assert_mgda_kkt(Gr, w)
     ones = np.ones((1, m))
+    solve_qp = pytest.importorskip("qpsolvers").solve_qp
     ref = solve_qp(
         Gr.numpy(), np.zeros(m), -np.eye(m), np.zeros(m), ones, np.ones(1), solver="quadprog"
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import Call, register_gramian_rule
-from .linear import GroupedLinearRule, cat_positions, compute_dtype
+from .linear import GroupedLinearRule, cat_positions
 
 
 def unfold(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -43,15 +43,14 @@ class ConvRule(GroupedLinearRule):
         inputs, grads = [], []
         for call in calls:
             x, gy = call.args[0], call.output_grads[0]
-            dtype = compute_dtype(gy)
             if x.ndim == len(module.kernel_size) + 1:  # unbatched input
                 raise ValueError(
                     f"{type(module).__name__} received an unbatched input; "
                     "partial JD needs the batch on dim 0."
                 )
-            patches = unfold(module, x.to(dtype))
+            patches = unfold(module, x)
             b, t = patches.shape[:2]
             inputs.append(patches.view(b, t, g, -1))
-            gy = gy.to(dtype).flatten(start_dim=2).transpose(1, 2)  # [B, T, C_out]
+            gy = gy.to(x.dtype).flatten(start_dim=2).transpose(1, 2)  # [B, T, C_out]
             grads.append(gy.reshape(b, t, g, -1))
         return cat_positions(inputs), cat_positions(grads)
