@@ -4,9 +4,10 @@
 >>> optimizer.step(losses)                        # per-instance losses, shape [B]
 """
 
+from ._info import StepInfo
 from .amp import JDScaler
 from .gramian import Call, GramianRule, register_gramian_rule
-from .optimizer import Distributed, GramianMode, NonFinite, PartialJDOptimizer, StepInfo
+from .optimizer import Distributed, GramianMode, NonFinite, PartialJDOptimizer
 from .weightings import MGDA, DualProj, Mean, UPGrad, Weighting
 
 __all__ = [

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .gramian import Call, map_rows
-
-Record = tuple[torch.nn.Module, Call]
+from ._records import Record
+from .gramian import map_rows
 
 
 def world() -> tuple[int, int]:

@@ -7,29 +7,35 @@ parameters) comes from. The optimizer holds one of them, chosen at construction:
   Parameters used by several modules (tied weights) get their per-sample gradients summed across
   modules first. Where the graph allows it, the weighted gradient is then book-kept from the same
   factors and the trunk's backward resumes at the considered part's boundary (``_resume``).
-- :class:`AutogradGramian` (``gramian_mode="autograd"``): one vector-Jacobian product per
-  objective (batched). Exact for any graph, including batch-coupled ones, and slow.
-- :class:`ClosedGramian`: after ``close()``; every Jacobian-descent step is refused.
+- ``AutogradGramian`` (``gramian_mode="autograd"``, in ``_autograd``): one vector-Jacobian
+  product per objective (batched). Exact for any graph, including batch-coupled ones, and slow.
+- ``ClosedGramian`` (in ``_autograd``): after ``close()``; every Jacobian-descent step is refused.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._hooks import HookSet, ModuleCall, suspended
+from ._records import (
+    Record,
+    accumulate,
+    batch_major,
+    by_module,
+    objective_major_to_sample_major,
+    rows_like,
+    scaled,
+    with_rows,
+)
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
 from .gramian import Call, couples_batch, map_rows, rule_for, sum_of_gramians
-from .gramian._registry import GramianRule
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
-Record = tuple[nn.Module, Call]
 Gather = Callable[[list[Record]], list[Record]]
 
 
@@ -49,6 +55,10 @@ class GramianSource:
         raise NotImplementedError
 
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
+        raise NotImplementedError
+
+    def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
+        """``[k, k]`` Gramian of ``k`` scalar task losses (see ``_tasks``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -131,7 +141,7 @@ class HookedGramian(GramianSource):
         gramians: list[Tensor] = []
         shared_grads: dict[int, Tensor] = {}
         with suspended():  # rules may re-run a module's forward: no taps there
-            for module, calls in _by_module(records).items():
+            for module, calls in by_module(records).items():
                 params = self._trainable(module)
                 own = {n: p for n, p in params.items() if id(p) not in self.shared}
                 tied = {n: p for n, p in params.items() if id(p) in self.shared}
@@ -140,36 +150,65 @@ class HookedGramian(GramianSource):
                     gramians.append(rule.gramian(module, calls, own))
                 if tied:
                     for name, grad in rule.per_sample_grads(module, calls, tied).items():
-                        _accumulate(shared_grads, id(tied[name]), grad)
+                        accumulate(shared_grads, id(tied[name]), grad)
         if shared_grads:
             gramians.append(sum_of_gramians(list(shared_grads.values())))
         total = gramians[0]
         for g in gramians[1:]:
             total = total + g  # type promotion keeps the widest dtype
-        return _objective_major_to_sample_major(total, losses)
+        return objective_major_to_sample_major(total, losses)
 
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
         """``Σ_i w_i ∇ℓ_i`` into ``.grad`` without a second backward through the considered
         modules: theirs from ``summed_grads`` on output gradients scaled by ``w``, the trunk's by
         one backward from the boundary with rows scaled by ``w``. Both run in one engine call,
         so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
-        by_module = _by_module(resume.records)
-        owned = {module: self._trainable(module) for module in by_module}
+        grouped = by_module(resume.records)
+        owned = {module: self._trainable(module) for module in grouped}
         params = {id(p): p for own in owned.values() for p in own.values()}
 
         def summed() -> list[Tensor | None]:
             total: dict[int, Tensor] = {}
             with suspended():
-                for module, calls in by_module.items():
-                    weighted = [_scaled(call, weights) for call in calls]
+                for module, calls in grouped.items():
+                    weighted = [scaled(call, weights) for call in calls]
                     own = owned[module]
                     for name, grad in rule_for(module).summed_grads(module, weighted, own).items():
-                        _accumulate(total, id(own[name]), grad)
+                        accumulate(total, id(own[name]), grad)
             return [total[k].to(p.dtype) if k in total else None for k, p in params.items()]
 
         root = book_kept(summed, list(params.values()))
-        boundary_grads = [grad * _rows_like(weights, grad) for grad in resume.grads]
+        boundary_grads = [grad * rows_like(weights, grad) for grad in resume.grads]
         torch.autograd.backward([*resume.boundary, root], [*boundary_grads, torch.ones_like(root)])
+
+    def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
+        """One collection pass per task loss; each considered module's rule turns that task's
+        output gradients into its parameters' gradients (``summed_grads``: the exact VJP, summed
+        over instances), and ``G = P Pᵀ`` over the ``k`` rows of those gradients."""
+        k = len(losses)
+        per_param: dict[int, list[Tensor | None]] = {}
+        for j, loss in enumerate(losses):
+            with self.hooks.collecting() as collector:
+                torch.autograd.grad(
+                    self.hooks.probe(loss), self.hooks.anchor, retain_graph=True, allow_unused=True
+                )
+            self._check_inputs(call for call, _ in collector.calls)
+            records = [batch_major(call, [grads]) for call, grads in collector.calls]
+            with suspended():
+                for module, calls in by_module((c.module, r) for c, r in records).items():
+                    own = self._trainable(module)
+                    for name, grad in rule_for(module).summed_grads(module, calls, own).items():
+                        slot = per_param.setdefault(id(own[name]), [None] * k)
+                        previous = slot[j]
+                        slot[j] = grad.flatten() if previous is None else previous + grad.flatten()
+        if not per_param:
+            raise self._not_connected()
+        columns = [  # per parameter, [k, numel] (zeros for a task that does not reach it)
+            torch.stack([g if g is not None else _zeros_like_any(slots) for g in slots])
+            for slots in per_param.values()
+        ]
+        P = torch.cat(columns, dim=1)
+        return P @ P.T
 
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
@@ -211,29 +250,36 @@ class HookedGramian(GramianSource):
         if coupling:
             self._refuse_coupling(coupling)
         if not grads:
-            raise ValueError(
-                "The losses do not depend on any considered parameter. Compute them from a "
-                "forward of the model this optimizer was built with (not of a copy of it, e.g. "
-                "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
-            )
-        for call in grads:
+            raise self._not_connected()
+        self._check_inputs(grads)
+        records = [batch_major(call, passes) for call, passes in grads.items()]
+        if objectives == 1 and any(r.output_grads[0].shape[0] != batch for _, r in records):
+            records = self._scatter_to_losses(columns, records)
+        records.sort(key=lambda item: item[0].order)
+        out = [
+            (call.module, with_rows(self._name(call.module), rec, batch, objectives))
+            for call, rec in records
+        ]
+        if resume is not None:
+            resume.records = out
+        return out
+
+    def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
+        for call in calls:
             if call.modified_in_place():
                 raise ValueError(
                     f"An input of {self._name(call.module)} was modified in place after its "
                     "forward, so its saved value is stale. Avoid in-place operations on the inputs "
                     "of considered modules (e.g. use out = x * 2 instead of x.mul_(2))."
                 )
-        records = [_batch_major(call, passes) for call, passes in grads.items()]
-        if objectives == 1 and any(r.output_grads[0].shape[0] != batch for _, r in records):
-            records = self._scatter_to_losses(columns, records)
-        records.sort(key=lambda item: item[0].order)
-        out = [
-            (call.module, _with_rows(self._name(call.module), rec, batch, objectives))
-            for call, rec in records
-        ]
-        if resume is not None:
-            resume.records = out
-        return out
+
+    @staticmethod
+    def _not_connected() -> ValueError:
+        return ValueError(
+            "The losses do not depend on any considered parameter. Compute them from a forward "
+            "of the model this optimizer was built with (not of a copy of it, e.g. "
+            "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
+        )
 
     def _name(self, module: nn.Module) -> str:
         return f"{self.names.get(id(module), '?')} ({type(module).__name__})"
@@ -249,8 +295,8 @@ class HookedGramian(GramianSource):
         )
 
     def _scatter_to_losses(
-        self, columns: Tensor, records: list[tuple[ModuleCall, _Passes]]
-    ) -> list[tuple[ModuleCall, _Passes]]:
+        self, columns: Tensor, records: list[tuple[ModuleCall, Call]]
+    ) -> list[tuple[ModuleCall, Call]]:
         """Several forwards concatenated into one loss vector: find which loss each row of each
         call feeds (one more pass, cotangent ``i + 1`` for loss ``i``, gives row ``r`` scaled by
         its loss index) and spread every call's rows onto the ``B`` losses, with zero rows where
@@ -265,7 +311,7 @@ class HookedGramian(GramianSource):
                 retain_graph=True,
                 allow_unused=True,
             )
-        tagged = {call: _batch_major(call, [grads])[1] for call, grads in collector.calls}
+        tagged = {call: batch_major(call, [grads])[1] for call, grads in collector.calls}
         spread = []
         for call, passes in records:
             ones = torch.cat([g.flatten(start_dim=1) for g in passes.output_grads], dim=1)
@@ -277,7 +323,9 @@ class HookedGramian(GramianSource):
             if torch.unique(index[live]).numel() != int(live.sum()):
                 raise ValueError(
                     f"Two rows of one call of {self._name(call.module)} feed the same loss: "
-                    "losses must be per-instance (one row of the batch each)."
+                    "losses must be per-instance (one row of the batch each). Objectives that "
+                    "mix the batch go in a list of scalar task losses, step([loss_1, ...]), or "
+                    "use gramian_mode='autograd'."
                 )
 
             def place(x: Tensor, index: Tensor = index[live], live: Tensor = live) -> Tensor:
@@ -288,134 +336,9 @@ class HookedGramian(GramianSource):
         return spread
 
 
-_Passes = Call  # a call whose output gradients are stacked over the passes (objective-major)
+def _zeros_like_any(slots: Sequence[Tensor | None]) -> Tensor:
+    """Zeros shaped as the gradients in ``slots`` (a task that does not reach a parameter)."""
+    return torch.zeros_like(next(g for g in slots if g is not None))
 
 
-def _batch_major(call: ModuleCall, passes: list[tuple[Tensor, ...]]) -> tuple[ModuleCall, _Passes]:
-    """The public record of ``call`` with the batch moved to dim 0 (see
-    :meth:`GramianRule.batch_dims`) and the output gradients of the passes stacked along it."""
-    rule = rule_for(call.module)
-    in_dims, out_dims = rule.batch_dims(call.module)
-    grads = [torch.cat(g, dim=0) if len(g) > 1 else g[0] for g in zip(*passes, strict=True)]
-    if tuple(in_dims) == (0,) and tuple(out_dims) == (0,):
-        return call, Call(call.args, call.kwargs, tuple(grads), call.tapped)
-    # Dims other than 0: move them (the passes were stacked along dim 0 above, so redo it).
-    grads = [
-        torch.cat([g[k].movedim(_dim(out_dims, p), 0) for g in passes], dim=0)
-        for k, p in enumerate(call.tapped)
-    ]
-    leaves, spec = tree_flatten((call.args, call.kwargs))
-    position = 0
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, Tensor):
-            leaves[i] = leaf.movedim(_dim(in_dims, position), 0)
-            position += 1
-    args, kwargs = tree_unflatten(leaves, spec)
-    return call, Call(args, kwargs, tuple(grads), call.tapped)
-
-
-def _dim(dims: Sequence[int], position: int) -> int:
-    return dims[min(position, len(dims) - 1)]
-
-
-def _with_rows(name: str, call: Call, batch: int, objectives: int) -> Call:
-    """``call`` checked to have ``K·B`` rows; for ``K`` objective columns, inputs repeated."""
-    rows = objectives * batch
-    if any(g.shape[0] != rows for g in call.output_grads):
-        raise ValueError(
-            f"{name} saw a batch of {call.output_grads[0].shape[0] // objectives} rows but the "
-            f"losses have {batch} rows. Losses must be "
-            "per-instance with the batch on dim 0 of every considered module's input and output; "
-            "concatenate per-sample losses of separate forwards in order, or use "
-            "gramian_mode='autograd'."
-        )
-    if objectives == 1:
-        return call
-
-    def repeat(x: Tensor) -> Tensor:
-        return x.repeat(objectives, *([1] * (x.ndim - 1)))
-
-    return map_rows(call, batch, repeat, call.output_grads)
-
-
-def _by_module(records: Iterable[Record]) -> dict[nn.Module, list[Call]]:
-    by_module: dict[nn.Module, list[Call]] = defaultdict(list)
-    for module, call in records:
-        by_module[module].append(call)
-    return by_module
-
-
-def _accumulate(total: dict[int, Tensor], key: int, value: Tensor) -> None:
-    total[key] = total[key] + value if key in total else value
-
-
-def _scaled(call: Call, weights: Tensor) -> Call:
-    """``call`` with row ``i`` of its output gradients scaled by ``weights[i]``."""
-    return replace(call, output_grads=tuple(g * _rows_like(weights, g) for g in call.output_grads))
-
-
-def _rows_like(weights: Tensor, x: Tensor) -> Tensor:
-    """``weights`` ``[B]`` shaped to scale the rows of ``x`` ``[B, ...]``."""
-    return weights.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-
-
-def _objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
-    """Reorder a Gramian indexed (objective, sample) as ``losses.flatten()`` (sample, objective)."""
-    batch = losses.shape[0]
-    objectives = losses.numel() // batch
-    if objectives == 1:
-        return gramian
-    g = gramian.view(objectives, batch, objectives, batch).permute(1, 0, 3, 2)
-    return g.reshape(batch * objectives, batch * objectives)
-
-
-class AutogradGramian(GramianSource):
-    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
-
-    def __init__(self, considered: Sequence[Tensor]) -> None:
-        self.considered = list(considered)
-
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
-        return autograd_gramian(losses, self.considered)
-
-
-def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
-    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
-    flat = losses.flatten()
-    inputs = [p for p in params if p.requires_grad]
-    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-    try:
-        jac = torch.autograd.grad(
-            flat, inputs, eye, retain_graph=True, is_grads_batched=True, materialize_grads=True
-        )
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(flat, inputs, e, retain_graph=True, materialize_grads=True)
-            for e in eye
-        ]
-        jac = tuple(torch.stack(col) for col in zip(*rows, strict=True))
-    return sum_of_gramians(list(jac))
-
-
-class ClosedGramian(GramianSource):
-    """After ``close()``: the hooks are gone, so no Gramian can be computed."""
-
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
-        raise ValueError(
-            "This PartialJDOptimizer was closed (its hooks were removed), so it cannot take a "
-            "Jacobian-descent step any more: build a new one, or call step() for a plain step."
-        )
-
-
-__all__ = [
-    "AutogradGramian",
-    "ClosedGramian",
-    "GramianRule",
-    "GramianSource",
-    "HookedGramian",
-    "plan_modules",
-]
+__all__ = ["GramianSource", "HookedGramian", "plan_modules"]

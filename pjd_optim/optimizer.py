@@ -4,77 +4,32 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._autograd import AutogradGramian, ClosedGramian
 from ._checks import RestoreGradsOnError, as_weighting, check_losses, check_weights, is_finite
 from ._distributed import CallGatherer, world
-from ._engine import AutogradGramian, ClosedGramian, GramianSource, HookedGramian, plan_modules
+from ._engine import GramianSource, HookedGramian, plan_modules
 from ._groups import check_disjoint, check_optimized, considered_of
 from ._hooks import finalize_with
+from ._info import Status, StepInfo
+from ._tasks import check_task_losses, heads
+from ._wrapper import WrappedOptimizer
 from .weightings import UPGrad, Weighting
 
+Losses = Tensor | Sequence[Tensor]  # per-instance losses, or task losses (one scalar each)
 GramianMode = Literal["hooks", "autograd"]
 Distributed = Literal["local", "global"]
 NonFinite = Literal["raise", "skip"]
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """What the last :meth:`PartialJDOptimizer.backward` computed (detached).
-
-    ``conflict`` is the fraction of pairs ``i < j`` with a negative cosine ``G_ij < 0`` and
-    ``min_cosine`` the smallest ``G_ij / √(G_ii G_jj)`` (both over the considered parameters).
-    ``gramian_seconds`` and ``weighting_seconds`` are host wall-clock times of the two stages
-    (on CUDA, without synchronisation: they measure launch, not kernel, time). ``resumed``: the
-    weighted gradient was book-kept and the trunk's backward resumed at the boundary.
-    """
-
-    gramian: Tensor
-    weights: Tensor
-    gramian_seconds: float = 0.0
-    weighting_seconds: float = 0.0
-    received_bytes: int = 0
-    resumed: bool = False
-
-    @property
-    def cosines(self) -> Tensor:
-        norms = self.gramian.diagonal().clamp_min(torch.finfo(self.gramian.dtype).tiny).sqrt()
-        return self.gramian / norms.unsqueeze(0) / norms.unsqueeze(1)
-
-    @property
-    def conflict(self) -> float:
-        m = self.gramian.shape[0]
-        if m < 2:
-            return 0.0
-        upper = torch.triu(torch.ones(m, m, dtype=torch.bool, device=self.gramian.device), 1)
-        return float((self.gramian[upper] < 0).float().mean())
-
-    @property
-    def min_cosine(self) -> float:
-        return float(self.cosines.min())
-
-
-@dataclass
-class _Status:
-    """What the steps change on the wrapper, in one object: a proxy of the optimizer (Lightning's
-    ``LightningOptimizer`` subclasses the optimizer's class and forwards attribute reads) calling
-    these methods then updates the optimizer's own state."""
-
-    source: GramianSource
-    last_step: StepInfo | None = None
-    skipped_steps: int = 0
-    pending: bool = False  # a Jacobian-descent backward since the last step
-    warned_plain: bool = False
-    nonfinite_grad: tuple[Tensor, Tensor] | None = None  # (parameter, its non-finite .grad)
-
-
-class PartialJDOptimizer(Optimizer):
+class PartialJDOptimizer(WrappedOptimizer):
     r"""Partial Jacobian descent: resolves conflicts between per-instance losses, then lets
     ``base`` update the parameters.
 
@@ -166,19 +121,14 @@ class PartialJDOptimizer(Optimizer):
             )
         plan_modules(model, params)  # every considered parameter is in `model`
         check_optimized(base.param_groups, params)
-        # Nothing above changed anything. torch's plumbing (step and state-dict hooks, profiler
-        # names) is set up around the base's groups; they are then shared, not copied.
-        super().__init__(base.param_groups, base.defaults)
-        self.base = base
-        self.param_groups = base.param_groups
-        self.state = base.state
+        super().__init__(base)  # nothing above changed anything
         self.model = model
         self.weighting = weighting
         self.gramian_mode: GramianMode = gramian_mode
         self.distributed: Distributed = distributed
         self.nonfinite: NonFinite = nonfinite
         self._considered = params
-        self._status = _Status(self._open_source())
+        self._status = Status(self._open_source())
 
     def _open_source(self) -> GramianSource:
         if self.gramian_mode == "autograd":
@@ -203,23 +153,28 @@ class PartialJDOptimizer(Optimizer):
         return list(self._considered)
 
     # -- the step ---------------------------------------------------------------------------------
-    def backward(self, losses: Tensor) -> Tensor:
+    def backward(self, losses: Losses) -> Tensor:
         """Accumulate ``Σ_i w_i ∇ℓ_i`` into ``.grad`` of every trainable parameter; return ``w``.
 
-        No update. Called several times before :meth:`step`, it accumulates, each call weighted
-        by its own Gramian. On an error nothing (parameters, ``.grad``, state) has changed.
-        Non-finite losses or Gramian (a ``GradScaler`` overflow) give non-finite gradients and
-        ``NaN`` weights, so that ``GradScaler`` skips the step; ``step()`` refuses them.
+        ``losses``: per-instance losses (a tensor), or task losses (a list of scalars; see the
+        class docstring). No update. Called several times before :meth:`step`, it accumulates,
+        each call weighted by its own Gramian. On an error nothing (parameters, ``.grad``,
+        state) has changed. Non-finite losses or Gramian (a ``GradScaler`` overflow) give
+        non-finite gradients and ``NaN`` weights, so that ``GradScaler`` skips the step;
+        ``step()`` refuses them.
         """
         weights = self._jd_backward(losses, stop_on_nonfinite=False)
         assert weights is not None
         return weights
 
-    def _jd_backward(self, losses: Tensor, stop_on_nonfinite: bool) -> Tensor | None:
+    def _jd_backward(self, losses: Losses, stop_on_nonfinite: bool) -> Tensor | None:
         """The Jacobian-descent backward: Gramian → weights → weighted gradient into ``.grad``.
         Returns the weights, or ``None`` when a non-finite step was skipped."""
+        if isinstance(losses, (list, tuple)):
+            return self._task_backward(losses, stop_on_nonfinite)
         status = self._status
-        flat = check_losses(losses)
+        flat = check_losses(losses)  # (a clear error unless a tensor of per-instance losses)
+        assert isinstance(losses, Tensor)
         size, rank = world() if self.distributed == "global" else (1, 0)
         if size > 1 and losses.ndim != 1:
             raise ValueError("distributed='global' needs 1-D losses (one per sample).")
@@ -228,44 +183,89 @@ class PartialJDOptimizer(Optimizer):
         # Resume the trunk's backward at the considered part's boundary where that is exact.
         resume = status.source.resume_point(losses)
         gramian = status.source.gramian(losses, gather, resume)
-        finite = is_finite(gramian, flat)
-        if not finite and stop_on_nonfinite:
-            if self.nonfinite == "skip":
-                status.skipped_steps += 1
-                status.last_step = None
-                return None
-            raise ValueError(
-                "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
-                "and the learning rate, skip this batch, or pass nonfinite='skip'."
-            )
         middle = time.perf_counter()
-        if finite:
-            all_weights = check_weights(self.weighting(gramian.detach()), gramian.shape[0], flat)
-        else:  # as Tensor.backward on an overflowed loss: a non-finite gradient
-            all_weights = torch.full_like(gramian[0], torch.nan)
+        all_weights = self._weigh(gramian, flat, stop_on_nonfinite)
+        if all_weights is None:
+            return None
         end = time.perf_counter()
         m = flat.numel()
         weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
         applied = (weights * size).to(flat.dtype)  # DDP averages the ranks' gradients
-        with RestoreGradsOnError([*self.model.parameters(), *self._group_parameters()]):
+        with RestoreGradsOnError(self._trainable()):
             if resume is not None:
                 status.source.weighted_backward(resume, applied)
             else:
                 torch.autograd.backward(flat, applied)
+        received = 0 if gather is None else gather.received_bytes
+        info = StepInfo(gramian.detach(), all_weights, middle - start, end - middle, received)
+        self._record(replace(info, resumed=resume is not None))
+        return weights
+
+    def _task_backward(self, losses: Sequence[Tensor], stop_on_nonfinite: bool) -> Tensor | None:
+        """The same for task losses: the Gramian of the task losses; parameters after the
+        considered part (heads) get the plain sum of the task gradients, every other one the
+        weighted sum (see ``_tasks``)."""
+        status = self._status
+        tasks = check_task_losses(losses)
+        if world()[0] > 1:
+            raise ValueError("Task losses are not supported under torch.distributed yet.")
+        start = time.perf_counter()
+        trainable = self._trainable()
+        head_params = heads(tasks, self._considered, trainable)
+        gramian = status.source.task_gramian(tasks)
+        middle = time.perf_counter()
+        objectives = torch.stack([loss.detach() for loss in tasks])
+        weights = self._weigh(gramian, objectives, stop_on_nonfinite)
+        if weights is None:
+            return None
+        end = time.perf_counter()
+        head_ids = {id(p) for p in head_params}
+        shared = [p for p in trainable if id(p) not in head_ids]
+        stacked = torch.stack(tasks)
+        with RestoreGradsOnError(trainable):
+            if head_params:
+                ones = torch.ones_like(stacked)
+                torch.autograd.backward(stacked, ones, inputs=head_params, retain_graph=True)
+            if shared:
+                applied = weights.to(stacked.dtype)
+                torch.autograd.backward(stacked, applied, inputs=shared)
+        self._record(StepInfo(gramian.detach(), weights, middle - start, end - middle))
+        return weights
+
+    def _weigh(self, gramian: Tensor, objectives: Tensor, stop_on_nonfinite: bool) -> Tensor | None:
+        """The weighting's weights; ``NaN`` ones where the losses or the Gramian are not finite
+        (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient), or, when stopping
+        there, a skipped step (``None``) or an error, as ``nonfinite`` says."""
+        if is_finite(gramian, objectives):
+            weights = self.weighting(gramian.detach())
+            return check_weights(weights, gramian.shape[0], objectives).detach()
+        if not stop_on_nonfinite:
+            self._status.nonfinite = True
+            return torch.full_like(gramian[0], torch.nan).detach()
+        if self.nonfinite == "skip":
+            self._status.skipped_steps += 1
+            self._status.last_step = None
+            return None
+        raise ValueError(
+            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
+            "and the learning rate, skip this batch, or pass nonfinite='skip'."
+        )
+
+    def _record(self, info: StepInfo) -> None:
+        """After a Jacobian-descent backward: what it computed, and whether its gradients are
+        non-finite (a later plain step refuses those)."""
+        status = self._status
         status.pending = True
-        if not finite:
+        if status.nonfinite:
+            status.nonfinite = False
             status.nonfinite_grad = self._a_gradient()
             status.last_step = None
-            return weights
-        status.last_step = StepInfo(
-            gramian.detach(),
-            all_weights.detach(),
-            middle - start,
-            end - middle,
-            0 if gather is None else gather.received_bytes,
-            resume is not None,
-        )
-        return weights
+        else:
+            status.last_step = info
+
+    def _trainable(self) -> list[Tensor]:
+        params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}
+        return [p for p in params.values() if p.requires_grad]
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -274,11 +274,17 @@ class PartialJDOptimizer(Optimizer):
     def step(self, closure: Tensor | Callable[[], Tensor]) -> Tensor: ...
 
     @overload
+    def step(
+        self, closure: Sequence[Tensor] | Callable[[], Sequence[Tensor]]
+    ) -> Sequence[Tensor]: ...
+
+    @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(
-        self, closure: Tensor | Callable[[], Tensor] | Callable[[], float] | None = None
-    ) -> Tensor | float | None:
+        self,
+        closure: Losses | Callable[[], Losses] | Callable[[], float] | None = None,
+    ) -> Losses | float | None:
         """``step(losses)``: one Jacobian-descent step (Gramian → weights → weighted backward →
         ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses;
         a closure returning ``None`` (Lightning's) is called, then ``step()``. ``step()``: a
@@ -287,24 +293,25 @@ class PartialJDOptimizer(Optimizer):
         if closure is None:
             self._plain_step()
             return None
-        if isinstance(closure, Tensor):
-            losses = closure
+        if isinstance(closure, (Tensor, list, tuple)):
+            losses: Losses = closure
         elif callable(closure):
             with torch.enable_grad():
                 result = closure()
             if result is None:
                 self._plain_step()
                 return None
-            if not isinstance(result, Tensor):
+            if not isinstance(result, (Tensor, list, tuple)):
                 raise TypeError(
-                    "The closure must return the tensor of per-instance losses (or None, after "
-                    f"calling optimizer.backward(losses) itself), got {type(result).__name__}."
+                    "The closure must return the per-instance losses (a tensor), the task "
+                    "losses (a list), or None after calling optimizer.backward(losses) itself; "
+                    f"got {type(result).__name__}."
                 )
             losses = result
         else:
             raise TypeError(
-                "step() takes the per-instance losses (a Tensor), a closure returning them, or "
-                f"nothing; got {type(closure).__name__}."
+                "step() takes the per-instance losses (a Tensor), task losses (a list of scalar "
+                f"tensors), a closure returning them, or nothing; got {type(closure).__name__}."
             )
         if self._jd_backward(losses, stop_on_nonfinite=True) is not None:
             self._status.pending = False
@@ -349,41 +356,20 @@ class PartialJDOptimizer(Optimizer):
     def _group_parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    # -- torch.optim plumbing: the base optimizer's ----------------------------------------------
+    # -- plumbing (the rest is the base optimizer's, see ``WrappedOptimizer``) ---------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base.zero_grad(set_to_none=set_to_none)
+        super().zero_grad(set_to_none=set_to_none)
         self._status.nonfinite_grad = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict: checkpoints load into the plain optimizer and back."""
-        return self.base.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer (a plain optimizer's checkpoint too)."""
-        self.base.load_state_dict(state_dict)
-        self.param_groups = self.base.param_groups  # torch rebuilds both on load
-        self.state = self.base.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer. Its parameters are not considered (the considered
         modules are hooked at construction: build a new wrapper to consider more)."""
-        if "base" not in self.__dict__:  # Optimizer.__init__ registering the base's own groups
-            super().add_param_group(param_group)
-            return
-        if param_group.get("considered"):
+        if "base" in self.__dict__ and param_group.get("considered"):  # (not in Optimizer.__init__)
             raise ValueError(
                 "add_param_group cannot add considered parameters after construction (their "
                 "modules are hooked then). Build a new PartialJDOptimizer instead."
             )
-        self.base.add_param_group(param_group)
-
-    def __getattr__(self, name: str) -> Any:
-        """What the wrapper does not define is the base's (e.g. ``sync_lookahead`` of timm's
-        Lookahead, ``is_second_order``)."""
-        base = self.__dict__.get("base")
-        if base is None or name.startswith("__"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(base, name)
+        super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
         """As torch's optimizers: picklable and deep-copyable (the copy hooks its own model)."""
@@ -396,7 +382,7 @@ class PartialJDOptimizer(Optimizer):
         closed, last_step, skipped_steps = state.pop("_status")
         super().__setstate__(state)
         source = ClosedGramian() if closed else self._open_source()
-        self._status = _Status(source, last_step, skipped_steps)
+        self._status = Status(source, last_step, skipped_steps)
 
     def close(self) -> None:
         """Remove the hooks from the model. A plain ``step()`` still works; a Jacobian-descent

@@ -83,7 +83,7 @@ def test_bad_losses_raise_before_anything_changes(name: str) -> None:
 def test_step_rejects_a_string_statically_and_at_run_time() -> None:
     _, optimizer = make()
     with pytest.raises(TypeError, match="per-instance losses"):
-        optimizer.step("x")  # type: ignore[call-overload]
+        optimizer.step("x")  # type: ignore[arg-type]
 
 
 class Boom(RuntimeError):

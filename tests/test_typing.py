@@ -67,4 +67,4 @@ def test_typed_user_script_passes_and_step_with_a_string_is_flagged(tmp_path: Pa
     assert status == 0, out + err
     out, err, status = api.run([*args, str(tmp_path / "bad.py")])
     assert status == 1
-    assert 'No overload variant of "step"' in out and "bad.py:10" in out
+    assert "bad.py:10" in out and '"step"' in out

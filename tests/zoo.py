@@ -402,6 +402,51 @@ def chunk_partly_considered() -> Case:
     return Case(model, torch.randn(B, 3), [model.head1], _mse, resumed=False)
 
 
+class Recurrent(nn.Module):
+    """A recurrent layer (its own batch layout) and a head on the last time step; with
+    ``initial``, the initial states come from a trunk layer (batch on their dim 1)."""
+
+    def __init__(self, rnn: nn.RNNBase, initial: bool = False) -> None:
+        super().__init__()
+        self.rnn, self.initial = rnn, initial
+        directions = 2 if rnn.bidirectional else 1
+        out = rnn.proj_size if isinstance(rnn, nn.LSTM) and rnn.proj_size else rnn.hidden_size
+        self.state = nn.Linear(3, rnn.num_layers * directions * rnn.hidden_size)
+        self.head = nn.Linear(directions * out, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rnn = self.rnn
+        hx: Tensor | tuple[Tensor, Tensor] | None = None
+        if self.initial:  # [layers · directions, B, hidden]
+            h = torch.tanh(self.state(x.mean(dim=1 if rnn.batch_first else 0)))
+            h = h.view(x.shape[0 if rnn.batch_first else 1], -1, rnn.hidden_size).transpose(0, 1)
+            hx = (h.contiguous(), torch.sigmoid(h).contiguous()) if isinstance(rnn, nn.LSTM) else h
+        output = rnn(x, hx)[0]
+        last = output[:, -1] if rnn.batch_first else output[-1]
+        out: Tensor = self.head(last)
+        return out
+
+
+def gru_batch_first() -> Case:
+    model = Recurrent(nn.GRU(3, 4, num_layers=2, batch_first=True))
+    return Case(model, torch.randn(B, 5, 3), [model.rnn, model.head], _mse, resumed=False)
+
+
+def lstm_time_first_bidirectional() -> Case:
+    model = Recurrent(nn.LSTM(3, 4, num_layers=2, bidirectional=True), initial=True)
+    return Case(model, torch.randn(5, B, 3), [model.rnn, model.head], _mse, resumed=False)
+
+
+def lstm_projection() -> Case:
+    model = Recurrent(nn.LSTM(3, 5, proj_size=2, batch_first=True))
+    return Case(model, torch.randn(B, 4, 3), [model.rnn], _mse, resumed=False)
+
+
+def rnn_relu_time_first() -> Case:
+    model = Recurrent(nn.RNN(3, 4, nonlinearity="relu"), initial=True)
+    return Case(model, torch.randn(6, B, 3), [model.rnn, model.head], _mse, resumed=False)
+
+
 def identical_samples() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], _mse)
@@ -440,5 +485,9 @@ CASES: dict[str, Callable[[], Case]] = {
         gru_cell_unrolled,
         chunk_both_considered,
         chunk_partly_considered,
+        gru_batch_first,
+        lstm_time_first_bidirectional,
+        lstm_projection,
+        rnn_relu_time_first,
     )
 }

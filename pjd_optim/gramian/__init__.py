@@ -1,6 +1,6 @@
 """Per-layer Gramian rules (one file per layer family) behind one registry."""
 
-from . import conv, embedding, generic, linear, norm
+from . import conv, embedding, generic, linear, norm, recurrent
 from ._registry import (
     Call,
     GramianRule,
@@ -23,6 +23,7 @@ __all__ = [
     "linear",
     "map_rows",
     "norm",
+    "recurrent",
     "register_gramian_rule",
     "rule_for",
     "sum_of_gramians",

@@ -64,6 +64,7 @@ def materialised_gramian(a: Tensor, gy: Tensor) -> Tensor:
         gramian.addmm_(flat, flat.T)
     return gramian
 
+
 def use_ghost(a: Tensor, gy: Tensor, mode: Mode) -> bool:
     """The cost model of DESIGN.md §3, with materialisation's flops counted twice (measured on
     CPU: its bandwidth-bound products run at about half the speed of the ghost form's GEMMs), and

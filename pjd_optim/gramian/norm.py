@@ -4,7 +4,7 @@ With ``x̂`` the normalised input and ``g`` the output gradient, the per-sample 
 ``∇γ loss_i = Σ_t x̂_it ⊙ g_it`` and ``∇β loss_i = Σ_t g_it`` (sums over the positions that share
 the parameter). They are small (one entry per channel), so the rule materialises them and the
 Gramian is ``P Pᵀ``. BatchNorm is per-sample only in eval mode with running statistics; in train
-mode it couples the samples and the optimizer refuses it (see ``couples_batch``).
+mode it couples the samples, and per-instance losses refuse it (see ``couples_batch``).
 """
 
 from __future__ import annotations
@@ -96,12 +96,18 @@ class GroupNormRule(AffineNormRule):
 
 @register_gramian_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(AffineNormRule):
-    """Eval mode with running statistics only (train mode is refused before this runs)."""
+    """Running statistics (eval mode); or the batch's statistics when it normalises with them
+    (train mode, ``track_running_stats=False``), where its affine gradients summed over the batch
+    are still exact (task objectives; per-instance losses refuse such layers beforehand)."""
 
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        assert module.running_mean is not None and module.running_var is not None
         shape = (1, -1) + (1,) * (x.ndim - 2)
+        if couples_batch(module):
+            dims = tuple(d for d in range(x.ndim) if d != 1)
+            mean, var = x.mean(dim=dims, keepdim=True), x.var(dim=dims, correction=0, keepdim=True)
+            return (x - mean) / torch.sqrt(var + module.eps), (1,)
+        assert module.running_mean is not None and module.running_var is not None
         mean = module.running_mean.to(x.dtype).view(shape)
         std = torch.sqrt(module.running_var.to(x.dtype) + module.eps).view(shape)
         return (x - mean) / std, (1,)

@@ -1,0 +1,64 @@
+"""Gramian sources without hooks: autograd's (one VJP per objective) and the closed one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._engine import Gather, GramianSource
+from ._resume import Resume
+from .gramian import sum_of_gramians
+
+
+class AutogradGramian(GramianSource):
+    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
+
+    def __init__(self, considered: Sequence[Tensor]) -> None:
+        self.considered = list(considered)
+
+    def gramian(
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
+    ) -> Tensor:
+        return autograd_gramian(losses, self.considered)
+
+    def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
+        return autograd_gramian(torch.stack(list(losses)), self.considered)
+
+
+def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
+    """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
+    flat = losses.flatten()
+    inputs = [p for p in params if p.requires_grad]
+    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+    try:
+        jac = torch.autograd.grad(
+            flat, inputs, eye, retain_graph=True, is_grads_batched=True, materialize_grads=True
+        )
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad(flat, inputs, e, retain_graph=True, materialize_grads=True)
+            for e in eye
+        ]
+        jac = tuple(torch.stack(col) for col in zip(*rows, strict=True))
+    return sum_of_gramians(list(jac))
+
+
+class ClosedGramian(GramianSource):
+    """After ``close()``: the hooks are gone, so no Gramian can be computed."""
+
+    def gramian(
+        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
+    ) -> Tensor:
+        raise self._closed()
+
+    def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
+        raise self._closed()
+
+    @staticmethod
+    def _closed() -> ValueError:
+        return ValueError(
+            "This PartialJDOptimizer was closed (its hooks were removed), so it cannot take a "
+            "Jacobian-descent step any more: build a new one, or call step() for a plain step."
+        )

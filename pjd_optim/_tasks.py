@@ -1,0 +1,84 @@
+"""Task objectives: ``step([loss_1, …, loss_k])``, one objective per task (multi-task learning).
+
+Each ``loss_j`` is a scalar that may depend on the whole batch (a mean over instances, say). The
+Gramian is over the ``k`` task losses: ``G_jl = ⟨∇ℓ_j, ∇ℓ_l⟩`` w.r.t. the considered parameters;
+from the hooks, pass ``j`` (cotangent 1 on ``ℓ_j``) gives each considered module's output
+gradient for task ``j``, and the module's rule turns it into ``∇ℓ_j`` of its parameters (the
+exact layer VJP, summed over instances: no per-instance factorisation is needed, so batch-coupled
+layers are fine). Gradients, as TorchJD's ``mtl_backward`` with the considered parameters as its
+shared ones:
+
+- parameters used *after* the considered part (task heads: not needed to compute any considered
+  layer's input) get the plain sum of the task gradients ``Σ_j ∇ℓ_j`` (a head of task ``j``
+  alone: ``∇ℓ_j``);
+- the considered parameters, and those before them, get ``Σ_j w_j ∇ℓ_j``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ._resume import Node
+
+
+def check_task_losses(losses: Sequence[object]) -> list[Tensor]:
+    """The task losses, or a clear error for what cannot be ``k`` scalar objectives."""
+    if not losses:
+        raise ValueError("The list of task losses is empty: pass one scalar loss per task.")
+    checked: list[Tensor] = []
+    for j, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"Task losses are tensors; task loss {j} is a {type(loss).__name__}.")
+        if loss.ndim != 0:
+            raise ValueError(
+                f"Task loss {j} has shape {tuple(loss.shape)}: task objectives are scalars (e.g. a "
+                "mean over the batch). Per-instance losses go in one tensor: step(losses)."
+            )
+        if not loss.requires_grad:
+            raise ValueError(f"Task loss {j} does not require grad: compute it with gradients on.")
+        if not loss.is_floating_point():
+            raise TypeError(f"Task loss {j} must be floating point, got {loss.dtype}.")
+        checked.append(loss)
+    return checked
+
+
+def heads(
+    losses: Sequence[Tensor], considered: Sequence[Tensor], trainable: Sequence[Tensor]
+) -> list[Tensor]:
+    """The ``trainable`` parameters used after the considered part: reached from the losses, not
+    considered, and not reached from the inputs of any operation that uses a considered
+    parameter (walks of the losses' autograd graph)."""
+    considered_ids = {id(p) for p in considered}
+    wanted = {id(p): p for p in trainable}
+    reached, inputs = _walk([loss.grad_fn for loss in losses], considered_ids)
+    below, _ = _walk(inputs, set())
+    return [
+        wanted[pid]
+        for pid in reached
+        if pid in wanted and pid not in considered_ids and pid not in below
+    ]
+
+
+def _walk(roots: Sequence[Node], considered: set[int]) -> tuple[dict[int, None], list[Node]]:
+    """Ids of the leaves reachable from ``roots`` (in the order first reached), and the other
+    inputs of the nodes that use a ``considered`` leaf."""
+    leaves: dict[int, None] = {}
+    inputs: list[Node] = []
+    seen: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves[id(variable)] = None
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if any(id(getattr(child, "variable", None)) in considered for child in children):
+            inputs += [c for c in children if id(getattr(c, "variable", None)) not in considered]
+        stack.extend(children)
+    return leaves, inputs

@@ -1,0 +1,49 @@
+"""torch.optim plumbing of an optimizer that wraps another and stays transparent.
+
+The wrapper's ``param_groups``, ``state`` and ``defaults`` *are* the base optimizer's (shared, not
+copied), so schedulers built on either, ``zero_grad`` and checkpoints act on the base, and a
+plain optimizer's checkpoint loads into the wrapper and back. What the wrapper does not define
+is the base's (``sync_lookahead`` of timm's Lookahead, ``is_second_order``, ...). torch's own
+plumbing (step and state-dict hooks, profiler names) comes from ``Optimizer.__init__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+
+class WrappedOptimizer(Optimizer):
+    def __init__(self, base: Optimizer) -> None:
+        super().__init__(base.param_groups, base.defaults)
+        self.base = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict: checkpoints load into the plain optimizer and back."""
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the base optimizer (a plain optimizer's checkpoint too)."""
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups  # torch rebuilds both on load
+        self.state = self.base.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer."""
+        if "base" not in self.__dict__:  # Optimizer.__init__ registering the base's own groups
+            super().add_param_group(param_group)
+            return
+        self.base.add_param_group(param_group)
+
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper does not define is the base's."""
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
