@@ -45,3 +45,14 @@ def test_timm_finetune_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "partial JD" in out and "conflict" in out
     assert any(line.lstrip().startswith("1 |") for line in out.splitlines()), out
+
+
+def test_mtl_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out_file = tmp_path / "mtl.png"
+    load_example("mtl").main(["--quick", "--out", str(out_file)])
+    out = capsys.readouterr().out
+    assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in out.splitlines() if line.lstrip().startswith(("1 |", "2 |"))]
+    assert len(rows) == 2, out
+    assert "conflict" in out
