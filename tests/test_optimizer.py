@@ -1,4 +1,4 @@
-"""The user-facing contract of DESIGN.md §1: step/backward/closure, groups, hooks, shared state."""
+"""The user-facing contract: step/backward/closure, groups, hooks, state shared with the base."""
 
 from __future__ import annotations
 

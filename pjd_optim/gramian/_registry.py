@@ -6,11 +6,11 @@ output gradients ``Gy``, one row per sample) into
 - ``per_sample_grads``: ``{name: P}`` with ``P[i] = ∇_θ loss_i`` for each considered parameter
   ``θ`` of the module (summed over every call of the module), and
 - ``gramian``: ``Σ_θ P_θ P_θᵀ`` (``[B, B]``), which fast rules compute without materialising
-  ``P`` (the "ghost" forms of DESIGN.md §3), and
+  ``P`` (the "ghost" forms, e.g. ``(A Aᵀ + 1) ⊙ (Gy Gyᵀ)`` for a Linear layer), and
 - ``summed_grads``: ``Σ_i P[i]``. Called with output gradients whose row ``i`` is scaled by
-  ``w_i``, it is the weighted gradient ``Σ_i w_i ∇_θ loss_i`` (the "book-keeping" of DESIGN.md
-  §3); rules whose ``bookkeeps(module)`` holds compute it as one contraction of the saved factors,
-  so the step needs no second backward through the module.
+  ``w_i``, it is the weighted gradient ``Σ_i w_i ∇_θ loss_i`` ("book-keeping"); rules whose
+  ``bookkeeps(module)`` holds compute it as one contraction of the saved factors, so the step
+  needs no second backward through the module. (docs/internals.md describes the whole step.)
 
 The engine never looks at module types: it asks :func:`rule_for` and falls back to the generic
 rule (``torch.func`` per-sample VJPs), which is exact for any module whose samples are independent.

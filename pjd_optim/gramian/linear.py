@@ -66,7 +66,7 @@ def materialised_gramian(a: Tensor, gy: Tensor) -> Tensor:
 
 
 def use_ghost(a: Tensor, gy: Tensor, mode: Mode) -> bool:
-    """The cost model of DESIGN.md §3, with materialisation's flops counted twice (measured on
+    """The module docstring's cost model, materialisation's flops counted twice (measured on the
     CPU: its bandwidth-bound products run at about half the speed of the ghost form's GEMMs), and
     the ghost kernels' memory capped: ghost iff ``(BT)²(d+p) < 2(BTpd + B²pd)``."""
     if mode != "auto":
