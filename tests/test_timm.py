@@ -158,12 +158,6 @@ def test_timm_gradient_checkpointing_is_exact_and_resumed() -> None:
     assert max(errors.values()) < 1e-9, errors
 
 
-def soft_target_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-instance soft-target cross-entropy (timm's ``SoftTargetCrossEntropy`` before its mean),
-    for mixup / cutmix targets."""
-    return torch.sum(-target * nn.functional.log_softmax(logits, dim=-1), dim=-1)
-
-
 def mixed_batches(count: int, batch_size: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     """Batches as timm's loader + ``Mixup`` gives them (drawn once, for both runs)."""
     from timm.data import Mixup
@@ -190,9 +184,11 @@ def train_one_epoch(
     clip_grad: float = 1.0,
 ) -> list[float]:
     """timm's ``train_one_epoch`` (``loss_scaler=None``: bf16 or no AMP) with the README's
-    changes: per-instance loss, ``optimizer.backward(loss)``, ``loss.mean()`` for logging."""
+    changes: a per-instance loss (torch's cross-entropy takes mixup's soft targets),
+    ``optimizer.backward(loss)``, ``loss.mean()`` for logging."""
     from timm.utils import dispatch_clip_grad
 
+    train_loss_fn = nn.CrossEntropyLoss(reduction="none")  # was: SoftTargetCrossEntropy()
     second_order = hasattr(optimizer, "is_second_order") and optimizer.is_second_order
     assert not second_order
     losses_m = []
@@ -204,7 +200,7 @@ def train_one_epoch(
             "cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         ):
             output = model(input)
-            loss = soft_target_cross_entropy(output, target)
+            loss = train_loss_fn(output, target)
         loss = loss / accum_steps
         backward(loss)  # was: loss.backward(create_graph=second_order)
         if need_update:

@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         variants.append("torchjd")
     except ImportError:
         pass
-    print(f"one step, considered Linear({args.width}, {args.width}), B={args.batch}")
+    print(f"one step, considered Linear({args.width}, {args.width}), B={args.batch}\n")
+    print("| variant | peak growth | ratio to plain |")
+    print("| --- | --- | --- |")
     growth = {}
     for variant in variants:
         command = [sys.executable, __file__, "--variant", variant]
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(command, capture_output=True, text=True, check=True).stdout
         )
     for variant, value in growth.items():
-        print(f"  {variant:8s} +{value / 2**20:8.1f} MiB   x{value / growth['plain']:5.2f}")
+        print(f"| {variant} | +{value / 2**20:.1f} MiB | x{value / growth['plain']:.2f} |")
 
 
 if __name__ == "__main__":

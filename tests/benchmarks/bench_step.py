@@ -171,6 +171,9 @@ def variants(
     return out, ours
 
 
+ROWS: list[str] = []  # the markdown summary printed at the end
+
+
 def measure(key: str, rounds: int, device: str, weighting: str) -> None:
     w = BUILDERS[key]()
     runs, ours = variants(w, weighting, device)
@@ -216,6 +219,17 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> None:
         print(f"  {name:8s} failed: {reason}")
     inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
     print(f"  ours' stages (StepInfo): {inside}", flush=True)
+    cells = []
+    for name in ("plain", "ours", "torchjd"):
+        if name in times:
+            median = statistics.median(times[name])
+            ratio = "" if name == "plain" else f" (x{median / plain:.2f})"
+            cells.append(f"{median * 1e3:.1f} ms{ratio}")
+        else:
+            cells.append("failed" if name in failed else "-")
+    memory = " / ".join(f"{peaks[n] / 2**20:.1f}" for n in runs)
+    path = "resumed" if ours.last_step.resumed else "backward(w)"
+    ROWS.append(f"| {w.name} | {' | '.join(cells)} | {memory} | {path} | {inside} |")
 
 
 def profile(key: str, weighting: str, device: str, steps: int = 10) -> None:
@@ -269,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for key in args.only or DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]:
         measure(key, args.rounds, args.device, args.weighting)
+    kind = "peak MiB" if args.device.startswith("cuda") else "peak growth MiB"
+    print(
+        f"\n| workload | plain | ours | TorchJD | {kind}: plain / ours / TorchJD | path | stages |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(ROWS))
 
 
 if __name__ == "__main__":

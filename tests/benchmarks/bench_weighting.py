@@ -93,14 +93,12 @@ def main() -> None:
         "lock-step": UPGrad(solver=SolverOptions(lockstep=True)),
         "host": UPGrad(solver=SolverOptions(host_max_m=1 << 30)),
     }
-    print(f"device={device} threads={torch.get_num_threads()} reference={ref_name}")
-    extra = "".join(f" {name + ' (ms)':>15}" for name in paths) if accelerator else ""
-    header = (
-        f"{'m':>5} {'gramian':>16} {'ours (ms)':>11}{extra} {'ref (ms)':>11} {'ratio':>8}"
-        f" {'max |dw|':>10}"
+    print(f"device={device} threads={torch.get_num_threads()} reference={ref_name}\n")
+    extra = "".join(f" {name} (ms) |" for name in paths) if accelerator else ""
+    print(f"| m | Gramian | ours (ms) |{extra} reference (ms) | speed-up | max abs(dw) |")
+    print(
+        "| --- | --- | --- |" + " --- |" * (len(paths) if accelerator else 0) + " --- | --- | --- |"
     )
-    print(header)
-    print("-" * len(header))
     for m in sizes:
         for kind in ("rank m/2", "rank 2m", "non-conflicting"):
             G = make_gramian(m, kind, device, seed=m)
@@ -124,15 +122,15 @@ def main() -> None:
             for weighting in paths.values() if accelerator else ():
                 weighting(G)  # warm-up
                 path_ms = 1e3 * statistics.median(timed(weighting, G)[0] for _ in range(repeats))
-                columns += f" {path_ms:>15.2f}"
+                columns += f" {path_ms:.2f} |"
             if w is not None and w_ref is not None:
                 t_ref = 1e3 * statistics.median(ref_times)
                 diff = float((w.double() - w_ref.double().to(w.device)).abs().max())
                 ratio = t_ref / t_ours
-                line = f"{t_ref:>11.1f} {ratio:>7.{1 if ratio < 10 else 0}f}x {diff:>10.1e}"
+                line = f"{t_ref:.1f} | {ratio:.{1 if ratio < 10 else 0}f}x | {diff:.1e}"
             else:
-                line = f"{'skipped':>11} {'-':>8} {'-':>10}"
-            print(f"{m:>5} {kind:>16} {t_ours:>11.2f}{columns} {line}", flush=True)
+                line = "not run | - | -"
+            print(f"| {m} | {kind} | {t_ours:.2f} |{columns} {line} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,19 @@ from pjd_optim import _resume
 
 def main() -> None:
     _resume.MIN_SAVED_FLOPS = 0
-    header = f"{'architecture':34s} {'dtype':8s} {'gramian':>9s} {'weights':>9s} {'grads':>9s}"
-    print(f"{header}  path")
+    print("| architecture | Gramian f32 / f64 | weights f32 / f64 | grads f32 / f64 | path |")
+    print("| --- | --- | --- | --- | --- |")
     for name in CASES:
+        errors = {}
         for dtype in (torch.float32, torch.float64):
             torch.manual_seed(0)
-            errors = errors_against_oracle(CASES[name](), dtype)
-            row = " ".join(f"{errors[k]:9.1e}" for k in ("gramian", "weights", "grads"))
-            path = "resumed" if errors["resumed"] else "backward(w)"
-            print(f"{name:34s} {str(dtype)[6:]:8s} {row}  {path}")
+            errors[dtype] = errors_against_oracle(CASES[name](), dtype)
+        cells = [
+            " / ".join(f"{errors[dtype][k]:.1e}" for dtype in (torch.float32, torch.float64))
+            for k in ("gramian", "weights", "grads")
+        ]
+        path = "resumed" if errors[torch.float64]["resumed"] else "backward(w)"
+        print(f"| {name} | {' | '.join(cells)} | {path} |")
 
 
 if __name__ == "__main__":
