@@ -31,16 +31,26 @@ _MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is 
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
 
 
-# NumPy for the elementwise work (about a microsecond per operation), torch for every BLAS and
-# LAPACK call: a threaded OpenBLAS call from NumPy would start OpenBLAS's own thread pool, whose
-# spinning threads slow torch's next kernels down several-fold on a few cores (measured: 2x on a
-# whole training step), and limiting it would change a process-wide setting.
+# NumPy for the elementwise work (about a microsecond per operation) and for BLAS/LAPACK calls
+# small enough to stay in the calling thread; torch for the larger ones: a threaded OpenBLAS call
+# from NumPy starts OpenBLAS's own thread pool, whose spinning threads slow torch's next kernels
+# down several-fold on a few cores (measured: 2x on a whole training step), and limiting it would
+# change a process-wide setting. OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
+_SMALL_GEMM = 1 << 17
+
+
 def _matmul(a: Array, b: Array) -> Array:
+    if a.shape[-2] * a.shape[-1] * b.shape[-1] <= _SMALL_GEMM:
+        small: Array = a @ b
+        return small
     out: Array = torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     return out
 
 
 def _batched_solve(A: Array, B: Array) -> Array:
+    if A.shape[-1] <= _DENSE_MAX_M:  # unblocked LAPACK: single-threaded
+        small: Array = np.linalg.solve(A, B)
+        return small
     out: Array = torch.linalg.solve(torch.from_numpy(A), torch.from_numpy(B)).numpy()
     return out
 
