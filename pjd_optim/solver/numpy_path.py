@@ -49,7 +49,7 @@ def _matmul(a: Array, b: Array) -> Array:
 
 def _batched_solve(A: Array, B: Array) -> Array:
     if A.shape[-1] <= _DENSE_MAX_M:  # unblocked LAPACK: single-threaded
-        small: Array = np.linalg.solve(A, B)
+        small: Array = np.linalg.solve(A, B).astype(np.float64, copy=False)
         return small
     out: Array = torch.linalg.solve(torch.from_numpy(A), torch.from_numpy(B)).numpy()
     return out
