@@ -269,5 +269,6 @@ def test_timm_train_py_flow_with_clipping_lookahead_cosine_accumulation_and_mixu
         ref_update = torch.cat(
             [(q - s).flatten() for q, s in zip(reference.parameters(), start, strict=True)]
         )
+        ours_update, ref_update = ours_update.detach(), ref_update.detach()
         cosine = float(ours_update @ ref_update / (ours_update.norm() * ref_update.norm()))
         assert cosine > 0.9, cosine
