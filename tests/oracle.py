@@ -6,9 +6,9 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from case import Case
 from torch import Tensor, nn
 from torch.optim import SGD
-from zoo import Case
 
 from pjd_optim import PartialJDOptimizer, UPGrad
 from pjd_optim._groups import parameters_of

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from case import Case, mse
 from oracle import errors_against_oracle, oracle_grads, oracle_gramian, relative_error, trainable
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from zoo import Case, _mse
 
 from pjd_optim import PartialJDOptimizer, UPGrad
 from pjd_optim._groups import parameters_of
@@ -152,7 +152,7 @@ def test_timm_gradient_checkpointing_is_exact_and_resumed() -> None:
     model.set_grad_checkpointing(True)  # type: ignore[operator]  # (typed as nn.Module here)
     *_, last = model.get_submodule("blocks").children()
     considered = [last, model.get_submodule("norm"), model.get_submodule("head")]
-    case = Case(model.double(), torch.randn(3, 3, 32, 32), considered, _mse)
+    case = Case(model.double(), torch.randn(3, 3, 32, 32), considered, mse)
     errors = errors_against_oracle(case, torch.float64)
     assert errors.pop("resumed") == 1.0
     assert max(errors.values()) < 1e-9, errors

@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from case import B, Case, mse
 from torch import Tensor, nn
-
-B = 6
-
-
-@dataclass
-class Case:
-    """A model, a batch, the considered part and per-sample losses of the model's output.
-
-    ``resumed``: whether the step may resume the trunk's backward at the considered part's
-    boundary (``False`` where that would not be exact, and ``losses.backward(w)`` must run)."""
-
-    model: nn.Module
-    inputs: Tensor
-    considered: Sequence[nn.Module | Tensor]
-    loss: Callable[[Tensor], Tensor]
-    resumed: bool = True
-
-
-def _mse(out: Tensor) -> Tensor:
-    """Squared error to fixed targets of random sign per sample, so that the losses conflict."""
-    generator = torch.Generator().manual_seed(0)
-    target = 3 * torch.randn(out.shape, generator=generator, dtype=torch.float64)
-    target = target.to(dtype=out.dtype, device=out.device)
-    return (out - target).pow(2).flatten(start_dim=1).mean(dim=1)
+from zoo_recurrent import (
+    gru_batch_first,
+    gru_cell_unrolled,
+    lstm_projection,
+    lstm_time_first_bidirectional,
+    rnn_relu_time_first,
+)
 
 
 def seed_mlp() -> Case:
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))
-    return Case(model, torch.randn(B, 10), [model[2], model[4]], _mse)
+    return Case(model, torch.randn(B, 10), [model[2], model[4]], mse)
 
 
 def seed_mlp_all() -> Case:
@@ -47,12 +30,12 @@ def seed_mlp_all() -> Case:
 
 def linear_sequence() -> Case:
     model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
-    return Case(model, torch.randn(B, 5, 4), [model[0], model[2]], _mse)
+    return Case(model, torch.randn(B, 5, 4), [model[0], model[2]], mse)
 
 
 def linear_4d_input() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
-    return Case(model, torch.randn(B, 2, 3, 3), [model], _mse)
+    return Case(model, torch.randn(B, 2, 3, 3), [model], mse)
 
 
 def conv1d() -> Case:
@@ -62,7 +45,7 @@ def conv1d() -> Case:
         nn.Conv1d(6, 3, 2, padding="same", padding_mode="circular"),
         nn.Flatten(),
     )
-    return Case(model, torch.randn(B, 4, 11), [model], _mse)
+    return Case(model, torch.randn(B, 4, 11), [model], mse)
 
 
 def conv2d() -> Case:
@@ -76,12 +59,12 @@ def conv2d() -> Case:
         nn.Conv2d(6, 6, 3, groups=6, bias=False),
         nn.Flatten(),
     )
-    return Case(model, torch.randn(B, 3, 9, 8), [model[2], model[4]], _mse)
+    return Case(model, torch.randn(B, 3, 9, 8), [model[2], model[4]], mse)
 
 
 def conv3d() -> Case:
     model = nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), groups=1), nn.Flatten())
-    return Case(model, torch.randn(B, 2, 3, 4, 3), [model], _mse)
+    return Case(model, torch.randn(B, 2, 3, 4, 3), [model], mse)
 
 
 class BagOfEmbeddings(nn.Module):
@@ -100,7 +83,7 @@ def embedding() -> Case:
         [[0, 1, 1, 2], [3, 0, 0, 3], [1, 2, 3, 4], [0, 0, 0, 0], [8, 8, 1, 0], [5, 6, 7, 1]]
     )
     model = BagOfEmbeddings()
-    return Case(model, ids, [model], _mse)
+    return Case(model, ids, [model], mse)
 
 
 def norms() -> Case:
@@ -114,7 +97,7 @@ def norms() -> Case:
         nn.RMSNorm(100),
         nn.Linear(100, 2),
     )
-    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4], model[6], model[7]], _mse)
+    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4], model[6], model[7]], mse)
 
 
 def batchnorm_eval() -> Case:
@@ -124,7 +107,7 @@ def batchnorm_eval() -> Case:
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
     model.eval()
-    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4]], _mse)
+    return Case(model, torch.randn(B, 2, 5, 5), [model[1], model[4]], mse)
 
 
 class Twice(nn.Module):
@@ -140,7 +123,7 @@ class Twice(nn.Module):
 
 def module_called_twice() -> Case:
     model = Twice()
-    return Case(model, torch.randn(B, 5), [model], _mse)
+    return Case(model, torch.randn(B, 5), [model], mse)
 
 
 class TinyLM(nn.Module):
@@ -184,13 +167,13 @@ class Attention(nn.Module):
 
 def multihead_attention() -> Case:
     model = Attention()
-    return Case(model, torch.randn(B, 4, 8), [model], _mse, resumed=False)
+    return Case(model, torch.randn(B, 4, 8), [model], mse, resumed=False)
 
 
 def transformer_layer() -> Case:
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.Linear(3, 8), layer, nn.Flatten(), nn.Linear(32, 2))
-    return Case(model, torch.randn(B, 4, 3), [model[1], model[3]], _mse, resumed=False)
+    return Case(model, torch.randn(B, 4, 3), [model[1], model[3]], mse, resumed=False)
 
 
 class Scaled(nn.Module):
@@ -208,13 +191,13 @@ class Scaled(nn.Module):
 
 def direct_parameter() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 1))
-    return Case(model, torch.randn(B, 3), [model[1], model[2]], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model[1], model[2]], mse, resumed=False)
 
 
 def frozen_weight() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     model[2].weight.requires_grad_(False)
-    return Case(model, torch.randn(B, 3), [model[2]], _mse)
+    return Case(model, torch.randn(B, 3), [model[2]], mse)
 
 
 def timm_vit() -> Case:
@@ -223,7 +206,7 @@ def timm_vit() -> Case:
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
     *_, last = model.get_submodule("blocks").children()
     parts = [last, model.get_submodule("norm"), model.get_submodule("head")]
-    return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
+    return Case(model, torch.randn(3, 3, 32, 32), parts, mse)
 
 
 def timm_resnet() -> Case:
@@ -231,7 +214,7 @@ def timm_resnet() -> Case:
 
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
     parts = [model.get_submodule("layer4"), model.get_submodule("fc")]
-    return Case(model, torch.randn(3, 3, 32, 32), parts, _mse)
+    return Case(model, torch.randn(3, 3, 32, 32), parts, mse)
 
 
 def timm_norms() -> Case:
@@ -247,12 +230,12 @@ def timm_norms() -> Case:
         nn.Linear(36, 2),
     )
     parts = [model[1], model[2], model[4]]
-    return Case(model, torch.randn(B, 2, 5, 5), parts, _mse, resumed=False)
+    return Case(model, torch.randn(B, 2, 5, 5), parts, mse, resumed=False)
 
 
 def non_considered_after_considered() -> Case:
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
-    return Case(model, torch.randn(B, 3), [model[2]], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model[2]], mse, resumed=False)
 
 
 class SkipAround(nn.Module):
@@ -272,7 +255,7 @@ class SkipAround(nn.Module):
 
 def skip_connection() -> Case:
     model = SkipAround()
-    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse)
+    return Case(model, torch.randn(B, 3), [model.block, model.head], mse)
 
 
 class DeepSkip(nn.Module):
@@ -296,12 +279,12 @@ class DeepSkip(nn.Module):
 
 def deep_skip() -> Case:
     model = DeepSkip("skip")
-    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model.block, model.head], mse, resumed=False)
 
 
 def trunk_feature_loss() -> Case:
     model = DeepSkip("loss")
-    return Case(model, torch.randn(B, 3), [model.block, model.head], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model.block, model.head], mse, resumed=False)
 
 
 class TwoInputs(nn.Module):
@@ -322,12 +305,12 @@ class TwoInputs(nn.Module):
 
 def two_towers() -> Case:
     model = TwoInputs(nested=False)
-    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], mse)
 
 
 def nested_boundaries() -> Case:
     model = TwoInputs(nested=True)
-    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], mse, resumed=False)
 
 
 class Gate(nn.Module):
@@ -354,25 +337,7 @@ class ReusedGate(nn.Module):
 
 def generic_module_called_twice() -> Case:
     model = ReusedGate()
-    return Case(model, torch.randn(B, 3), [model.gate, model.out], _mse, resumed=False)
-
-
-class UnrolledGRUCell(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cell, self.head = nn.GRUCell(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.new_zeros(x.shape[0], 4)
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-        out: Tensor = self.head(h)
-        return out
-
-
-def gru_cell_unrolled() -> Case:
-    model = UnrolledGRUCell()
-    return Case(model, torch.randn(B, 5, 3), [model.cell, model.head], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model.gate, model.out], mse, resumed=False)
 
 
 class Chunked(nn.Module):
@@ -394,62 +359,17 @@ class Chunked(nn.Module):
 
 def chunk_both_considered() -> Case:
     model = Chunked(both=True)
-    return Case(model, torch.randn(B, 3), [model.head1, model.head2], _mse)
+    return Case(model, torch.randn(B, 3), [model.head1, model.head2], mse)
 
 
 def chunk_partly_considered() -> Case:
     model = Chunked(both=False)
-    return Case(model, torch.randn(B, 3), [model.head1], _mse, resumed=False)
-
-
-class Recurrent(nn.Module):
-    """A recurrent layer (its own batch layout) and a head on the last time step; with
-    ``initial``, the initial states come from a trunk layer (batch on their dim 1)."""
-
-    def __init__(self, rnn: nn.RNNBase, initial: bool = False) -> None:
-        super().__init__()
-        self.rnn, self.initial = rnn, initial
-        directions = 2 if rnn.bidirectional else 1
-        out = rnn.proj_size if isinstance(rnn, nn.LSTM) and rnn.proj_size else rnn.hidden_size
-        self.state = nn.Linear(3, rnn.num_layers * directions * rnn.hidden_size)
-        self.head = nn.Linear(directions * out, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rnn = self.rnn
-        hx: Tensor | tuple[Tensor, Tensor] | None = None
-        if self.initial:  # [layers · directions, B, hidden]
-            h = torch.tanh(self.state(x.mean(dim=1 if rnn.batch_first else 0)))
-            h = h.view(x.shape[0 if rnn.batch_first else 1], -1, rnn.hidden_size).transpose(0, 1)
-            hx = (h.contiguous(), torch.sigmoid(h).contiguous()) if isinstance(rnn, nn.LSTM) else h
-        output = rnn(x, hx)[0]
-        last = output[:, -1] if rnn.batch_first else output[-1]
-        out: Tensor = self.head(last)
-        return out
-
-
-def gru_batch_first() -> Case:
-    model = Recurrent(nn.GRU(3, 4, num_layers=2, batch_first=True))
-    return Case(model, torch.randn(B, 5, 3), [model.rnn, model.head], _mse, resumed=False)
-
-
-def lstm_time_first_bidirectional() -> Case:
-    model = Recurrent(nn.LSTM(3, 4, num_layers=2, bidirectional=True), initial=True)
-    return Case(model, torch.randn(5, B, 3), [model.rnn, model.head], _mse, resumed=False)
-
-
-def lstm_projection() -> Case:
-    model = Recurrent(nn.LSTM(3, 5, proj_size=2, batch_first=True))
-    return Case(model, torch.randn(B, 4, 3), [model.rnn], _mse, resumed=False)
-
-
-def rnn_relu_time_first() -> Case:
-    model = Recurrent(nn.RNN(3, 4, nonlinearity="relu"), initial=True)
-    return Case(model, torch.randn(6, B, 3), [model.rnn, model.head], _mse, resumed=False)
+    return Case(model, torch.randn(B, 3), [model.head1], mse, resumed=False)
 
 
 def identical_samples() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], _mse)
+    return Case(model, torch.randn(1, 3).expand(B, 3).contiguous(), [model], mse)
 
 
 CASES: dict[str, Callable[[], Case]] = {
