@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from ._hooks import HookSet, ModuleCall, suspended
 from ._records import (
     Record,
-    accumulate,
     batch_major,
     by_module,
     objective_major_to_sample_major,
@@ -33,7 +32,7 @@ from ._records import (
 )
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
-from .gramian import Call, couples_batch, map_rows, rule_for, sum_of_gramians
+from .gramian import Call, accumulate, couples_batch, map_rows, rule_for, sum_of_gramians
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
 Gather = Callable[[list[Record]], list[Record]]

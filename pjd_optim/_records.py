@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._hooks import ModuleCall
-from .gramian import Call, map_rows, rule_for
+from .gramian import Call, batch_dim, map_rows, rule_for
 
 Record = tuple[nn.Module, Call]
 
@@ -26,21 +26,17 @@ def batch_major(call: ModuleCall, passes: list[tuple[Tensor, ...]]) -> tuple[Mod
         return call, Call(call.args, call.kwargs, tuple(grads), call.tapped)
     # Dims other than 0: move them (the passes were stacked along dim 0 above, so redo it).
     grads = [
-        torch.cat([g[k].movedim(_dim(out_dims, p), 0) for g in passes], dim=0)
+        torch.cat([g[k].movedim(batch_dim(out_dims, p), 0) for g in passes], dim=0)
         for k, p in enumerate(call.tapped)
     ]
     leaves, spec = tree_flatten((call.args, call.kwargs))
     position = 0
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, Tensor):
-            leaves[i] = leaf.movedim(_dim(in_dims, position), 0)
+            leaves[i] = leaf.movedim(batch_dim(in_dims, position), 0)
             position += 1
     args, kwargs = tree_unflatten(leaves, spec)
     return call, Call(args, kwargs, tuple(grads), call.tapped)
-
-
-def _dim(dims: Sequence[int], position: int) -> int:
-    return dims[min(position, len(dims) - 1)]
 
 
 def with_rows(name: str, call: Call, batch: int, objectives: int) -> Call:
@@ -68,10 +64,6 @@ def by_module(records: Iterable[Record]) -> dict[nn.Module, list[Call]]:
     for module, call in records:
         by_module[module].append(call)
     return by_module
-
-
-def accumulate(total: dict[int, Tensor], key: int, value: Tensor) -> None:
-    total[key] = total[key] + value if key in total else value
 
 
 def scaled(call: Call, weights: Tensor) -> Call:

@@ -4,17 +4,22 @@ from . import conv, embedding, generic, linear, norm, recurrent
 from ._registry import (
     Call,
     GramianRule,
+    accumulate,
+    batch_dim,
     has_rows,
     map_rows,
     register_gramian_rule,
     rule_for,
     sum_of_gramians,
+    summed_over_calls,
 )
 from .norm import couples_batch
 
 __all__ = [
     "Call",
     "GramianRule",
+    "accumulate",
+    "batch_dim",
     "conv",
     "couples_batch",
     "embedding",
@@ -27,4 +32,5 @@ __all__ = [
     "register_gramian_rule",
     "rule_for",
     "sum_of_gramians",
+    "summed_over_calls",
 ]

@@ -58,8 +58,8 @@ class GramianRule:
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)
         and in its differentiable outputs (flattened); the last entry of each repeats for the
-        tensors after it. Default ``((0,), (0,))``. The engine moves these dims to 0 in the calls
-        it gives the rule; a rule that re-runs the module moves them back."""
+        tensors after it (:func:`batch_dim`). Default ``((0,), (0,))``. The engine moves these
+        dims to 0 in the calls it gives the rule; a rule that re-runs the module moves them back."""
         return (0,), (0,)
 
     def per_sample_grads(
@@ -86,6 +86,31 @@ class GramianRule:
         """``{name: Σ_i P[i]}``; by default the sum of :meth:`per_sample_grads`."""
         grads = self.per_sample_grads(module, calls, params)
         return {name: grad.sum(dim=0) for name, grad in grads.items()}
+
+
+def batch_dim(dims: Sequence[int], position: int) -> int:
+    """The batch dim of the ``position``-th tensor given one of :meth:`GramianRule.batch_dims`'s
+    sequences (its last entry repeats)."""
+    return dims[min(position, len(dims) - 1)]
+
+
+_K = TypeVar("_K")
+
+
+def accumulate(total: dict[_K, Tensor], key: _K, value: Tensor) -> None:
+    """``total[key] += value`` (set if absent)."""
+    total[key] = total[key] + value if key in total else value
+
+
+def summed_over_calls(
+    calls: Sequence[Call], per_call: Callable[[Call], Mapping[str, Tensor]]
+) -> dict[str, Tensor]:
+    """``{name: Σ_calls P}`` from each call's per-sample gradients ``per_call(call)``."""
+    total: dict[str, Tensor] = {}
+    for call in calls:
+        for name, grad in per_call(call).items():
+            accumulate(total, name, grad)
+    return total
 
 
 def has_rows(x: object, rows: int) -> bool:

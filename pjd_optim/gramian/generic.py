@@ -15,11 +15,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._registry import Call, GramianRule, has_rows, register_gramian_rule
-
-
-def _dim(dims: Sequence[int], position: int) -> int:
-    return dims[min(position, len(dims) - 1)]
+from ._registry import (
+    Call,
+    GramianRule,
+    batch_dim,
+    has_rows,
+    register_gramian_rule,
+    summed_over_calls,
+)
 
 
 def per_sample_vjp(
@@ -43,7 +46,7 @@ def per_sample_vjp(
     def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
         it = iter(xs)
         filled = [
-            next(it).unsqueeze(_dim(in_dims, tensor_position[i])) if b else x
+            next(it).unsqueeze(batch_dim(in_dims, tensor_position[i])) if b else x
             for i, (x, b) in enumerate(zip(leaves, batched, strict=True))
         ]
         args, kwargs = tree_unflatten(filled, spec)
@@ -54,7 +57,8 @@ def per_sample_vjp(
 
         pullback = vjp(forward, theta)[1]
         cotangents = tuple(
-            g.unsqueeze(_dim(out_dims, k)) for g, k in zip(gys, call.output_positions, strict=True)
+            g.unsqueeze(batch_dim(out_dims, k))
+            for g, k in zip(gys, call.output_positions, strict=True)
         )
         return pullback(cotangents)[0]
 
@@ -71,11 +75,7 @@ class GenericRule(GramianRule):
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
-        total: dict[str, Tensor] = {}
-        for call in calls:
-            for name, grad in per_sample_vjp(self, module, call, params).items():
-                total[name] = total[name] + grad if name in total else grad
-        return total
+        return summed_over_calls(calls, lambda call: per_sample_vjp(self, module, call, params))
 
 
 @register_gramian_rule(nn.MultiheadAttention)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import Call, GramianRule, register_gramian_rule
+from ._registry import Call, GramianRule, accumulate, register_gramian_rule
 from .linear import compute_dtype
 
 
@@ -53,7 +53,7 @@ class AffineNormRule(GramianRule):
                 "bias": gy.sum(dim=summed) if summed else gy,
             }
             for name in params:
-                total[name] = total[name] + grads[name] if name in total else grads[name]
+                accumulate(total, name, grads[name])
         return total
 
 

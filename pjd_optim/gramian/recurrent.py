@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from ._registry import Call, GramianRule, register_gramian_rule
+from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
 
 
 @register_gramian_rule(nn.RNN, nn.LSTM, nn.GRU)
@@ -42,11 +42,7 @@ class RecurrentRule(GramianRule):
                 f"{type(module).__name__} with dropout={module.dropout} in train mode is random: "
                 "its per-sample gradients cannot be recomputed. Use dropout=0 (or eval mode)."
             )
-        total: dict[str, Tensor] = {}
-        for call in calls:
-            for name, grad in _per_sample(module, call, params).items():
-                total[name] = total[name] + grad if name in total else grad
-        return total
+        return summed_over_calls(calls, lambda call: _per_sample(module, call, params))
 
 
 def _per_sample(
