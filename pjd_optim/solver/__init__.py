@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import lockstep, numpy_path, pivoting
-from ._common import SolverOptions
+from ._common import SolverOptions, low_dtype
 from .first_order import fista, free_guess, max_eigenvalue
 
 __all__ = ["SolverOptions", "project_dual_cone", "solve_lcp"]
@@ -114,7 +114,7 @@ def _on_host_or_lockstep(M: Tensor, Q: Tensor, P: Tensor | None, options: Solver
 def _pivot(M: Tensor, Q: Tensor, options: SolverOptions, lam: Tensor | None = None) -> Tensor:
     """The pivoting path on rows ``Q`` (all with a conflict), warm-started by FISTA."""
     lam = max_eigenvalue(M) if lam is None else lam
-    low = torch.float32 if M.dtype == torch.float64 else M.dtype
+    low = low_dtype(M.dtype)
     iters = options.warm_start(M.shape[0], lockstep=False)
     x = fista(M.to(low), Q.to(low), lam.to(low), iters, freeze_every=20).to(M.dtype)
     return pivoting.solve(M, Q, free_guess(M, Q, x, lam), x, lam, options)

@@ -1,13 +1,18 @@
-"""What the solver's paths share: options, constants, tolerances, errors."""
+"""What the solver's paths share: options, constants, tolerances, the pivoting rule, the padded
+free blocks and their Cholesky solves, errors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 MURTY_PATIENCE = 3  # pivoting steps without progress before a row uses Murty's single pivot
 BPP_STEPS = 12  # pivoting steps before the remaining rows go to the primal active-set method
+MIXED_MIN_SIZE = 192  # free-block size from which float64 systems are factorised in float32
+REFINE_STEPS = 3  # refinement steps of a float32 factorisation (to float64 accuracy)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,62 @@ class SolverOptions:
         if self.warm_start_iter is not None:
             return self.warm_start_iter
         return 0 if m < 32 else 100 if lockstep else 200
+
+
+def low_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the warm start and of mixed-precision factorisations."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def use_mixed(dtype: torch.dtype, size: int, options: SolverOptions) -> bool:
+    """Whether free blocks of ``size`` in ``dtype`` are factorised in :func:`low_dtype`."""
+    mixed = options.mixed_precision
+    return low_dtype(dtype) != dtype and (size >= MIXED_MIN_SIZE if mixed is None else mixed)
+
+
+def infeasible(
+    x: Tensor, y: Tensor, free: Tensor, q_scale: Tensor, cond: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """The indices that break the KKT conditions (``x_F < 0`` or ``y_A < 0``) beyond the per-row
+    round-off bound (``x_F``'s round-off grows like ``eps·κ(M_FF)``), and each row's scale."""
+    eps = torch.finfo(x.dtype).eps
+    scale = x.abs().amax(dim=1, keepdim=True) + q_scale
+    bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
+    return torch.where(free, x < -bound, y < -bound), scale
+
+
+def pivots(infeasible: Tensor, full: Tensor, position: Tensor) -> Tensor:
+    """The indices to swap between free and active sets: every infeasible one (block pivoting)
+    on rows ``full``, else the last infeasible one (Murty's single pivot). ``position`` is
+    ``1 … m``."""
+    last = (infeasible * position).argmax(dim=1, keepdim=True)
+    single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
+    return torch.where(full.unsqueeze(1), infeasible, single)
+
+
+def identity_padded(M: Tensor, s: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``M`` (``[m, m]``) with an ``s × s`` identity block appended, flattened: indices
+    ``m … m+s−1`` pad a free block to ``s`` rows (see :func:`gather_blocks`)."""
+    m = M.shape[0]
+    extended = torch.zeros(m + s, m + s, device=M.device, dtype=dtype or M.dtype)
+    extended[:m, :m] = M
+    extended.diagonal()[m:] = 1.0
+    return extended.view(-1)
+
+
+def gather_blocks(flat: Tensor, idx: Tensor) -> Tensor:
+    """The ``[c, s, s]`` blocks ``K[idx_r, idx_r]`` of the flattened square ``K`` (through flat
+    indices: much faster than 2-D indexing)."""
+    n, s = math.isqrt(flat.numel()), idx.shape[1]
+    flat_idx = (idx * n).unsqueeze(2) + idx.unsqueeze(1)
+    return flat.index_select(0, flat_idx.view(-1)).view(-1, s, s)
+
+
+def chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``L Lᵀ z = rhs`` for a batch of lower Cholesky factors; ``rhs`` is ``[c, s]``."""
+    z: Tensor = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
+    z = torch.linalg.solve_triangular(factor.mT, z, upper=True)
+    return z.squeeze(2)
 
 
 def not_positive_definite() -> ValueError:

@@ -21,19 +21,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import MURTY_PATIENCE, SolverOptions
+from ._common import (
+    MURTY_PATIENCE,
+    REFINE_STEPS,
+    SolverOptions,
+    chol_solve,
+    gather_blocks,
+    identity_padded,
+    infeasible,
+    low_dtype,
+    pivots,
+    use_mixed,
+)
 from .first_order import fista, free_guess
-from .pivoting import chol_solve
-
-_MIXED_MIN_SIZE = 192  # from this padded size, float64 systems are factorised in float32
-_REFINE_STEPS = 3
 
 
 def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Tensor, Tensor, int]:
     """Rows of LCP(``Q``, ``M``) (``M`` Jacobi-scaled, SPD, ``lam ≥ λ_max``). Returns ``X``, the
     rows verified done (``X`` is zero on the others) and how many are not."""
     b, m = Q.shape
-    low = torch.float32 if M.dtype == torch.float64 else M.dtype
+    low = low_dtype(M.dtype)
     x = fista(M.to(low), Q.to(low), lam.to(low), options.warm_start(m, lockstep=True))
     x = x.to(M.dtype)
     free = free_guess(M, Q, x, lam)
@@ -48,8 +55,7 @@ def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Te
     if n_conflict == 0:
         return X, done, 0
     s = min(m, max(largest, 1) + max(8, m // 8))
-    mixed = options.mixed_precision
-    use_low = low != M.dtype and (s >= _MIXED_MIN_SIZE if mixed is None else mixed)
+    use_low = use_mixed(M.dtype, s, options)
     solver = _PaddedSystems(M, s, low if use_low else None, options)
     res_tol = 1e3 * eps * lam.clamp_min(1.0)
     best = torch.full((b,), m + 1, device=M.device, dtype=torch.long)
@@ -61,13 +67,11 @@ def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Te
         for _ in range(options.steps_per_check):
             x, fits, cond = solver.solve(Q, free)
             y = x @ M + Q
-            scale = x.abs().amax(dim=1, keepdim=True) + q_scale
-            bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
-            infeasible = torch.where(free, x < -bound, y < -bound)
+            wrong, scale = infeasible(x, y, free, q_scale, cond, tol)
             # A float32 factorisation refined to float64: its residual must be float64-small
             # (a row failing this is left to the exact pivoting path).
             exact = (~free | (y.abs() <= res_tol * scale)).all(dim=1) | (not use_low)
-            n_infeasible = infeasible.sum(dim=1)
+            n_infeasible = wrong.sum(dim=1)
             now = (n_infeasible == 0) & fits & exact & ~done
             X = torch.where(now.unsqueeze(1), x.clamp_min(0.0), X)
             done = done | now
@@ -80,10 +84,7 @@ def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Te
             full = (better | (patience > 0)) & ~murty
             patience = torch.where(better, MURTY_PATIENCE, patience - full.long())
             murty = murty | ~full
-            last = (infeasible * position).argmax(dim=1, keepdim=True)
-            single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
-            swap = torch.where(full.unsqueeze(1), infeasible, single) & active.unsqueeze(1)
-            free = free ^ swap
+            free = free ^ (pivots(wrong, full, position) & active.unsqueeze(1))
         left = int((~done).sum())  # the sync of this round
         if left == 0:
             break
@@ -98,10 +99,7 @@ class _PaddedSystems:
     def __init__(self, M: Tensor, s: int, low: torch.dtype | None, options: SolverOptions) -> None:
         m = M.shape[0]
         self.M, self.m, self.s, self.low = M, m, s, low
-        extended = torch.zeros(m + s, m + s, device=M.device, dtype=low or M.dtype)
-        extended[:m, :m] = M
-        extended.diagonal()[m:] = 1.0
-        self.flat = extended.view(-1)
+        self.flat = identity_padded(M, s, low)
         self.position = torch.arange(s, device=M.device)
         budget = options.max_chunk_bytes or 1 << (22 if M.device.type == "cpu" else 30)
         self.chunk = max(1, budget // (s * s * 8))
@@ -118,13 +116,12 @@ class _PaddedSystems:
         parts = []
         for start in range(0, Q.shape[0], self.chunk):  # a fixed schedule: no sync
             rows = slice(start, start + self.chunk)
-            flat = (idx[rows] * (m + s)).unsqueeze(2) + idx[rows].unsqueeze(1)
-            block = self.flat.index_select(0, flat.view(-1)).view(-1, s, s)
+            block = gather_blocks(self.flat, idx[rows])
             factor, info = torch.linalg.cholesky_ex(block)
             diag = factor.diagonal(dim1=1, dim2=2).abs()
             sol = chol_solve(factor, rhs[rows].to(block.dtype)).to(Q.dtype)
             if self.low is not None:
-                for _ in range(_REFINE_STEPS):
+                for _ in range(REFINE_STEPS):
                     x_rows = torch.zeros_like(q_ext[rows]).scatter_(1, idx[rows], sol)
                     product = (x_rows[:, :m] @ self.M).gather(1, idx[rows].clamp_max(m - 1))
                     residual = torch.where(idx[rows] < m, rhs[rows] - product, 0.0)

@@ -18,12 +18,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import BPP_STEPS, MURTY_PATIENCE, SolverOptions, no_convergence
+from ._common import (
+    BPP_STEPS,
+    MURTY_PATIENCE,
+    REFINE_STEPS,
+    SolverOptions,
+    chol_solve,
+    gather_blocks,
+    identity_padded,
+    infeasible,
+    low_dtype,
+    no_convergence,
+    pivots,
+    use_mixed,
+)
 from ._common import not_positive_definite as _not_pd
 from .active_set import active_set as _active_set
-
-_MIXED_MIN_SIZE = 192  # free-set size from which float32 factorisation + refinement pays off
-_REFINE_STEPS = 3
 
 
 def solve(
@@ -39,8 +49,7 @@ def solve(
     iters = options.iterations(m)
     chunk_bytes = options.max_chunk_bytes or 1 << (22 if M.device.type == "cpu" else 28)
     eps = torch.finfo(M.dtype).eps
-    low = torch.float32 if M.dtype == torch.float64 else M.dtype
-    M_low = M.to(low)
+    M_low = M.to(low_dtype(M.dtype))
     rows = torch.arange(b, device=M.device)
     q_scale = Q.abs().amax(dim=1, keepdim=True)
     res_tol = 1e3 * eps * lam.clamp_min(1.0)  # residual bound of a refined float32 solution
@@ -53,23 +62,19 @@ def solve(
         if step == BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
             X[rows] = active_set(M, Q, x_start, tol, iters - step, chunk_bytes)
             return X
-        mixed = options.mixed_precision
-        use_low = low != M.dtype and (s >= _MIXED_MIN_SIZE if mixed is None else mixed)
+        use_low = use_mixed(M.dtype, s, options)
         x, failed, failed_low, cond = solve_free(
             M, M_low if use_low else None, Q, free, ~precise, chunk_bytes
         )
         y = x @ M + Q  # rows of (M x + q), M symmetric
-        scale = x.abs().amax(dim=1, keepdim=True) + q_scale
-        # Per-row tolerance: round-off in x_F grows like eps·κ(M_FF) (estimated by the factor).
-        bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
-        infeasible = torch.where(free, x < -bound, y < -bound)
+        wrong, scale = infeasible(x, y, free, q_scale, cond, tol)
         # A float32 factorisation that failed or whose refinement fell short: no pivot, the row
         # is redone in float64 (rows are flagged at most once, so this cannot loop).
         inexact = failed_low | (free & (y.abs() > res_tol * scale)).any(dim=1)
         inexact = inexact & ~precise & use_low
         precise = precise | inexact
-        infeasible = infeasible & ~inexact.unsqueeze(1)
-        n_infeasible = infeasible.sum(dim=1)
+        wrong = wrong & ~inexact.unsqueeze(1)
+        n_infeasible = wrong.sum(dim=1)
         done = (n_infeasible == 0) & ~inexact
         X.index_copy_(0, rows, torch.where(done.unsqueeze(1), x.clamp_min(0.0), 0.0))
         # Block pivoting with Murty's backup rule, vectorised over rows.
@@ -79,9 +84,7 @@ def solve(
         patience = torch.where(
             better, MURTY_PATIENCE, torch.where(full & ~inexact, patience - 1, patience)
         )
-        last = (infeasible * position).argmax(dim=1, keepdim=True)
-        single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
-        free = free ^ torch.where(full.unsqueeze(1), infeasible, single)
+        free = free ^ pivots(wrong, full, position)
         stats = [(~done).sum(), (free & ~done.unsqueeze(1)).sum(dim=1).amax(), failed.sum()]
         stats.append((~done & (patience > 0)).sum())  # rows not yet reduced to Murty's rule
         n_keep, s, n_failed, n_hopeful = torch.stack(stats).tolist()  # the one sync per step
@@ -147,10 +150,7 @@ def solve_free(
     extended = {}
     for mat in (M, M_low) if any(flags) else (M,):
         assert mat is not None
-        ext = torch.zeros(m + s, m + s, device=mat.device, dtype=mat.dtype)
-        ext[:m, :m] = mat
-        ext.diagonal()[m:] = 1.0
-        extended[mat.dtype] = ext.view(-1)
+        extended[mat.dtype] = identity_padded(mat, s)
     order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :s]  # free first
     position = torch.arange(s, device=Q.device)
     start = 0
@@ -163,16 +163,14 @@ def solve_free(
         idx = torch.where(
             position[:sc] < counts[rows].unsqueeze(1), order[rows, :sc], m + position[:sc]
         )
-        # Gather the [c, sc, sc] blocks through flat indices (much faster than 2-D indexing).
-        flat = (idx * (m + s)).unsqueeze(2) + idx.unsqueeze(1)
-        block = flat_M.index_select(0, flat.view(-1)).view(-1, sc, sc)
+        block = gather_blocks(flat_M, idx)
         factor, info = torch.linalg.cholesky_ex(block.mT)  # symmetric: column-major view
         diag = factor.diagonal(dim1=1, dim2=2).abs()
         q_ext = torch.nn.functional.pad(Q[rows], (0, s))
         sol = chol_solve(factor, -q_ext.gather(1, idx).to(block.dtype)).to(Q.dtype)
         x_rows = torch.zeros(rows.numel(), m + s, device=Q.device, dtype=Q.dtype)
         x_rows.scatter_(1, idx, sol)
-        for _ in range(_REFINE_STEPS if use_low else 0):
+        for _ in range(REFINE_STEPS if use_low else 0):
             residual = -q_ext - torch.nn.functional.pad(x_rows[:, :m] @ M, (0, s))
             sol = sol + chol_solve(factor, residual.gather(1, idx).to(block.dtype)).to(Q.dtype)
             x_rows.scatter_(1, idx, sol)
@@ -180,10 +178,3 @@ def solve_free(
         cond[rows] = (diag.amax(1) / diag.amin(1)).square().to(Q.dtype)
     cond = cond.nan_to_num(nan=1.0, posinf=1.0)
     return x, failed & ~low, failed & low, cond
-
-
-def chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``L Lᵀ z = rhs`` for a batch of lower Cholesky factors; ``rhs`` is ``[c, s]``."""
-    z: Tensor = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
-    z = torch.linalg.solve_triangular(factor.mT, z, upper=True)
-    return z.squeeze(2)
