@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -77,9 +78,7 @@ def train(epochs: int, batch_size: int, lr: float, n: int, seed: int) -> dict[st
     jd = PartialJDOptimizer(
         torch.optim.Adam(jd_model.parameters(), lr=lr), jd_model, considered=jd_model.shared
     )
-    history: dict[str, list[float]] = {
-        key: [] for key in ("sum 1", "sum 2", "jd 1", "jd 2", "conflict", "cosine")
-    }
+    history: dict[str, list[float]] = defaultdict(list)
     order = torch.Generator().manual_seed(seed)
     header = (
         f"{'epoch':>5} | {'sum: task 1':>11} {'task 2':>7} | {'JD: task 1':>10} {'task 2':>7} | "
@@ -104,11 +103,15 @@ def train(epochs: int, batch_size: int, lr: float, n: int, seed: int) -> dict[st
         with torch.no_grad():
             test_sum = [float(loss) for loss in task_losses(summed, x_test, y1_test, y2_test)]
             test_jd = [float(loss) for loss in task_losses(jd_model, x_test, y1_test, y2_test)]
-        for key, value in zip(
-            history,
-            [*test_sum, *test_jd, sum(conflicts) / len(conflicts), sum(cosines) / len(cosines)],
-            strict=True,
-        ):
+        epoch_values = {
+            "sum 1": test_sum[0],
+            "sum 2": test_sum[1],
+            "jd 1": test_jd[0],
+            "jd 2": test_jd[1],
+            "conflict": sum(conflicts) / len(conflicts),
+            "cosine": sum(cosines) / len(cosines),
+        }
+        for key, value in epoch_values.items():
             history[key].append(value)
         bar.set_postfix(sum=f"{sum(test_sum):.3f}", jd=f"{sum(test_jd):.3f}")
         tqdm.write(

@@ -16,7 +16,7 @@ weights sum to more than 1 (about 3 here), so at one learning rate its steps are
 method runs on a small grid of learning rates, the one with the best validation accuracy is
 kept, and the table compares the two at their own best rate, on the test split.
 
-Run ``python examples/partial_jd_iwrm.py`` (about 20 s on 2 CPU cores; ``--quick`` for a smoke
+Run ``python examples/partial_jd_iwrm.py`` (about 10 s on 2 CPU cores; ``--quick`` for a smoke
 run).
 """
 

@@ -1,7 +1,1 @@
-from collections.abc import Iterable
-
-from torch import Tensor
-
-def dispatch_clip_grad(
-    parameters: Iterable[Tensor], value: float, mode: str = "norm", norm_type: float = 2.0
-) -> None: ...
+from .clip_grad import dispatch_clip_grad as dispatch_clip_grad
