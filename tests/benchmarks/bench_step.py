@@ -1,6 +1,6 @@
 """Time and memory of one training step: plain optimizer step vs partial JD (ours) vs TorchJD.
 
-Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--only mlp vit] [--rounds 30]``,
+Run: ``python tests/benchmarks/bench_step.py [--device cuda] [--only mlp vit_tiny] [--rounds 30]``,
 or ``--profile NAME`` for ``torch.profiler`` tables of plain and ours on that workload.
 
 Every variant does forward + backward + ``SGD.step()`` on the same batch (under autocast where the
@@ -119,7 +119,7 @@ def variants(
     def autocast() -> contextlib.AbstractContextManager[None]:
         if w.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device, dtype=w.autocast)
+        return torch.autocast(torch.device(device).type, dtype=w.autocast)
 
     def losses_of(model: nn.Module) -> Tensor:
         with autocast():
@@ -171,65 +171,53 @@ def variants(
     return out, ours
 
 
-ROWS: list[str] = []  # the markdown summary printed at the end
-
-
-def measure(key: str, rounds: int, device: str, weighting: str) -> None:
+def measure(key: str, rounds: int, device: str, weighting: str) -> str:
+    """The workload's markdown row (failures of a variant are reported on stderr)."""
     w = BUILDERS[key]()
     runs, ours = variants(w, weighting, device)
+    cuda = torch.device(device).type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in runs}
     stages: dict[str, list[float]] = {"Gramian": [], "weighting": []}
     peaks: dict[str, int] = {}
-    failed: dict[str, str] = {}
+    failed: set[str] = set()
     for name, run in list(runs.items()):  # warm-up
         try:
             run()
             run()
         except Exception as error:  # e.g. TorchJD on a dtype it does not support
-            failed[name] = f"{type(error).__name__}: {str(error)[:80]}"
+            print(f"{w.name}: {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            failed.add(name)
             del runs[name], times[name]
     for _ in range(rounds):
         for name, run in runs.items():
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             run()
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
             times[name].append(time.perf_counter() - start)
             if name == "ours" and ours.last_step is not None:
                 stages["Gramian"].append(ours.last_step.gramian_seconds)
                 stages["weighting"].append(ours.last_step.weighting_seconds)
-    if device == "cpu":
+    if not cuda:
         peaks = {name: peak_in_fresh_process(key, name, weighting) for name in runs}
-    plain = statistics.median(times["plain"])
-    assert ours.last_step is not None
-    resumed = "resumed" if ours.last_step.resumed else "losses.backward(w)"
-    print(f"\n{w.name} ({device}, median of {rounds} interleaved rounds; ours: {resumed})")
-    for name, values in times.items():
-        median = statistics.median(values)
-        kind = "peak" if device == "cuda" else "peak growth"
-        print(
-            f"  {name:8s} {median * 1e3:9.2f} ms   x{median / plain:5.2f}"
-            f"   {kind} {peaks[name] / 2**20:9.1f} MiB"
-        )
-    for name, reason in failed.items():
-        print(f"  {name:8s} failed: {reason}")
-    inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
-    print(f"  ours' stages (StepInfo): {inside}", flush=True)
-    cells = []
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    timing, memory = [], []
     for name in ("plain", "ours", "torchjd"):
-        if name in times:
-            median = statistics.median(times[name])
-            ratio = "" if name == "plain" else f" (x{median / plain:.2f})"
-            cells.append(f"{median * 1e3:.1f} ms{ratio}")
+        if name in medians:
+            ratio = "" if name == "plain" else f" (x{medians[name] / medians['plain']:.2f})"
+            timing.append(f"{medians[name] * 1e3:.1f} ms{ratio}")
+            memory.append(f"{peaks[name] / 2**20:.1f}")
         else:
-            cells.append("failed" if name in failed else "-")
-    memory = " / ".join(f"{peaks[n] / 2**20:.1f}" for n in runs)
+            timing.append("failed" if name in failed else "-")
+            memory.append(timing[-1])
+    assert ours.last_step is not None
     path = "resumed" if ours.last_step.resumed else "backward(w)"
-    ROWS.append(f"| {w.name} | {' | '.join(cells)} | {memory} | {path} | {inside} |")
+    inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
+    return f"| {w.name} | {' | '.join(timing)} | {' / '.join(memory)} | {path} | {inside} |"
 
 
 def profile(key: str, weighting: str, device: str, steps: int = 10) -> None:
@@ -242,7 +230,8 @@ def profile(key: str, weighting: str, device: str, steps: int = 10) -> None:
     runs, _ = variants(BUILDERS[key](), weighting, device)
     activities = [ProfilerActivity.CPU]
     sort = "self_cpu_time_total"
-    if device == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         activities.append(ProfilerActivity.CUDA)
         sort = "self_cuda_time_total"
     for name in ("plain", "ours"):
@@ -250,7 +239,7 @@ def profile(key: str, weighting: str, device: str, steps: int = 10) -> None:
         with torch_profile(activities=activities) as prof:
             for _ in range(steps):
                 runs[name]()
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
         print(f"\n{name}, {steps} steps")
         print(prof.key_averages().table(sort_by=sort, row_limit=12))
@@ -280,15 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         key, variant = args.peak
         print(peak_growth(variants(BUILDERS[key](), args.weighting, "cpu")[0][variant]))
         return
+    cuda = torch.device(args.device).type == "cuda"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    for key in args.only or DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]:
-        measure(key, args.rounds, args.device, args.weighting)
-    kind = "peak MiB" if args.device.startswith("cuda") else "peak growth MiB"
-    print(
-        f"\n| workload | plain | ours | TorchJD | {kind}: plain / ours / TorchJD | path | stages |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(ROWS))
+    print(f"medians of {args.rounds} interleaved rounds, weighting {args.weighting}\n")
+    kind = "peak MiB" if cuda else "peak growth MiB"
+    print(f"| workload | plain | ours | TorchJD | {kind}: plain / ours / TorchJD | path | stages |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for key in args.only or DEFAULTS["cuda" if cuda else "cpu"]:
+        print(measure(key, args.rounds, args.device, args.weighting), flush=True)
 
 
 if __name__ == "__main__":
