@@ -12,16 +12,24 @@ import torch
 from pjd_optim import _resume
 
 CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu"),
+ACCELERATORS = [
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device")),
 ]
+DEVICES = [pytest.param("cpu"), *ACCELERATORS]
 
 
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     """Every device present: the test runs on the CPU, and on CUDA where there is one (on a
     CPU-only machine the CUDA case is reported as skipped, with the reason)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(params=ACCELERATORS)
+def accelerator(request: pytest.FixtureRequest) -> str:
+    """Every accelerator present, for tests that compare it with the CPU (skipped, with the
+    reason, where there is none)."""
     name: str = request.param
     return name
 

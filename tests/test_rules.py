@@ -23,18 +23,18 @@ def losses_of(module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
     return torch.tanh(out).pow(2).flatten(start_dim=1).sum(dim=1), out
 
 
-def call_of(module: nn.Module, inputs: Tensor) -> Call:
+def call_of(inputs: Tensor, losses: Tensor, out: Tensor) -> Call:
     """The record a rule receives: the input and ``∂loss_i/∂y_i`` in row ``i``."""
-    losses, out = losses_of(module, inputs)
-    (grad,) = torch.autograd.grad(losses.sum(), out)
+    (grad,) = torch.autograd.grad(losses.sum(), out, retain_graph=True)
     return Call(args=(inputs,), kwargs={}, output_grads=(grad,))
 
 
 def rule_gramian(rule: GramianRule, module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
     """(the rule's, the oracle's) Gramians over ``module``'s trainable parameters."""
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    ours = rule.gramian(module, [call_of(module, inputs)], params)
-    expected = oracle_gramian(losses_of(module, inputs)[0], list(params.values()))
+    losses, out = losses_of(module, inputs)
+    ours = rule.gramian(module, [call_of(inputs, losses, out)], params)
+    expected = oracle_gramian(losses, list(params.values()))
     return ours, expected
 
 

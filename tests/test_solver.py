@@ -239,13 +239,15 @@ def test_lcp_form_kkt(path: SolverOptions) -> None:
 
 
 @pytest.mark.parametrize("lockstep", [None, True])
-def test_accelerator_paths_match_the_cpu(device: str, lockstep: bool | None) -> None:
+def test_accelerator_paths_match_the_cpu(accelerator: str, lockstep: bool | None) -> None:
     """On an accelerator: the host copy (small m) and the lock-step path (larger m)."""
     for m in (16, 128):
         G = normalised_gramian(m, m // 2, seed=10 + m)
         U = upgrad_rows(m)
-        V = project_dual_cone(G.to(device), U.to(device), SolverOptions(lockstep=lockstep))
-        assert V.device.type == device
+        V = project_dual_cone(
+            G.to(accelerator), U.to(accelerator), SolverOptions(lockstep=lockstep)
+        )
+        assert V.device.type == accelerator
         torch.testing.assert_close(V.cpu(), project_dual_cone(G, U), rtol=1e-9, atol=1e-13)
 
 

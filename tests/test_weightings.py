@@ -147,11 +147,11 @@ def test_bad_parameters_raise() -> None:
         UPGrad()(torch.eye(3, dtype=torch.long))
 
 
-def test_weights_on_every_device(device: str) -> None:
+def test_weights_on_an_accelerator_match_the_cpu(accelerator: str) -> None:
     G = random_gramian(64, 32, seed=7)
     for weighting in (UPGrad(), DualProj(), MGDA()):
-        w = weighting(G.to(device))
-        assert w.device.type == device
+        w = weighting(G.to(accelerator))
+        assert w.device.type == accelerator
         assert rel_err(w, weighting(G)) <= 1e-9
 
 
