@@ -42,6 +42,11 @@ def normalised_gramian(m: int, rank: int, kind: str = "gaussian", seed: int = 0)
     return regularised(random_gramian(m, rank, kind, seed))
 
 
+def upgrad_rows(m: int) -> Tensor:
+    """UPGrad's lower bounds: row ``i`` is ``e_i / m`` (preference ``1/m`` per loss)."""
+    return torch.eye(m, dtype=F64) / m
+
+
 def quadprog_rows(G: Tensor, U: Tensor) -> Tensor:
     """One quadprog QP per row ``u`` of ``U``: ``argmin ½vᵀGv s.t. v ≥ u`` (the calling test is
     skipped where qpsolvers is not installed)."""

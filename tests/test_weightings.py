@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from oracle import relative_error as rel_err
-from qp import F64, assert_kkt, quadprog_rows, regularised
+from qp import F64, assert_kkt, quadprog_rows, regularised, upgrad_rows
 from qp import random_gramian as _random_gramian
 from torch import Tensor
 
@@ -52,7 +52,7 @@ def test_reprs_show_parameters() -> None:
 )
 def test_upgrad_matches_quadprog(m: int, rank: int) -> None:
     G = random_gramian(m, rank, seed=m + rank)
-    expected = quadprog_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)
+    expected = quadprog_rows(regularised(G), upgrad_rows(m)).sum(dim=0)
     assert rel_err(UPGrad()(G), expected) <= 1e-8
 
 
@@ -96,7 +96,7 @@ def test_upgrad_rank_deficient_and_duplicated_gradients() -> None:
     w = UPGrad()(G)
     assert torch.isfinite(w).all()
     m = G.shape[0]
-    assert rel_err(w, quadprog_rows(regularised(G), torch.eye(m, dtype=F64) / m).sum(dim=0)) <= 1e-7
+    assert rel_err(w, quadprog_rows(regularised(G), upgrad_rows(m)).sum(dim=0)) <= 1e-7
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
@@ -258,7 +258,7 @@ def test_upgrad_numpy_path_matches_torch_path_and_quadprog(m: int, rank: int, pr
     fast = UPGrad(p)(G)
     fast32 = UPGrad(p)(G.float())
     slow = UPGrad(p, solver=SolverOptions(numpy_max_m=0))(G)
-    U = torch.diag(p) if p is not None else torch.eye(m, dtype=F64) / m
+    U = torch.diag(p) if p is not None else upgrad_rows(m)
     expected = quadprog_rows(regularised(G), U).sum(dim=0)
     assert rel_err(fast, slow) <= 1e-12
     assert rel_err(fast, expected) <= 1e-8
