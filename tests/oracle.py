@@ -1,4 +1,5 @@
-"""The test oracle: per-sample ``autograd.grad`` loops, independent of hooks and of the package."""
+"""The test oracle: per-sample ``autograd.grad`` loops, independent of hooks and of the package;
+and the comparisons the tests share (parameters, "nothing changed" snapshots)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ def oracle_grads(losses: Tensor, params: Sequence[Tensor], weights: Tensor) -> l
             materialize_grads=True,
         )
     )
+
+
+def oracle_backward(
+    losses: Tensor, considered: Sequence[Tensor], params: Sequence[Tensor]
+) -> Tensor:
+    """The oracle of ``PartialJDOptimizer.backward`` with UPGrad: the weights of the per-sample
+    Gramian over ``considered``, then ``.grad += Σ_i w_i ∇ℓ_i`` for ``params``. Returns ``w``."""
+    weights = UPGrad()(oracle_gramian(losses, considered))
+    for p, g in zip(params, oracle_grads(losses, params, weights), strict=True):
+        p.grad = g if p.grad is None else p.grad + g
+    return weights
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -104,3 +116,33 @@ def weighted_sum_error(
     scale = (weights.abs().to(jac.dtype) @ jac.abs()).max().clamp_min(1e-30)
     diff = torch.cat([(a - e).flatten() for a, e in zip(actual, expected, strict=True)])
     return float(diff.abs().max() / scale)
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module, tolerance: float = 1e-10) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert relative_error(p, q) < tolerance
+
+
+Snapshot = tuple[list[Tensor], list[Tensor | None], str]
+
+
+def snapshot(model: nn.Module, optimizer: PartialJDOptimizer) -> Snapshot:
+    """Parameters, gradients and optimizer state, to check that a failed call changed nothing."""
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        str(copy.deepcopy(optimizer.state_dict())),
+    )
+
+
+def assert_unchanged(before: Snapshot, after: Snapshot) -> None:
+    params_a, grads_a, state_a = before
+    params_b, grads_b, state_b = after
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b)
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        if grad_a is None or grad_b is None:
+            assert grad_a is None and grad_b is None
+        else:
+            assert torch.equal(grad_a, grad_b)
+    assert state_a == state_b

@@ -8,7 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-from oracle import oracle_grads, oracle_gramian, relative_error, trainable, weighted_sum_error
+from case import Case
+from oracle import (
+    assert_same_parameters,
+    assert_unchanged,
+    errors_against_oracle,
+    oracle_grads,
+    oracle_gramian,
+    relative_error,
+    snapshot,
+    trainable,
+)
 from torch import Tensor, nn
 from torch.nn import Linear, ReLU, Sequential
 from torch.optim import SGD, Adam
@@ -25,30 +35,6 @@ def make() -> tuple[Sequential, PartialJDOptimizer]:
     ]
     base = Adam(groups)
     return model, PartialJDOptimizer(base, model)
-
-
-Snapshot = tuple[list[Tensor], list[Tensor | None], dict[str, Any]]
-
-
-def snapshot(model: nn.Module, optimizer: PartialJDOptimizer) -> Snapshot:
-    return (
-        [p.detach().clone() for p in model.parameters()],
-        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        copy.deepcopy(optimizer.state_dict()),
-    )
-
-
-def assert_unchanged(before: Snapshot, after: Snapshot) -> None:
-    params_a, grads_a, state_a = before
-    params_b, grads_b, state_b = after
-    for a, b in zip(params_a, params_b, strict=True):
-        assert torch.equal(a, b)
-    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
-        if grad_a is None or grad_b is None:
-            assert grad_a is None and grad_b is None
-        else:
-            assert torch.equal(grad_a, grad_b)
-    assert str(state_a) == str(state_b)
 
 
 def losses_of(model: nn.Module, x: Tensor) -> Tensor:
@@ -198,19 +184,12 @@ def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_
         optimizer.step(losses_of(model, x))
     assert_unchanged(before, snapshot(model, optimizer))
     optimizer.close()
-    # BatchNorm below the considered part does not matter: the step is exact.
-    below = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[3])
-    reference = copy.deepcopy(model)
-    weights = below.backward(losses_of(model, x))
-    losses = losses_of(reference, x)
-    expected = UPGrad()(oracle_gramian(losses, list(reference[3].parameters())))
-    assert relative_error(weights, expected) < 1e-10
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-    expected_grads = oracle_grads(losses, trainable(reference), weights)
-    # (the first layer's bias gradient is 0 up to round-off: BatchNorm removes the mean)
-    assert weighted_sum_error(grads, expected_grads, losses, trainable(reference), weights) < 1e-12
-    below.close()
-    model.zero_grad()
+    # BatchNorm below the considered part does not matter: the step is exact (the first layer's
+    # bias gradient is 0 up to round-off: BatchNorm removes the mean).
+    below = copy.deepcopy(model)
+    case = Case(below, x, [below[3]], lambda out: out.squeeze(1).pow(2))  # as losses_of
+    errors = errors_against_oracle(case, torch.float64)
+    assert errors["gramian"] < 1e-10 and errors["weights"] < 1e-10 and errors["grads"] < 1e-12
     exact = PartialJDOptimizer(
         SGD(model.parameters(), lr=0.1), model, considered=model[0], gramian_mode="autograd"
     )
@@ -326,8 +305,7 @@ def test_nonfinite_skip_mode_skips_the_step_and_counts_it() -> None:
         q.grad = old + g
     ref_optimizer.step()
     assert optimizer.skipped_steps == 1 and optimizer.last_step is not None
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert relative_error(p, q) < 1e-5
+    assert_same_parameters(model, reference, 1e-5)
 
 
 def test_batchnorm_in_eval_mode_without_running_statistics_is_refused() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from oracle import relative_error
+from oracle import assert_same_parameters, assert_unchanged, relative_error, snapshot
 from torch import Tensor, nn
 from torch.nn import Linear, MSELoss, ReLU, Sequential
 from torch.optim import SGD
@@ -75,8 +75,7 @@ def test_port_of_torchjds_mtl_example_equals_mtl_backward_with_upgrad() -> None:
         autojac.jac_to_grad(theirs.shared.parameters(), aggregator)
         their_optimizer.step()
         their_optimizer.zero_grad()
-    for p, q in zip(ours_model.parameters(), theirs.parameters(), strict=True):
-        assert relative_error(p, q) < 1e-10
+    assert_same_parameters(ours_model, theirs)
 
 
 def oracle_task_grads(
@@ -200,11 +199,10 @@ def test_bad_task_losses_raise_before_anything_changes(name: str) -> None:
     model = torchjd_example()
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model.shared)
     make, error, message = BAD[name]
-    before = [p.detach().clone() for p in model.parameters()]
+    before = snapshot(model, optimizer)
     with pytest.raises(error, match=message):
         optimizer.step(make(model, data(1)[0][0]))  # type: ignore[call-overload]
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    assert all(p.grad is None for p in model.parameters())
+    assert_unchanged(before, snapshot(model, optimizer))
 
 
 def rnn_example() -> tuple[nn.RNN, Tensor, Tensor]:
