@@ -10,15 +10,19 @@ import torch
 from oracle import relative_error
 from torch import Tensor, nn
 
-from pjd_optim import JDScaler, PartialJDOptimizer
+from pjd_optim import JDScaler, NonFinite, PartialJDOptimizer
+
+
+def mlp(device: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
 
 
 def twin_optimizers(
     momentum: float = 0.0, device: str = "cpu"
 ) -> tuple[nn.Sequential, nn.Sequential, PartialJDOptimizer, PartialJDOptimizer]:
     """Two copies of one model, each with its own optimizer (the last layer considered)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    model = mlp(device)
     reference = copy.deepcopy(model)
     first = PartialJDOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum), model, considered=model[2]
@@ -57,8 +61,7 @@ def test_grad_scaler_loop_with_clipping_equals_the_unscaled_step(device: str) ->
 def test_autocast_gramian_and_weights_are_float32_and_close_to_float32_ones(
     dtype: torch.dtype, device: str
 ) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    model = mlp(device)
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model
     )
@@ -122,8 +125,7 @@ def test_fp16_overflow_under_a_grad_scaler_is_a_skipped_step_and_training_goes_o
 ) -> None:
     """As after ``scaler.scale(loss).backward()``: an overflow skips the step (no parameter or
     optimizer state changes), the scale backs off, and once it is small enough steps update."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    model = mlp(device)
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         model,
@@ -159,32 +161,32 @@ def test_fp16_overflow_under_a_grad_scaler_is_a_skipped_step_and_training_goes_o
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_plain_step_after_a_non_finite_backward_raises_or_skips_and_changes_nothing() -> None:
-    for nonfinite in ("raise", "skip"):
-        model, _, optimizer, _ = twin_optimizers(momentum=0.9)
-        optimizer.nonfinite = nonfinite
-        x = torch.randn(6, 5)
-        optimizer.step(losses_of(model, x))
-        optimizer.zero_grad()
-        weights = optimizer.backward(losses_of(model, x) * float("inf"))
-        assert torch.isnan(weights).all() and optimizer.last_step is None
-        assert not all(
-            torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
-        )
-        before = state_of(model, optimizer)
-        if nonfinite == "raise":
-            with pytest.raises(ValueError, match="not finite"):
-                optimizer.step()
-        else:
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_plain_step_after_a_non_finite_backward_raises_or_skips_and_changes_nothing(
+    nonfinite: NonFinite,
+) -> None:
+    model, _, optimizer, _ = twin_optimizers(momentum=0.9)
+    optimizer.nonfinite = nonfinite
+    x = torch.randn(6, 5)
+    optimizer.step(losses_of(model, x))
+    optimizer.zero_grad()
+    weights = optimizer.backward(losses_of(model, x) * float("inf"))
+    assert torch.isnan(weights).all() and optimizer.last_step is None
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    before = state_of(model, optimizer)
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="not finite"):
             optimizer.step()
-            assert optimizer.skipped_steps == 1
-        for a, b in zip(before, state_of(model, optimizer), strict=True):
-            assert torch.equal(a, b)
-        optimizer.zero_grad()  # the gradients are cleared: steps go on
-        optimizer.step(losses_of(model, x))
-        assert all(
-            not torch.equal(a, b) for a, b in zip(before, state_of(model, optimizer), strict=True)
-        )
+    else:
+        optimizer.step()
+        assert optimizer.skipped_steps == 1
+    for a, b in zip(before, state_of(model, optimizer), strict=True):
+        assert torch.equal(a, b)
+    optimizer.zero_grad()  # the gradients are cleared: steps go on
+    optimizer.step(losses_of(model, x))
+    assert all(
+        not torch.equal(a, b) for a, b in zip(before, state_of(model, optimizer), strict=True)
+    )
 
 
 @pytest.mark.parametrize("clip_mode", ["norm", "value", "agc"])
