@@ -51,9 +51,12 @@ def losses_of(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return out
 
 
-def oracle_grads_into(model: nn.Sequential, x: Tensor) -> None:
-    """``.grad`` += UPGrad's weighted gradient with the last layer considered (the oracle)."""
+def oracle_step(model: nn.Sequential, optimizer: Optimizer, x: Tensor) -> None:
+    """A step of the plain ``optimizer`` on UPGrad's weighted gradient (the oracle's), with the
+    last layer considered."""
     oracle_backward(losses_of(model, x), list(model[2].parameters()), trainable(model))
+    optimizer.step()
+    optimizer.zero_grad()
 
 
 def assert_same_state(a: Optimizer, b: Optimizer, tolerance: float = 0.0) -> None:
@@ -97,9 +100,7 @@ def test_a_plain_checkpoint_loads_into_the_wrapper_and_training_continues_from_i
     for seed in (2, 3):  # JD steps from the loaded Adam state
         wrapper.step(losses_of(resumed, batch(seed)))
         wrapper.zero_grad()
-        oracle_grads_into(reference, batch(seed))
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
+        oracle_step(reference, ref_optimizer, batch(seed))
     assert_same_parameters(resumed, reference)
     assert_same_state(wrapper, ref_optimizer, tolerance=1e-10)
 
@@ -167,8 +168,7 @@ def test_deepcopy_of_the_optimizer_is_an_independent_working_optimizer() -> None
     ref_optimizer.load_state_dict(copy.deepcopy(clone.base.state_dict()))
     before = [p.detach().clone() for p in model.parameters()]
     clone.step(losses_of(clone.model, batch(1)))  # the copy steps its own model, exactly
-    oracle_grads_into(reference, batch(1))
-    ref_optimizer.step()
+    oracle_step(reference, ref_optimizer, batch(1))
     assert_same_parameters(clone.model, reference)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     optimizer.zero_grad()
@@ -284,9 +284,7 @@ def test_whole_model_torch_compile_is_exact() -> None:
     for seed in range(2):
         optimizer.step(losses_of(compiled, batch(seed)))
         optimizer.zero_grad()
-        oracle_grads_into(reference, batch(seed))
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
+        oracle_step(reference, ref_optimizer, batch(seed))
     assert_same_parameters(model, reference)
 
 
@@ -339,7 +337,5 @@ def test_lightning_manual_optimisation_is_exact(through: str) -> None:
     assert not [w for w in caught if "Jacobian descent" in str(w.message)]
     ref_optimizer = SGD(reference.parameters(), lr=0.1)
     for x, _ in data:
-        oracle_grads_into(reference, x)
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
+        oracle_step(reference, ref_optimizer, x)
     assert_same_parameters(model, reference)
