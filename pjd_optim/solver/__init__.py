@@ -67,48 +67,52 @@ def solve_lcp(matrix: Tensor, q: Tensor, options: SolverOptions | None = None) -
 
 
 def _solve(M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions) -> Tensor:
-    """Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``, ``x = Dx̃`` (``D = diag(M)^-½``), then a path."""
+    """Pick the path: the NumPy path for small float64 problems on the host (accelerator ones
+    with ``m ≤ host_max_m`` are copied there, one copy each way), else the torch paths."""
     k, m = Q.shape
     if k == 0 or m == 0:
         return torch.zeros_like(Q)
+    device = M.device
+    if device.type != "cpu" and options.lockstep is None and m <= options.host_max_m:
+        M, Q, P = M.cpu(), Q.cpu(), None if P is None else P.cpu()
+    host = M.device.type == "cpu" and M.dtype == torch.float64 and not options.lockstep
+    if not host or m > options.numpy_max_m:
+        return _scaled(M, Q, P, options).to(device, non_blocking=True)
+    P_np = None if P is None else P.numpy()
+    tol, iters = options.tolerance(M.dtype), options.iterations(m)
+    X_np, unsolved = numpy_path.solve(M.numpy(), Q.numpy(), P_np, tol, iters)
+    X = torch.from_numpy(X_np)
+    if unsolved.any():  # declined (large systems, ill-conditioning) or unfinished rows
+        left = torch.from_numpy(unsolved.nonzero()[0])
+        X[left] = _scaled(M, Q[left], None if P is None else P[left], options, conflicts=True)
+    return X.to(device, non_blocking=True)
+
+
+def _scaled(
+    M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions, conflicts: bool = False
+) -> Tensor:
+    """The torch paths after a Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``, ``x = Dx̃``
+    (``D = diag(M)^-½``). ``conflicts``: every row of ``Q`` is known to have a conflict."""
     diag = M.diagonal()
     d = torch.where(diag > 0, diag.rsqrt(), 1.0)
     M, Q = M * d.unsqueeze(1) * d.unsqueeze(0), Q * d
     P = None if P is None else P / d
-    if M.device.type != "cpu" and options.lockstep is None and m <= options.host_max_m:
-        X = _on_host_or_lockstep(M.cpu(), Q.cpu(), None if P is None else P.cpu(), options)
-        return X.to(d.device, non_blocking=True) * d
-    return _on_host_or_lockstep(M, Q, P, options) * d
-
-
-def _on_host_or_lockstep(M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions) -> Tensor:
     if options.lockstep or (options.lockstep is None and M.device.type != "cpu"):
         lam = max_eigenvalue(M)
         X, done, n_left = lockstep.solve(M, Q, lam, options)
         if n_left:  # rows the lock-step path could not finish: the exact pivoting path
             left = (~done).nonzero().squeeze(1)
             X[left] = _pivot(M, Q[left], options, lam)
-        return X
-    # CPU: only rows with a conflict (some q_j < 0) have x ≠ 0.
+        return X * d
+    if conflicts:
+        return _pivot(M, Q, options) * d
+    # Only rows with a conflict (some q_j < 0) have x ≠ 0.
     tol = options.tolerance(M.dtype)
-    q_scale = Q.abs().amax(dim=1, keepdim=True)
-    rows = (Q + tol * q_scale < 0).any(dim=1).nonzero().squeeze(1)
+    rows = (Q + tol * Q.abs().amax(dim=1, keepdim=True) < 0).any(dim=1).nonzero().squeeze(1)
     X = torch.zeros_like(Q)
-    if rows.numel() == 0:
-        return X
-    Q, P = Q[rows], None if P is None else P[rows]
-    if M.dtype == torch.float64 and M.shape[0] <= options.numpy_max_m:
-        P_np = None if P is None else P.numpy()
-        X_np, unsolved = numpy_path.solve(
-            M.numpy(), Q.numpy(), P_np, tol, options.iterations(M.shape[0])
-        )
-        X[rows] = torch.from_numpy(X_np)
-        if not unsolved.any():
-            return X
-        left = torch.from_numpy(unsolved.nonzero()[0])
-        rows, Q = rows[left], Q[left]
-    X[rows] = _pivot(M, Q, options)
-    return X
+    if rows.numel():
+        X[rows] = _pivot(M, Q[rows], options)
+    return X * d
 
 
 def _pivot(M: Tensor, Q: Tensor, options: SolverOptions, lam: Tensor | None = None) -> Tensor:

@@ -56,14 +56,33 @@ def _batched_solve(A: Array, B: Array) -> Array:
 
 
 def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tuple[Array, Mask]:
-    """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[b, m]``, every row with a
-    negative entry); ``M`` SPD with a unit diagonal.
+    """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[k, m]``); ``M`` SPD.
 
-    ``P`` (optional) is ``−M⁻¹Q`` if known exactly (UPGrad: ``−U``). Returns ``X`` and the mask
-    of rows left unsolved (their ``X`` rows are zero): all of them if ``M`` is not numerically
-    positive definite, too ill-conditioned or its systems too large for this path. At most
-    ``max_iter`` steps (pivoting, then the active-set method), as the pivoting path.
+    ``P`` (optional) is ``−M⁻¹Q`` if known exactly (UPGrad: ``−U``). Jacobi-scales the problem
+    (unit diagonal) and solves the rows with a conflict (some ``q_j < 0``; the others have
+    ``x = 0``). Returns ``X`` and the mask of rows left unsolved (their ``X`` rows are zero):
+    all conflicting rows if ``M`` is not numerically positive definite, too ill-conditioned or
+    its systems too large for this path. At most ``max_iter`` steps (pivoting, then the
+    active-set method), as the pivoting path.
     """
+    diag = M.diagonal()
+    d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
+    M, Q = M * d[:, None] * d, Q * d
+    q_scale = np.abs(Q).max(axis=1, keepdims=True)
+    rows = (Q + tol * q_scale < 0).any(axis=1).nonzero()[0]
+    X = np.zeros_like(Q)
+    unsolved = np.zeros(Q.shape[0], dtype=bool)
+    if rows.size:
+        P = None if P is None else P[rows] / d
+        X_rows, unsolved[rows] = _conflicting(M, Q[rows], P, tol, max_iter)
+        X[rows] = X_rows * d
+    return X, unsolved
+
+
+def _conflicting(
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int
+) -> tuple[Array, Mask]:
+    """:func:`solve` on Jacobi-scaled ``M`` (unit diagonal) and rows that all conflict."""
     b, m = Q.shape
     X = np.zeros((b, m))
     unsolved = np.ones(b, dtype=bool)
@@ -173,13 +192,15 @@ class _Systems:
         s = int(counts.max())
         if s == 0:
             return np.zeros_like(R)
-        order = np.argsort(~sel, axis=1, kind="stable")[:, :s]  # selected indices first
-        pad = np.arange(s) >= counts[:, None]
-        idx = np.where(pad, m, order)
-        blocks = K_pad[idx[:, :, None], idx[:, None, :]]
-        blocks[:, np.arange(s), np.arange(s)] += pad
-        rhs = np.where(pad, 0.0, np.take_along_axis(R, order, axis=1))
+        row, col = sel.nonzero()  # row by row, each row's indices in order
+        slot = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        idx = np.full((b, s), m)  # each row's selected indices, padded with index m
+        idx[row, slot] = col
+        blocks = K_pad.ravel().take(idx[:, :, None] * (m + 1) + idx[:, None, :])
+        blocks.reshape(b, s * s)[:, :: s + 1] += idx == m  # identity on the padding
+        rhs = np.zeros((b, s))
+        rhs[row, slot] = R[row, col]
         z = _batched_solve(blocks, rhs[:, :, None])[:, :, 0]
-        out = np.zeros((b, m + 1))
-        np.put_along_axis(out, idx, z, axis=1)
-        return out[:, :m]
+        out = np.zeros((b, m))
+        out[row, col] = z[row, slot]
+        return out
