@@ -342,12 +342,46 @@ def test_rows_stalled_on_the_numpy_path_finish_with_the_active_set_method(
     """After one pivoting step every row left goes to the active-set method: exact."""
     monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
     monkeypatch.setattr(numpy_path, "_MAX_BLOCK", m)
+    monkeypatch.setattr(numpy_path, "_PIVOTS_PER_INDEX", 0)  # no single pivots (small m)
     G = normalised_gramian(m, rank, seed=m)
     U = upgrad_rows(m)
     V = project_dual_cone(G, U)
     assert_kkt(G, U, V, rtol=1e-10)
     expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
     torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize(("m", "rank", "seed"), [(3, 1, 0), (6, 2, 1), (8, 3, 2), (9, 9, 3)])
+def test_principal_pivoting_finds_the_brute_force_free_sets(m: int, rank: int, seed: int) -> None:
+    """The tableau pivots alone, on general rows (no verifying solve): their free sets are the
+    supports of the brute-force solutions."""
+    G = normalised_gramian(m, rank, seed=seed)
+    U = torch.randn(2 * m, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    Q = (U @ G).numpy()
+    bound = 1e-12 * abs(Q).max(axis=1, keepdims=True)
+    free = numpy_path.principal_pivoting(G.numpy(), Q, bound, 4 * m)
+    expected = torch.stack([brute_force(G, u) for u in U]) - U
+    assert (torch.from_numpy(free) == (expected > 1e-9)).all()
+
+
+@pytest.mark.usefixtures("pivoting_forbidden")
+@pytest.mark.parametrize(("m", "rank"), [(16, 8), (24, 12), (32, 16), (32, 64)])
+def test_rows_stalled_on_the_numpy_path_finish_with_principal_pivots(
+    m: int, rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small problems: rows left after one block-pivoting step are solved by the single pivots
+    and one verifying step, without the active-set method; exact."""
+
+    def forbidden(*args: object) -> object:
+        raise AssertionError("a row reached the active-set method")
+
+    monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
+    monkeypatch.setattr(numpy_path, "active_set", forbidden)
+    G = normalised_gramian(m, rank, seed=m + rank)
+    U = upgrad_rows(m)
+    V = project_dual_cone(G, U, SolverOptions(numpy_max_m=m))
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 
 
 def test_numpy_path_declines_large_and_ill_conditioned(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,14 @@ batched ``[b, m, m]`` primal system ``M_FF x_F = −q_F``, the other indices mas
 Larger ``m``: the smaller of the primal system and the dual one on the active set A
 (``H_AA z_A = −p_A`` with ``H = M⁻¹``, ``p = −Hq``, then ``x = p + H_{:A} z_A``), gathered and
 padded; UPGrad's conflicting rows usually keep most indices free, so the dual systems are tiny.
-Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``. Rows that stop making
-progress finish with the active-set method (:mod:`.active_set`); problems this path declines
-(large systems, ill-conditioning) go to the pivoting path whole.
+Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``.
+
+Block pivoting converges in a few steps on most rows but can stall on rank-deficient Gramians.
+For ``m ≤ 32`` the rows left after three steps take single principal pivots on their tableaux
+(:func:`principal_pivoting`, each row's sequence in a few microseconds of NumPy per pivot),
+whose free sets one more step solves and verifies. Rows still unsolved finish with the
+active-set method (:mod:`.active_set`); problems this path declines (large systems,
+ill-conditioning) go to the pivoting path whole.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ Mask = NDArray[np.bool_]
 
 _DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
 _MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is not trusted
+_PIVOTS_PER_INDEX = 4  # budget of single principal pivots (small problems), per index
+_DENSE_STEPS = 3  # block-pivoting steps of small problems before the rows left pivot singly
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
 
 
@@ -99,34 +106,15 @@ def _conflicting(
     rel = max(tol, 10 * eps * system.kappa)  # round-off bound of x and y, relative to scale
     q_scale = np.abs(Q).max(axis=1, keepdims=True)
     P = None if system.dense else -_matmul(Q, system.H) if P is None else P
-    rows = np.arange(b)
-    active = Q >= 0  # sign guess: indices of non-conflicting rows stay at x = 0
-    best = np.full(b, m + 1)
-    patience = np.full(b, MURTY_PATIENCE)
-    stalled = np.zeros(b, dtype=bool)
-    start = np.zeros((b, m))
-    steps = min(max_iter, BPP_STEPS)
-    for _ in range(steps):
-        x = system.solve(Q[rows], None if P is None else P[rows], active)
-        bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale[rows]) * rel
-        infeasible = np.where(active, _matmul(x, M) + Q[rows], x) < -bound
-        n_infeasible = infeasible.sum(axis=1)
-        patience = np.where(n_infeasible < best, MURTY_PATIENCE, patience - 1)
-        best = np.minimum(best, n_infeasible)
-        done = n_infeasible == 0
-        X[rows[done]] = x[done].clip(min=0.0)
-        unsolved[rows[done]] = False
-        stop = ~done & (patience <= 0)  # no progress for MURTY_PATIENCE steps
-        stalled[rows[stop]], start[rows[stop]] = True, x[stop].clip(min=0.0)
-        keep = ~(done | stop)
-        rows, active, best, patience = rows[keep], active[keep], best[keep], patience[keep]
-        if not keep.any():
-            break
-        active ^= infeasible[keep]
-    else:  # the step budget is spent: the rows left are stalled too
-        stalled[rows] = True
-        start[rows] = system.solve(Q[rows], None if P is None else P[rows], active).clip(min=0.0)
-    left = stalled.nonzero()[0]
+    steps = min(max_iter, BPP_STEPS, _DENSE_STEPS if system.dense else BPP_STEPS)
+    # Block pivoting from the sign guess (indices of non-conflicting rows stay at x = 0).
+    pivoting = _BlockPivoting(system, Q, P, q_scale, rel)
+    done, x_done, left, start = pivoting.run(np.arange(b), Q >= 0, steps)
+    X[done], unsolved[done] = x_done, False
+    if left.size and system.dense:  # stalled rows: single principal pivots, one verifying step
+        guess = principal_pivoting(M, Q[left], rel * q_scale[left], _PIVOTS_PER_INDEX * m)
+        done, x_done, left, start = pivoting.run(left, ~guess, 1)
+        X[done], unsolved[done] = x_done, False
     if left.size:  # the monotone active-set method, from where the rows stopped
 
         def solve_passive(index: NDArray[np.int_], passive: Mask) -> tuple[Array, float]:
@@ -134,11 +122,93 @@ def _conflicting(
             return system.solve(Q[picked], None if P is None else P[picked], ~passive), rel
 
         X_left, not_done = active_set(
-            solve_passive, _matmul, np.arange, M, Q[left], start[left], max_iter - steps, np
+            solve_passive, _matmul, np.arange, M, Q[left], start, max_iter - steps, np
         )
         X[left] = X_left
         unsolved[left] = not_done
     return X, unsolved
+
+
+class _BlockPivoting:
+    """Block principal pivoting of rows of one problem, with Murty-style patience."""
+
+    def __init__(self, system: _Systems, Q: Array, P: Array | None, q_scale: Array, rel: float):
+        self.system, self.Q, self.P, self.q_scale, self.rel = system, Q, P, q_scale, rel
+
+    def run(
+        self, rows: NDArray[np.int_], active: Mask, steps: int
+    ) -> tuple[NDArray[np.int_], Array, NDArray[np.int_], Array]:
+        """From active sets ``active`` of ``rows``, at most ``steps`` steps. Returns the rows
+        solved and their ``x``, and the rows that stalled (no fewer infeasible indices for
+        ``MURTY_PATIENCE`` steps, or out of steps) with a feasible ``x ≥ 0`` to resume from."""
+        system, Q, P, M = self.system, self.Q, self.P, self.system.M
+        b = rows.size
+        best, patience = np.full(b, M.shape[0] + 1), np.full(b, MURTY_PATIENCE)
+        solved, stalled = [rows[:0]], [rows[:0]]
+        x_solved, x_stalled = [Q[:0]], [Q[:0]]
+        for step in range(steps):
+            x = system.solve(Q[rows], None if P is None else P[rows], active)
+            bound = (np.abs(x).max(axis=1, keepdims=True) + self.q_scale[rows]) * self.rel
+            infeasible = np.where(active, _matmul(x, M) + Q[rows], x) < -bound
+            n_infeasible = infeasible.sum(axis=1)
+            patience = np.where(n_infeasible < best, MURTY_PATIENCE, patience - 1)
+            best = np.minimum(best, n_infeasible)
+            done = n_infeasible == 0
+            stop = ~done & ((patience <= 0) | (step == steps - 1))
+            solved.append(rows[done])
+            x_solved.append(x[done].clip(min=0.0))
+            stalled.append(rows[stop])
+            x_stalled.append(x[stop].clip(min=0.0))
+            keep = ~(done | stop)
+            if not keep.any():
+                break
+            rows, best, patience = rows[keep], best[keep], patience[keep]
+            active = active[keep] ^ infeasible[keep]
+        cat = np.concatenate
+        return cat(solved), cat(x_solved), cat(stalled), cat(x_stalled)
+
+
+def principal_pivoting(M: Array, Q: Array, bound: Array, max_pivots: int) -> Mask:
+    """The free sets of rows of LCP(``Q``, ``M``) by single principal pivots, every row in
+    lock-step (small ``m``: its ``[b, m, m]`` tableaux are cheap).
+
+    Each row keeps the tableau ``r = q̂ + M̂ z`` of its basis (basic ``r``: ``y_A`` and ``x_F``;
+    non-basic ``z``: ``x_A`` and ``y_F``; at first ``r = y``, ``M̂ = M``, ``q̂ = q``). A pivot
+    swaps a negative basic variable ``r_j`` with ``z_j`` (``p = M̂_jj > 0``: principal pivot
+    transforms of an SPD matrix are P-matrices)::
+
+        q̂_j ← −q̂_j/p,   q̂_i ← q̂_i − M̂_ij q̂_j/p,   M̂_ik ← M̂_ik − M̂_ij M̂_jk/p,
+        M̂_ij ← M̂_ij/p,  M̂_jk ← −M̂_jk/p,  M̂_jj ← 1/p                   (i, k ≠ j).
+
+    The most negative ``r_j`` first; after ``m`` pivots a row takes the least such index
+    (Murty's rule, finite for P-matrices). Stops when every ``q̂ ≥ −bound`` (the basis solves
+    the row) or after ``max_pivots``. Only the free sets are returned: the caller solves and
+    verifies them, in the precision of a direct solve.
+    """
+    b, m = Q.shape
+    T = np.zeros((b, m + 1, m + 1))  # index m: a decoupled dummy; pivoting on it is a no-op
+    T[:, :m, :m] = M
+    T[:, m, m] = 1.0
+    q = np.zeros((b, m + 1))
+    q[:, :m] = Q
+    free = np.zeros((b, m + 1), dtype=bool)
+    rows, limit = np.arange(b), -bound
+    for pivot in range(max_pivots):
+        negative = q < limit
+        live = negative.any(axis=1)
+        if not live.any():
+            break
+        j = negative.argmax(axis=1) if pivot >= m else q.argmin(axis=1)
+        j = np.where(live, j, m)  # rows already solved pivot on the dummy
+        qj = np.where(live, q[rows, j], 0.0)
+        inv = 1.0 / T[rows, j, j]
+        col, row = T[rows, :, j] * inv[:, None], T[rows, j, :]
+        T -= col[:, :, None] * row[:, None, :]
+        q -= col * qj[:, None]
+        T[rows, j, :], T[rows, :, j], T[rows, j, j] = -row * inv[:, None], col, inv
+        q[rows, j] = -qj * inv
+        free[rows, j] ^= True
+    return free[:, :m]
 
 
 class _Systems:
