@@ -12,10 +12,10 @@ padded; UPGrad's conflicting rows usually keep most indices free, so the dual sy
 Dual feasibility is always checked on ``y = Mx + q`` computed from ``M``.
 
 Block pivoting converges in a few steps on most rows but can stall on rank-deficient Gramians.
-For ``m ≤ 32`` the rows left after three steps take single principal pivots on their tableaux
-(:func:`principal_pivoting`, each row's sequence in a few microseconds of NumPy per pivot),
-whose free sets one more step solves and verifies. Rows still unsolved finish with the
-active-set method (:mod:`.active_set`); problems this path declines (large systems,
+For ``m ≤ 32`` the rows that stop improving (or are left after nine steps) take single principal
+pivots on their tableaux (:func:`principal_pivoting`: tens of microseconds of NumPy per pivot,
+all rows at once), whose free sets one more step solves and verifies. Rows still unsolved finish
+with the active-set method (:mod:`.active_set`); problems this path declines (large systems,
 ill-conditioning) go to the pivoting path whole.
 """
 
@@ -34,7 +34,7 @@ Mask = NDArray[np.bool_]
 _DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
 _MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is not trusted
 _PIVOTS_PER_INDEX = 4  # budget of single principal pivots (small problems), per index
-_DENSE_STEPS = 3  # block-pivoting steps of small problems before the rows left pivot singly
+_DENSE_STEPS = 9  # block-pivoting steps (small m) before the rows left pivot singly
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
 
 
