@@ -60,6 +60,8 @@ class ModuleCall:
     thread: int = 0
 
     def saved_tensors(self) -> list[Tensor]:
+        if not self.kwargs and all(isinstance(a, Tensor) for a in self.args):  # the common case
+            return list(self.args)
         return [t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, Tensor)]
 
     def modified_in_place(self) -> bool:
