@@ -7,6 +7,8 @@ sync-bounded one accelerators use, forced here on the CPU).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from oracle import relative_error
@@ -401,3 +403,58 @@ def test_numpy_path_declines_large_and_ill_conditioned(monkeypatch: pytest.Monke
     U = upgrad_rows(20)
     assert_kkt(ill, U, project_dual_cone(ill, U))  # quadprog itself is inexact at κ ≈ 1e9
     assert len(calls) == 2
+
+
+@pytest.fixture
+def dual_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows solved by the dual systems of the torch pivoting path, one entry per step."""
+    calls: list[int] = []
+    solve = pivoting.Dual.solve
+
+    def counting(self: pivoting.Dual, rows: Tensor, *rest: Any) -> Any:
+        calls.append(rows.numel())
+        return solve(self, rows, *rest)
+
+    monkeypatch.setattr(pivoting.Dual, "solve", counting)
+    return calls
+
+
+@pytest.mark.parametrize("m", [96, 200])
+def test_rows_keeping_most_indices_free_use_the_dual_systems(
+    m: int, dual_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross-entropy Gramians (most pairs conflict, as for real losses): the torch pivoting path
+    starts from the sign guess and solves the |A|-sized dual systems, which finish every row
+    (no active-set fallback); exact, for UPGrad's rows (``P = −U`` known) and for general rows
+    (``P`` from ``H``)."""
+
+    def forbidden(*args: object) -> Tensor:
+        raise AssertionError("a row reached the active-set method")
+
+    monkeypatch.setattr(pivoting, "active_set", forbidden)
+    G = cross_entropy_gramian(m, 10, seed=m)
+    options = SolverOptions(numpy_max_m=0)
+    U = upgrad_rows(m)
+    V = project_dual_cone(G, U, options)
+    assert dual_calls, "the dual systems were not used"
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+    dual_calls.clear()
+    W = torch.randn(4, m, generator=torch.Generator().manual_seed(m), dtype=F64) - 2.0
+    X = solve_lcp(G, W @ G, options)
+    assert dual_calls
+    assert_kkt(G, W, W + X, rtol=1e-10)
+    assert relative_error(W + X, quadprog_rows(G, W)) <= 1e-8
+
+
+def test_the_dual_systems_are_not_trusted_beyond_max_kappa(
+    dual_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """κ₁(M) > MAX_KAPPA: the explicit inverse is not trusted, the primal systems are used."""
+    G = cross_entropy_gramian(96, 10, seed=3)
+    U = upgrad_rows(96)
+    monkeypatch.setattr(pivoting, "MAX_KAPPA", 1.0)
+    V = project_dual_cone(G, U, SolverOptions(numpy_max_m=0))
+    assert not dual_calls
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8

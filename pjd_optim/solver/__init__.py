@@ -102,26 +102,35 @@ def _scaled(
         X, done, n_left = lockstep.solve(M, Q, lam, options)
         if n_left:  # rows the lock-step path could not finish: the exact pivoting path
             left = (~done).nonzero().squeeze(1)
-            X[left] = _pivot(M, Q[left], options, lam)
+            X[left] = _pivot(M, Q[left], None if P is None else P[left], options, lam)
         return X * d
     if conflicts:
-        return _pivot(M, Q, options) * d
+        return _pivot(M, Q, P, options) * d
     # Only rows with a conflict (some q_j < 0) have x ≠ 0.
     tol = options.tolerance(M.dtype)
     rows = (Q + tol * Q.abs().amax(dim=1, keepdim=True) < 0).any(dim=1).nonzero().squeeze(1)
     X = torch.zeros_like(Q)
     if rows.numel():
-        X[rows] = _pivot(M, Q[rows], options)
+        X[rows] = _pivot(M, Q[rows], None if P is None else P[rows], options)
     return X * d
 
 
-def _pivot(M: Tensor, Q: Tensor, options: SolverOptions, lam: Tensor | None = None) -> Tensor:
-    """The pivoting path on rows ``Q`` (all with a conflict), warm-started by FISTA."""
+def _pivot(
+    M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions, lam: Tensor | None = None
+) -> Tensor:
+    """The pivoting path on rows ``Q`` (all with a conflict). It starts from the sign guess (free
+    where ``q < 0``) when that leaves at most a quarter of the indices active in every row (the
+    dual systems are then small, and the guess is usually right: UPGrad on real Gramians), else
+    from the free sets FISTA identifies."""
     lam = max_eigenvalue(M) if lam is None else lam
+    m = Q.shape[1]
+    guess = Q < 0
+    if options.warm_start_iter is None and int((m - guess.sum(dim=1)).amax()) <= m // 4:
+        return pivoting.solve(M, Q, P, guess, torch.zeros_like(Q), lam, options)
     low = low_dtype(M.dtype)
-    iters = options.warm_start(M.shape[0], lockstep=False)
+    iters = options.warm_start(m, lockstep=False)
     x = fista(M.to(low), Q.to(low), lam.to(low), iters, freeze_every=20).to(M.dtype)
-    return pivoting.solve(M, Q, free_guess(M, Q, x, lam), x, lam, options)
+    return pivoting.solve(M, Q, P, free_guess(M, Q, x, lam), x, lam, options)
 
 
 def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:

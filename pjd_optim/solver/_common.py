@@ -13,6 +13,7 @@ MURTY_PATIENCE = 3  # pivoting steps without progress before a row uses Murty's 
 BPP_STEPS = 12  # pivoting steps before the remaining rows go to the primal active-set method
 MIXED_MIN_SIZE = 192  # free-block size from which float64 systems are factorised in float32
 REFINE_STEPS = 3  # refinement steps of a float32 factorisation (to float64 accuracy)
+MAX_KAPPA = 1e7  # 1-norm condition number above which an explicit inverse is not trusted
 
 
 @dataclass(frozen=True)

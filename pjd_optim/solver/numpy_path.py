@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from ._common import BPP_STEPS, MURTY_PATIENCE
+from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE
 from .active_set import active_set
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
 
 _DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
-_MAX_KAPPA = 1e7  # 1-norm condition number above which the explicit inverse is not trusted
 _PIVOTS_PER_INDEX = 4  # budget of single principal pivots (small problems), per index
 _DENSE_STEPS = 9  # block-pivoting steps (small m) before the rows left pivot singly
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
@@ -100,7 +99,7 @@ def _conflicting(
         system = _Systems(M)
     except np.linalg.LinAlgError:  # not numerically positive definite
         return X, unsolved
-    if not system.kappa <= _MAX_KAPPA:
+    if not system.kappa <= MAX_KAPPA:
         return X, unsolved
     eps = float(np.finfo(np.float64).eps)
     rel = max(tol, 10 * eps * system.kappa)  # round-off bound of x and y, relative to scale

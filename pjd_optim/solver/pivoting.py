@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._common import (
     BPP_STEPS,
+    MAX_KAPPA,
     MURTY_PATIENCE,
     REFINE_STEPS,
     SolverOptions,
@@ -37,10 +38,17 @@ from .active_set import active_set as _active_set
 
 
 def solve(
-    M: Tensor, Q: Tensor, free: Tensor, x_start: Tensor, lam: Tensor, options: SolverOptions
+    M: Tensor,
+    Q: Tensor,
+    P: Tensor | None,
+    free: Tensor,
+    x_start: Tensor,
+    lam: Tensor,
+    options: SolverOptions,
 ) -> Tensor:
     """Rows of LCP(``Q``, ``M``) by block pivoting from the free-set guess ``free``, then the
-    active-set method from ``x_start`` (feasible) for rows that stall. ``lam ≥ λ_max(M)``."""
+    active-set method from ``x_start`` (feasible) for rows that stall. ``lam ≥ λ_max(M)``;
+    ``P``: ``−M⁻¹Q`` if known exactly (UPGrad), else computed when the dual systems are used."""
     b, m = Q.shape
     X = torch.zeros_like(Q)
     if b == 0:
@@ -57,15 +65,21 @@ def solve(
     patience = torch.full((b,), MURTY_PATIENCE, device=M.device, dtype=torch.long)
     precise = torch.zeros(b, device=M.device, dtype=torch.bool)
     position = torch.arange(1, m + 1, device=M.device)
-    s, n_hopeful = int(free.sum(dim=1).amax()), b
+    n_free = free.sum(dim=1)
+    s, s_dual = (int(n) for n in torch.stack([n_free.amax(), m - n_free.amin()]).tolist())
+    n_hopeful, dual = b, Dual(M, Q, P)
     for step in range(iters):
         if step == BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
             X[rows] = active_set(M, Q, x_start, tol, iters - step, chunk_bytes)
             return X
-        use_low = use_mixed(M.dtype, s, options)
-        x, failed, failed_low, cond = solve_free(
-            M, M_low if use_low else None, Q, free, ~precise, chunk_bytes
-        )
+        if s_dual < s and dual.usable():  # the dual systems are the smaller ones
+            use_low = use_mixed(M.dtype, s_dual, options)
+            x, failed, failed_low, cond = dual.solve(rows, free, use_low, ~precise, chunk_bytes)
+        else:
+            use_low = use_mixed(M.dtype, s, options)
+            x, failed, failed_low, cond = solve_free(
+                M, M_low if use_low else None, Q, free, ~precise, chunk_bytes
+            )
         y = x @ M + Q  # rows of (M x + q), M symmetric
         wrong, scale = infeasible(x, y, free, q_scale, cond, tol)
         # A float32 factorisation that failed or whose refinement fell short: no pivot, the row
@@ -85,9 +99,11 @@ def solve(
             better, MURTY_PATIENCE, torch.where(full & ~inexact, patience - 1, patience)
         )
         free = free ^ pivots(wrong, full, position)
-        stats = [(~done).sum(), (free & ~done.unsqueeze(1)).sum(dim=1).amax(), failed.sum()]
+        n_free = free.sum(dim=1)
+        stats = [(~done).sum(), torch.where(done, 0, n_free).amax(), failed.sum()]
         stats.append((~done & (patience > 0)).sum())  # rows not yet reduced to Murty's rule
-        n_keep, s, n_failed, n_hopeful = torch.stack(stats).tolist()  # the one sync per step
+        stats.append(torch.where(done, 0, m - n_free).amax())
+        n_keep, s, n_failed, n_hopeful, s_dual = torch.stack(stats).tolist()  # one sync per step
         if n_failed:
             raise _not_pd()
         if n_keep == 0:
@@ -98,6 +114,43 @@ def solve(
             x_start, best, patience = x_start[keep], best[keep], patience[keep]
             precise = precise[keep]
     raise no_convergence(iters, len(rows), b)
+
+
+class Dual:
+    """The dual systems of a step: with ``H = M⁻¹`` and ``p = −Hq``, ``x = p + H_{:A} z_A``
+    where ``H_AA z_A = −p_A`` has ``x_A = 0`` and ``(Mx + q)_F = 0`` (``y_A = z_A``), so a row
+    solves a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of real losses
+    keep most indices free (86 % on an MLP at ``m = 1024``): these systems are far smaller.
+
+    ``H`` is computed on first use (a Cholesky factorisation and inverse of ``M``, one sync) and
+    trusted while ``κ₁(M) ≤ MAX_KAPPA``; ``P`` (``−M⁻¹Q``) is used if given (UPGrad: ``−U``).
+    """
+
+    def __init__(self, M: Tensor, Q: Tensor, P: Tensor | None) -> None:
+        self.M, self.Q, self.P = M, Q, P
+        self.ok: bool | None = None
+
+    def usable(self) -> bool:
+        if self.ok is None:
+            factor, info = torch.linalg.cholesky_ex(self.M)
+            self.H = torch.cholesky_inverse(factor)
+            self.kappa = self.M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
+            self.ok = bool((info == 0) & (self.kappa <= MAX_KAPPA))
+            if self.ok and self.P is None:
+                self.P = -(self.Q @ self.H)
+        return self.ok
+
+    def solve(
+        self, rows: Tensor, free: Tensor, use_low: bool, low: Tensor, chunk_bytes: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As :func:`solve_free` for the rows ``rows`` of the problem (the condition estimate
+        includes ``10 κ₁(M)``, the round-off of ``H``)."""
+        assert self.P is not None
+        P = self.P[rows]
+        H_low = self.H.to(low_dtype(self.H.dtype)) if use_low else None
+        z, failed, failed_low, cond = solve_free(self.H, H_low, P, ~free, low, chunk_bytes)
+        x = torch.where(free, torch.addmm(P, z, self.H), 0.0)
+        return x, failed, failed_low, torch.clamp(cond, min=10 * self.kappa)
 
 
 def active_set(
