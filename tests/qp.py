@@ -42,6 +42,18 @@ def normalised_gramian(m: int, rank: int, kind: str = "gaussian", seed: int = 0)
     return regularised(random_gramian(m, rank, kind, seed))
 
 
+def cross_entropy_gramian(m: int, n_classes: int, seed: int) -> Tensor:
+    """As an MLP's last layer gives: G_ij = (p_i − e_yi)·(p_j − e_yj) h_i·h_j (samples of
+    different classes conflict)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 0.3 * torch.randn(m, n_classes, generator=gen, dtype=F64)
+    labels = torch.randint(0, n_classes, (m,), generator=gen)
+    C = logits.softmax(dim=1) - torch.nn.functional.one_hot(labels, n_classes).to(F64)
+    h = torch.randn(m, 32, generator=gen, dtype=F64).relu() + 0.1
+    G = (C @ C.T) * (h @ h.T)
+    return regularised(G)
+
+
 def upgrad_rows(m: int) -> Tensor:
     """UPGrad's lower bounds: row ``i`` is ``e_i / m`` (preference ``1/m`` per loss)."""
     return torch.eye(m, dtype=F64) / m

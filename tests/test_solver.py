@@ -16,6 +16,7 @@ from qp import (
     F64,
     assert_kkt,
     brute_force,
+    cross_entropy_gramian,
     normalised_gramian,
     quadprog_rows,
     random_gramian,
@@ -24,7 +25,14 @@ from qp import (
 )
 from torch import Tensor
 
-from pjd_optim.solver import SolverOptions, numpy_path, pivoting, project_dual_cone, solve_lcp
+from pjd_optim.solver import (
+    SolverOptions,
+    _common,
+    numpy_path,
+    pivoting,
+    project_dual_cone,
+    solve_lcp,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -262,18 +270,6 @@ def test_accelerator_paths_match_the_cpu(accelerator: str, lockstep: bool | None
 # ----------------------------------------------------------------------------- the NumPy path
 
 
-def cross_entropy_gramian(m: int, n_classes: int, seed: int) -> Tensor:
-    """As an MLP's last layer gives: G_ij = (p_i − e_yi)·(p_j − e_yj) h_i·h_j (samples of
-    different classes conflict)."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = 0.3 * torch.randn(m, n_classes, generator=gen, dtype=F64)
-    labels = torch.randint(0, n_classes, (m,), generator=gen)
-    C = logits.softmax(dim=1) - torch.nn.functional.one_hot(labels, n_classes).to(F64)
-    h = torch.randn(m, 32, generator=gen, dtype=F64).relu() + 0.1
-    G = (C @ C.T) * (h @ h.T)
-    return regularised(G)
-
-
 def regression_gramian(m: int, seed: int) -> Tensor:
     """MSE of a scalar output: g_i = r_i ∇f(x_i) with ∇f of low rank (two conflicting groups)."""
     gen = torch.Generator().manual_seed(seed)
@@ -407,33 +403,36 @@ def test_numpy_path_declines_large_and_ill_conditioned(monkeypatch: pytest.Monke
 
 @pytest.fixture
 def dual_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows solved by the dual systems of the torch pivoting path, one entry per step."""
+    """Rows whose candidates came from the dual systems (torch paths), one entry per step."""
     calls: list[int] = []
-    solve = pivoting.Dual.solve
+    candidate = _common.Inverse.candidate
 
-    def counting(self: pivoting.Dual, rows: Tensor, *rest: Any) -> Any:
-        calls.append(rows.numel())
-        return solve(self, rows, *rest)
+    def counting(self: _common.Inverse, P: Tensor, *rest: Any) -> Any:
+        calls.append(P.shape[0])
+        return candidate(self, P, *rest)
 
-    monkeypatch.setattr(pivoting.Dual, "solve", counting)
+    monkeypatch.setattr(_common.Inverse, "candidate", counting)
     return calls
 
 
+@pytest.mark.parametrize("lockstep", [False, True])
 @pytest.mark.parametrize("m", [96, 200])
 def test_rows_keeping_most_indices_free_use_the_dual_systems(
-    m: int, dual_calls: list[int], monkeypatch: pytest.MonkeyPatch
+    m: int, lockstep: bool, dual_calls: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cross-entropy Gramians (most pairs conflict, as for real losses): the torch pivoting path
-    starts from the sign guess and solves the |A|-sized dual systems, which finish every row
-    (no active-set fallback); exact, for UPGrad's rows (``P = −U`` known) and for general rows
-    (``P`` from ``H``)."""
+    """Cross-entropy Gramians (most pairs conflict, as for real losses): both torch paths start
+    from the sign guess and solve the |A|-sized dual systems, which finish every row (no
+    active-set fallback, no row left by the lock-step path); exact, for UPGrad's rows (``P = −U``
+    known) and for general rows (``P`` from ``H``)."""
 
     def forbidden(*args: object) -> Tensor:
         raise AssertionError("a row reached the active-set method")
 
     monkeypatch.setattr(pivoting, "active_set", forbidden)
+    if lockstep:
+        monkeypatch.setattr(pivoting, "solve", forbidden)
     G = cross_entropy_gramian(m, 10, seed=m)
-    options = SolverOptions(numpy_max_m=0)
+    options = SolverOptions(numpy_max_m=0, lockstep=lockstep)
     U = upgrad_rows(m)
     V = project_dual_cone(G, U, options)
     assert dual_calls, "the dual systems were not used"
@@ -453,7 +452,7 @@ def test_the_dual_systems_are_not_trusted_beyond_max_kappa(
     """κ₁(M) > MAX_KAPPA: the explicit inverse is not trusted, the primal systems are used."""
     G = cross_entropy_gramian(96, 10, seed=3)
     U = upgrad_rows(96)
-    monkeypatch.setattr(pivoting, "MAX_KAPPA", 1.0)
+    monkeypatch.setattr(_common, "MAX_KAPPA", 1.0)
     V = project_dual_cone(G, U, SolverOptions(numpy_max_m=0))
     assert not dual_calls
     assert_kkt(G, U, V, rtol=1e-10)

@@ -18,7 +18,7 @@ conditioning of the free blocks, or raises. The paths (tuned by :class:`SolverOp
 - CPU otherwise: block pivoting in torch, warm-started by FISTA, with Murty's backup and a
   monotone active-set method for stalling rows (:mod:`.pivoting`; host-synchronising).
 - Accelerators: problems with ``m ≤ host_max_m`` are copied to the host (one copy each way);
-  larger ones take the lock-step path (:mod:`.lockstep`: at most ``1 + checks`` host
+  larger ones take the lock-step path (:mod:`.lockstep`: at most ``2 + checks`` host
   synchronisations, whatever the number of iterations), whose unfinished rows, if any, the
   pivoting path finishes.
 """
@@ -99,7 +99,7 @@ def _scaled(
     P = None if P is None else P / d
     if options.lockstep or (options.lockstep is None and M.device.type != "cpu"):
         lam = max_eigenvalue(M)
-        X, done, n_left = lockstep.solve(M, Q, lam, options)
+        X, done, n_left = lockstep.solve(M, Q, P, lam, options)
         if n_left:  # rows the lock-step path could not finish: the exact pivoting path
             left = (~done).nonzero().squeeze(1)
             X[left] = _pivot(M, Q[left], None if P is None else P[left], options, lam)

@@ -3,17 +3,22 @@
 Every row advances together in fixed-shape tensors, and no Python decision depends on a value
 computed on the device between two *checks*:
 
-1. FISTA warm start (fixed iteration count) and the free-set guess it identifies;
-2. one sync: the padded system size ``s`` (the largest guessed ``|F|`` plus slack);
+1. sync 1: whether any row conflicts, and the largest active set of the sign guess (free where
+   ``q < 0``). When that is at most ``m/4`` (UPGrad on Gramians of real losses) and ``M⁻¹`` is
+   trusted, the rows start from the sign guess and solve the dual systems ``H_AA`` (size
+   ``|A|``, see ``_common.Inverse``);
+2. otherwise a FISTA warm start (fixed iteration count), and sync 2: the largest free and active
+   sets of the free sets it identifies; the smaller kind of system is solved;
 3. ``checks`` rounds of ``steps_per_check`` block-pivoting steps (a row that stops improving
-   continues with Murty's single pivots, which terminate), each step
-   solving every row's free system gathered into a ``[rows, s, s]`` batch (rows whose free set
-   outgrows ``s`` stop there); a row is *done* when its candidate satisfies the KKT conditions
-   (``x_F ≥ 0``, ``y_A ≥ 0``, ``y_F ≈ 0``), and stays as it is from then on;
-4. one sync per round: how many rows are left.
+   continues with Murty's single pivots, which terminate), each step solving every row's
+   system gathered into a ``[rows, s, s]`` batch (``s``: the largest system plus slack; a row
+   whose system outgrows ``s`` waits, unchanged); a row is *done* when its candidate
+   satisfies the KKT conditions (``x_F ≥ 0``, ``y_A ≥ 0``, ``y_F ≈ 0``), and stays so;
+4. one sync per round: how many rows are left and their largest system (``s`` grows to fit).
 
-At most ``1 + checks`` synchronisations, whatever the number of steps. Rows not done after the
-last round are returned as such; the caller finishes them with the exact pivoting path.
+At most ``2 + checks`` synchronisations (``1 + checks`` from the sign guess), whatever the
+number of steps. Rows not done after the last round are returned as such; the caller finishes
+them with the exact pivoting path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor
 from ._common import (
     MURTY_PATIENCE,
     REFINE_STEPS,
+    Inverse,
     SolverOptions,
     chol_solve,
     gather_blocks,
@@ -36,27 +42,46 @@ from ._common import (
 from .first_order import fista, free_guess
 
 
-def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Tensor, Tensor, int]:
-    """Rows of LCP(``Q``, ``M``) (``M`` Jacobi-scaled, SPD, ``lam ≥ λ_max``). Returns ``X``, the
-    rows verified done (``X`` is zero on the others) and how many are not."""
+def solve(
+    M: Tensor, Q: Tensor, P: Tensor | None, lam: Tensor, options: SolverOptions
+) -> tuple[Tensor, Tensor, int]:
+    """Rows of LCP(``Q``, ``M``) (``M`` Jacobi-scaled, SPD, ``lam ≥ λ_max``; ``P``: ``−M⁻¹Q``
+    if known exactly). Returns ``X``, the rows verified done (``X`` is zero on the others) and
+    how many are not."""
     b, m = Q.shape
     low = low_dtype(M.dtype)
-    x = fista(M.to(low), Q.to(low), lam.to(low), options.warm_start(m, lockstep=True))
-    x = x.to(M.dtype)
-    free = free_guess(M, Q, x, lam)
     eps = torch.finfo(M.dtype).eps
     tol = options.tolerance(M.dtype)
     q_scale = Q.abs().amax(dim=1, keepdim=True)
     conflict = (Q + tol * q_scale < 0).any(dim=1)
-    # Sync 1: the padded size, and whether anything conflicts at all.
-    largest, n_conflict = torch.stack([free.sum(dim=1).amax(), conflict.sum()]).tolist()
+    free = Q < 0  # the sign guess
+    dual = Inverse(M, P)
+    n_active = torch.where(conflict, m - free.sum(dim=1), 0).amax()
+    # Sync 1: whether anything conflicts, the sign guess's largest active set, whether H is
+    # trusted.
+    stats = torch.stack([conflict.sum(), n_active, dual.trusted.long()]).tolist()
+    n_conflict, largest, trusted = stats
     X = torch.zeros_like(Q)
     done = ~conflict  # rows with q ≥ 0 are solved by x = 0
     if n_conflict == 0:
         return X, done, 0
-    s = min(m, max(largest, 1) + max(8, m // 8))
-    use_low = use_mixed(M.dtype, s, options)
-    solver = _PaddedSystems(M, s, low if use_low else None, options)
+    use_dual = bool(trusted) and largest <= m // 4 and options.warm_start_iter is None
+    if not use_dual:  # FISTA's free sets instead; sync 2: their largest systems
+        x = fista(M.to(low), Q.to(low), lam.to(low), options.warm_start(m, lockstep=True))
+        free = free_guess(M, Q, x.to(M.dtype), lam)
+        n_free = torch.where(conflict, free.sum(dim=1), 0)
+        largest_free, largest = torch.stack([n_free.amax(), (m - n_free).amax()]).tolist()
+        use_dual = bool(trusted) and largest < largest_free
+        largest = largest if use_dual else largest_free
+    K = dual.H if use_dual else M  # the matrix of the systems
+
+    def padded(largest: int) -> tuple[_PaddedSystems, bool]:
+        s = min(m, max(largest, 1) + max(8, m // 8))  # the largest system, plus slack
+        use_low = use_mixed(M.dtype, s, options)
+        return _PaddedSystems(K, s, low if use_low else None, options), use_low
+
+    solver, use_low = padded(largest)
+    R = dual.rhs(Q) if use_dual else Q
     res_tol = 1e3 * eps * lam.clamp_min(1.0)
     best = torch.full((b,), m + 1, device=M.device, dtype=torch.long)
     patience = torch.full((b,), MURTY_PATIENCE, device=M.device, dtype=torch.long)
@@ -65,7 +90,11 @@ def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Te
     left = n_conflict
     for _ in range(options.checks):
         for _ in range(options.steps_per_check):
-            x, fits, cond = solver.solve(Q, free)
+            if use_dual:  # x = p + H_{:A} z_A with H_AA z_A = −p_A
+                z, fits, cond = solver.solve(R, ~free)
+                x, cond = dual.candidate(R, z, free, cond)
+            else:
+                x, fits, cond = solver.solve(Q, free)
             y = x @ M + Q
             wrong, scale = infeasible(x, y, free, q_scale, cond, tol)
             # A float32 factorisation refined to float64: its residual must be float64-small
@@ -78,16 +107,23 @@ def solve(M: Tensor, Q: Tensor, lam: Tensor, options: SolverOptions) -> tuple[Te
             # Block pivoting; a row whose infeasible count has not decreased for MURTY_PATIENCE
             # steps switches to Murty's single pivot (the largest infeasible index) for good,
             # which terminates for positive definite M.
+            # Rows that did not fit wait: no pivot, no change of their pivoting rule.
             active = ~done & fits
-            better = n_infeasible < best
+            better = (n_infeasible < best) & active
             best = torch.where(better, n_infeasible, best)
             full = (better | (patience > 0)) & ~murty
-            patience = torch.where(better, MURTY_PATIENCE, patience - full.long())
-            murty = murty | ~full
+            patience = torch.where(better, MURTY_PATIENCE, patience - (full & active).long())
+            murty = murty | (~full & active)
             free = free ^ (pivots(wrong, full, position) & active.unsqueeze(1))
-        left = int((~done).sum())  # the sync of this round
+        # The sync of this round: rows left, and their largest system (the padded size grows
+        # to fit it; rows that did not fit waited, unchanged).
+        n_selected = (~free if use_dual else free).sum(dim=1)
+        stats = [(~done).sum(), torch.where(done, 0, n_selected).amax()]
+        left, largest = torch.stack(stats).tolist()
         if left == 0:
             break
+        if largest > solver.s:
+            solver, use_low = padded(largest)
     return X, done, left
 
 

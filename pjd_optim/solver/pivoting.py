@@ -20,9 +20,9 @@ from torch import Tensor
 
 from ._common import (
     BPP_STEPS,
-    MAX_KAPPA,
     MURTY_PATIENCE,
     REFINE_STEPS,
+    Inverse,
     SolverOptions,
     chol_solve,
     gather_blocks,
@@ -117,40 +117,29 @@ def solve(
 
 
 class Dual:
-    """The dual systems of a step: with ``H = M⁻¹`` and ``p = −Hq``, ``x = p + H_{:A} z_A``
-    where ``H_AA z_A = −p_A`` has ``x_A = 0`` and ``(Mx + q)_F = 0`` (``y_A = z_A``), so a row
-    solves a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of real losses
-    keep most indices free (86 % on an MLP at ``m = 1024``): these systems are far smaller.
-
-    ``H`` is computed on first use (a Cholesky factorisation and inverse of ``M``, one sync) and
-    trusted while ``κ₁(M) ≤ MAX_KAPPA``; ``P`` (``−M⁻¹Q``) is used if given (UPGrad: ``−U``).
-    """
+    """The dual systems (see :class:`._common.Inverse`) of the pivoting steps: ``H`` is computed
+    on first use (one sync), and used while trusted."""
 
     def __init__(self, M: Tensor, Q: Tensor, P: Tensor | None) -> None:
         self.M, self.Q, self.P = M, Q, P
-        self.ok: bool | None = None
+        self.inverse: Inverse | None = None
 
     def usable(self) -> bool:
-        if self.ok is None:
-            factor, info = torch.linalg.cholesky_ex(self.M)
-            self.H = torch.cholesky_inverse(factor)
-            self.kappa = self.M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
-            self.ok = bool((info == 0) & (self.kappa <= MAX_KAPPA))
-            if self.ok and self.P is None:
-                self.P = -(self.Q @ self.H)
-        return self.ok
+        if self.inverse is None:
+            self.inverse = Inverse(self.M, self.P)
+            self.P = self.inverse.rhs(self.Q)
+        return bool(self.inverse.trusted)
 
     def solve(
         self, rows: Tensor, free: Tensor, use_low: bool, low: Tensor, chunk_bytes: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """As :func:`solve_free` for the rows ``rows`` of the problem (the condition estimate
-        includes ``10 κ₁(M)``, the round-off of ``H``)."""
-        assert self.P is not None
-        P = self.P[rows]
-        H_low = self.H.to(low_dtype(self.H.dtype)) if use_low else None
-        z, failed, failed_low, cond = solve_free(self.H, H_low, P, ~free, low, chunk_bytes)
-        x = torch.where(free, torch.addmm(P, z, self.H), 0.0)
-        return x, failed, failed_low, torch.clamp(cond, min=10 * self.kappa)
+        """As :func:`solve_free`, for the rows ``rows`` of the problem."""
+        assert self.inverse is not None and self.P is not None
+        H, P = self.inverse.H, self.P[rows]
+        H_low = H.to(low_dtype(H.dtype)) if use_low else None
+        z, failed, failed_low, cond = solve_free(H, H_low, P, ~free, low, chunk_bytes)
+        x, cond = self.inverse.candidate(P, z, free, cond)
+        return x, failed, failed_low, cond
 
 
 def active_set(
