@@ -2,10 +2,11 @@
 
 Run: ``python tests/benchmarks/bench_weighting.py [--device cuda] [--sizes 16 64 256 1024]``.
 
-For each size m and Gramian kind (random rank m/2, random rank 2m, non-conflicting), prints our
-median time over interleaved repetitions, the reference time (TorchJD's ``UPGradWeighting``,
-per-row quadprog; a plain qpsolvers loop when TorchJD is absent), their ratio and the largest
-weight difference. On an accelerator it also times the two paths the solver chooses between
+For each size m and Gramian kind (random rank m/2, random rank 2m, non-conflicting, and a
+softmax classifier's last-layer Gramian ``(C Cᵀ) ⊙ (H Hᵀ)``, whose rows keep most indices free
+as for real losses), prints our median time over interleaved repetitions, the reference time
+(TorchJD's ``UPGradWeighting``, per-row quadprog; a plain qpsolvers loop when TorchJD is
+absent), their ratio and the largest weight difference. On an accelerator it also times the two paths the solver chooses between
 there, the lock-step path on the device and the copy to the host (``SolverOptions.host_max_m``
 picks the host below a size: these columns say where the crossover is). No assertion on time.
 """
@@ -24,6 +25,8 @@ from torch import Tensor
 from pjd_optim import UPGrad
 from pjd_optim.solver import SolverOptions
 
+KINDS = ("rank m/2", "rank 2m", "non-conflicting", "classifier")
+
 
 def make_gramian(m: int, kind: str, device: torch.device, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -31,6 +34,12 @@ def make_gramian(m: int, kind: str, device: torch.device, seed: int) -> Tensor:
         J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
     elif kind == "rank 2m":
         J = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+    elif kind == "classifier":  # a softmax classifier's last layer, as real losses give
+        logits = 0.3 * torch.randn(m, 10, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 10, (m,), generator=gen)
+        C = logits.softmax(dim=1) - torch.nn.functional.one_hot(labels, 10).double()
+        features = torch.randn(m, 64, generator=gen, dtype=torch.float64).relu() + 0.1
+        return ((C @ C.T) * (features @ features.T)).to(device)
     else:  # non-conflicting: all pairwise inner products positive
         J = torch.rand(m, m, generator=gen, dtype=torch.float64) + 0.1
     return (J @ J.T).to(device)
@@ -81,6 +90,7 @@ def main() -> None:
         "--ref-max-m", type=int, default=256, help="skip the reference above this m (slow)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -99,7 +109,7 @@ def main() -> None:
     print(f"| m | Gramian | ours (ms) |{extra} reference (ms) | speed-up | max abs(dw) |")
     print("| --- | --- | --- |" + " --- |" * len(paths) + " --- | --- | --- |")
     for m in sizes:
-        for kind in ("rank m/2", "rank 2m", "non-conflicting"):
+        for kind in args.kinds:
             G = make_gramian(m, kind, device, seed=m)
             ours(G)  # warm-up
             repeats = args.repeats if m < 1024 else min(args.repeats, 3)
