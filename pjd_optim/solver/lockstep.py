@@ -77,7 +77,7 @@ def solve(
 
     def padded(largest: int) -> tuple[_PaddedSystems, bool]:
         s = min(m, max(largest, 1) + max(8, m // 8))  # the largest system, plus slack
-        use_low = use_mixed(M.dtype, s, options)
+        use_low = use_mixed(M, s, options)
         return _PaddedSystems(K, s, low if use_low else None, options), use_low
 
     solver, use_low = padded(largest)

@@ -73,10 +73,10 @@ def solve(
             X[rows] = active_set(M, Q, x_start, tol, iters - step, chunk_bytes)
             return X
         if s_dual < s and dual.usable():  # the dual systems are the smaller ones
-            use_low = use_mixed(M.dtype, s_dual, options)
+            use_low = use_mixed(M, s_dual, options)
             x, failed, failed_low, cond = dual.solve(rows, free, use_low, ~precise, chunk_bytes)
         else:
-            use_low = use_mixed(M.dtype, s, options)
+            use_low = use_mixed(M, s, options)
             x, failed, failed_low, cond = solve_free(
                 M, M_low if use_low else None, Q, free, ~precise, chunk_bytes
             )
