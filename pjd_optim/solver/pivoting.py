@@ -8,9 +8,10 @@ Block principal pivoting (Júdice & Pires 1994; Kim & Park 2011) swaps every inf
 positive definite ``M``. Once every row left has stalled, or after ``BPP_STEPS`` steps, the rows
 finish with the monotone active-set method of :mod:`.active_set` (also exact and finite).
 
-Each step solves all remaining rows at once: sorted by ``|F|`` and chunked, free blocks gathered
-and padded with identity rows, one batched Cholesky per chunk (large blocks in float32, refined to
-float64 accuracy). Converged rows are dropped; about two host syncs per step.
+Each step solves all remaining rows at once: sorted by system size and chunked, blocks gathered
+and padded with identity rows, one batched Cholesky per chunk (on accelerators, large blocks in
+float32, refined to float64 accuracy). The systems are the primal ``M_FF`` or, when smaller,
+the dual ``H_AA`` (:class:`Dual`). Converged rows are dropped; about two host syncs per step.
 """
 
 from __future__ import annotations
