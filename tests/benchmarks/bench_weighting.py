@@ -6,9 +6,10 @@ For each size m and Gramian kind (random rank m/2, random rank 2m, non-conflicti
 softmax classifier's last-layer Gramian ``(C Cᵀ) ⊙ (H Hᵀ)``, whose rows keep most indices free
 as for real losses), prints our median time over interleaved repetitions, the reference time
 (TorchJD's ``UPGradWeighting``, per-row quadprog; a plain qpsolvers loop when TorchJD is
-absent), their ratio and the largest weight difference. On an accelerator it also times the two paths the solver chooses between
-there, the lock-step path on the device and the copy to the host (``SolverOptions.host_max_m``
-picks the host below a size: these columns say where the crossover is). No assertion on time.
+absent), their ratio and the largest weight difference. On an accelerator it also times the two
+paths the solver chooses between there, the lock-step path on the device and the copy to the
+host (``SolverOptions.host_max_m`` picks the host below a size: these columns say where the
+crossover is). No assertion on time.
 """
 
 from __future__ import annotations
