@@ -128,9 +128,10 @@ def solve(
 
 
 class _PaddedSystems:
-    """Per row, ``x_F = −M_FF⁻¹ q_F``, ``x_A = 0``, with every free block gathered into a fixed
-    ``[rows, s, s]`` batch (free indices first, padded with an identity block appended to ``M``).
-    With ``low``, factorised in that dtype and refined in ``M``'s."""
+    """Per row, ``x_S = −M_SS⁻¹ q_S`` on its selected set S, zero elsewhere (primal: ``M`` and
+    S = F; dual: ``H`` and S = A), every block gathered into a fixed ``[rows, s, s]`` batch
+    (selected indices first, padded with an identity block appended to ``M``). With ``low``,
+    factorised in that dtype and refined in ``M``'s."""
 
     def __init__(self, M: Tensor, s: int, low: torch.dtype | None, options: SolverOptions) -> None:
         m = M.shape[0]
