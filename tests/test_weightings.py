@@ -220,8 +220,9 @@ def test_mgda_brute_force(m: int, rank: int) -> None:
     torch.testing.assert_close(w, mgda_brute_force(regularised(G)), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize(("m", "rank"), [(10, 4), (32, 16), (32, 64)])
+@pytest.mark.parametrize(("m", "rank"), [(10, 4), (32, 16), (32, 64), (200, 100), (200, 400)])
 def test_mgda_matches_quadprog(m: int, rank: int) -> None:
+    """m = 200: the torch pivoting path (above NumPy's size), from the sign guess (all free)."""
     G = random_gramian(m, rank, seed=30 + m)
     Gr = regularised(G)
     w = MGDA()(G)
