@@ -25,9 +25,11 @@ from qp import (
 )
 from torch import Tensor
 
+from pjd_optim import solver
 from pjd_optim.solver import (
     SolverOptions,
     _common,
+    first_order,
     numpy_path,
     pivoting,
     project_dual_cone,
@@ -455,5 +457,25 @@ def test_the_dual_systems_are_not_trusted_beyond_max_kappa(
     monkeypatch.setattr(_common, "MAX_KAPPA", 1.0)
     V = project_dual_cone(G, U, SolverOptions(numpy_max_m=0))
     assert not dual_calls
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+@pytest.mark.parametrize("m", [96, 200])
+def test_a_sign_guess_far_off_restarts_from_fista(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-entropy Gramians: the sign guess leaves few indices active, but the first step
+    swaps many (the active sets grow to about a third): the rows restart from FISTA's free sets
+    (FISTA runs once, on the rows left); exact."""
+    calls: list[int] = []
+
+    def counting(M: Tensor, Q: Tensor, *rest: Any, **kwargs: Any) -> Tensor:
+        calls.append(Q.shape[0])
+        return first_order.fista(M, Q, *rest, **kwargs)
+
+    monkeypatch.setattr(solver, "fista", counting)
+    G = cross_entropy_gramian(m, 10, seed=m + 1)
+    U = upgrad_rows(m)
+    V = project_dual_cone(G, U, SolverOptions(numpy_max_m=0))
+    assert len(calls) == 1 and 0 < calls[0] <= m
     assert_kkt(G, U, V, rtol=1e-10)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8

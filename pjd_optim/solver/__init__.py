@@ -120,17 +120,23 @@ def _pivot(
 ) -> Tensor:
     """The pivoting path on rows ``Q`` (all with a conflict). It starts from the sign guess (free
     where ``q < 0``) when that leaves at most a quarter of the indices active in every row (the
-    dual systems are then small, and the guess is usually right: UPGrad on real Gramians), else
-    from the free sets FISTA identifies."""
-    lam = max_eigenvalue(M) if lam is None else lam
+    dual systems are then small, and the guess is often right: UPGrad on real Gramians), else
+    from the free sets FISTA identifies (also when the sign guess proves far off)."""
+    lam_ = max_eigenvalue(M) if lam is None else lam
     m = Q.shape[1]
-    guess = Q < 0
-    if options.warm_start_iter is None and int((m - guess.sum(dim=1)).amax()) <= m // 4:
-        return pivoting.solve(M, Q, P, guess, torch.zeros_like(Q), lam, options)
     low = low_dtype(M.dtype)
     iters = options.warm_start(m, lockstep=False)
-    x = fista(M.to(low), Q.to(low), lam.to(low), iters, freeze_every=20).to(M.dtype)
-    return pivoting.solve(M, Q, P, free_guess(M, Q, x, lam), x, lam, options)
+
+    def warm_start(Q: Tensor) -> tuple[Tensor, Tensor]:
+        x = fista(M.to(low), Q.to(low), lam_.to(low), iters, freeze_every=20).to(M.dtype)
+        return free_guess(M, Q, x, lam_), x
+
+    guess = Q < 0
+    if options.warm_start_iter is None and int((m - guess.sum(dim=1)).amax()) <= m // 4:
+        x_start = torch.zeros_like(Q)
+        return pivoting.solve(M, Q, P, guess, x_start, lam_, options, warm_start)
+    free, x_start = warm_start(Q)
+    return pivoting.solve(M, Q, P, free, x_start, lam_, options)
 
 
 def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:

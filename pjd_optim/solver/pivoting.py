@@ -16,6 +16,8 @@ the dual ``H_AA`` (:class:`Dual`). Converged rows are dropped; about two host sy
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -46,10 +48,16 @@ def solve(
     x_start: Tensor,
     lam: Tensor,
     options: SolverOptions,
+    warm_start: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Rows of LCP(``Q``, ``M``) by block pivoting from the free-set guess ``free``, then the
     active-set method from ``x_start`` (feasible) for rows that stall. ``lam ≥ λ_max(M)``;
-    ``P``: ``−M⁻¹Q`` if known exactly (UPGrad), else computed when the dual systems are used."""
+    ``P``: ``−M⁻¹Q`` if known exactly (UPGrad), else computed when the dual systems are used.
+
+    ``warm_start`` (rows ``Q`` → free sets and feasible iterates) is called when the first step
+    swapped more than ``m/8`` indices per row on average (the guess was far off): the rows left
+    restart from its free sets.
+    """
     b, m = Q.shape
     X = torch.zeros_like(Q)
     if b == 0:
@@ -99,12 +107,13 @@ def solve(
         patience = torch.where(
             better, MURTY_PATIENCE, torch.where(full & ~inexact, patience - 1, patience)
         )
-        free = free ^ pivots(wrong, full, position)
+        swaps = pivots(wrong, full, position)
+        free = free ^ swaps
         n_free = free.sum(dim=1)
         stats = [(~done).sum(), torch.where(done, 0, n_free).amax(), failed.sum()]
         stats.append((~done & (patience > 0)).sum())  # rows not yet reduced to Murty's rule
-        stats.append(torch.where(done, 0, m - n_free).amax())
-        n_keep, s, n_failed, n_hopeful, s_dual = torch.stack(stats).tolist()  # one sync per step
+        stats += [torch.where(done, 0, m - n_free).amax(), swaps.sum()]
+        n_keep, s, n_failed, n_hopeful, s_dual, n_swaps = torch.stack(stats).tolist()  # one sync
         if n_failed:
             raise _not_pd()
         if n_keep == 0:
@@ -114,6 +123,12 @@ def solve(
             rows, Q, free, q_scale = rows[keep], Q[keep], free[keep], q_scale[keep]
             x_start, best, patience = x_start[keep], best[keep], patience[keep]
             precise = precise[keep]
+        if warm_start is not None and n_swaps > len(swaps) * m / 8:  # a guess far off: restart
+            free, x_start = warm_start(Q)
+            best, patience = torch.full_like(best, m + 1), torch.full_like(patience, MURTY_PATIENCE)
+            n_free, n_hopeful = free.sum(dim=1), n_keep
+            s, s_dual = (int(n) for n in torch.stack([n_free.amax(), m - n_free.amin()]).tolist())
+        warm_start = None
     raise no_convergence(iters, len(rows), b)
 
 
