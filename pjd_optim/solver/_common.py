@@ -131,12 +131,16 @@ class Inverse:
     ``x = p + H_{:A} z_A`` where ``H_AA z_A = −p_A`` has ``x_A = 0`` and ``(Mx + q)_F = 0``
     (``y_A = z_A``), a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of
     real losses keep most indices free (86 % on an MLP's at ``m = 1024``), so these are far
-    smaller. One Cholesky factorisation and inverse of ``M``, no sync; ``trusted`` (a device
-    bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``. ``P``: ``−M⁻¹Q`` if known exactly (UPGrad)."""
+    smaller. One Cholesky factorisation of ``M`` and triangular solves (which check no error:
+    no sync on any device); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``.
+    ``P``: ``−M⁻¹Q`` if known exactly (UPGrad)."""
 
     def __init__(self, M: Tensor, P: Tensor | None) -> None:
         factor, info = torch.linalg.cholesky_ex(M)
-        self.H = torch.cholesky_inverse(factor)
+        eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)  # L⁻¹: no error check
+        H = inverse.mT @ inverse
+        self.H = 0.5 * (H + H.mT)
         self.kappa = M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
         self.trusted = (info == 0) & (self.kappa <= MAX_KAPPA)
         self.P = P
