@@ -96,3 +96,13 @@ def assert_kkt(G: Tensor, U: Tensor, V: Tensor, rtol: float = 1e-9) -> None:
     assert (V - U).min().item() >= -rtol * scale_v, "primal feasibility v >= u"
     assert Y.min().item() >= -rtol * scale_y, "dual feasibility Gv >= 0"
     assert ((V - U) * Y).abs().max().item() <= rtol * scale_v * scale_y, "complementarity"
+
+
+def forbid(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """Make ``owner.name`` (a solver stage: a path, the active-set method, FISTA) fail the test
+    if it is reached."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{getattr(owner, '__name__', owner)}.{name} was reached")
+
+    monkeypatch.setattr(owner, name, forbidden)

@@ -17,6 +17,7 @@ from qp import (
     assert_kkt,
     brute_force,
     cross_entropy_gramian,
+    forbid,
     normalised_gramian,
     quadprog_rows,
     random_gramian,
@@ -294,11 +295,7 @@ NUMPY_CASES = {
 @pytest.fixture
 def pivoting_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail if any row reaches the pivoting path (the NumPy path must finish alone)."""
-
-    def forbidden(*args: object) -> Tensor:
-        raise AssertionError("the NumPy path handed rows to the pivoting path")
-
-    monkeypatch.setattr(pivoting, "solve", forbidden)
+    forbid(monkeypatch, pivoting, "solve")
 
 
 @pytest.mark.usefixtures("pivoting_forbidden")
@@ -372,11 +369,8 @@ def test_rows_stalled_on_the_numpy_path_finish_with_principal_pivots(
     """Small problems: rows left after one block-pivoting step are solved by the single pivots
     and one verifying step, without the active-set method; exact."""
 
-    def forbidden(*args: object) -> object:
-        raise AssertionError("a row reached the active-set method")
-
     monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
-    monkeypatch.setattr(numpy_path, "active_set", forbidden)
+    forbid(monkeypatch, numpy_path, "active_set")
     G = normalised_gramian(m, rank, seed=m + rank)
     U = upgrad_rows(m)
     V = project_dual_cone(G, U, SolverOptions(numpy_max_m=m))
@@ -427,12 +421,9 @@ def test_rows_keeping_most_indices_free_use_the_dual_systems(
     active-set fallback, no row left by the lock-step path); exact, for UPGrad's rows (``P = −U``
     known) and for general rows (``P`` from ``H``)."""
 
-    def forbidden(*args: object) -> Tensor:
-        raise AssertionError("a row reached the active-set method")
-
-    monkeypatch.setattr(pivoting, "active_set", forbidden)
+    forbid(monkeypatch, pivoting, "active_set")
     if lockstep:
-        monkeypatch.setattr(pivoting, "solve", forbidden)
+        forbid(monkeypatch, pivoting, "solve")
     G = cross_entropy_gramian(m, 10, seed=m)
     options = SolverOptions(numpy_max_m=0, lockstep=lockstep)
     U = upgrad_rows(m)

@@ -18,6 +18,7 @@ from oracle import relative_error
 from qp import (
     assert_kkt,
     cross_entropy_gramian,
+    forbid,
     normalised_gramian,
     quadprog_rows,
     upgrad_rows,
@@ -97,10 +98,7 @@ def test_lockstep_path_from_the_sign_guess_syncs_at_most_once_per_check_plus_one
 ) -> None:
     """Rows that keep most indices free (a cross-entropy Gramian): no FISTA, one sync fewer."""
 
-    def forbidden(*args: object) -> None:
-        raise AssertionError("FISTA ran")
-
-    monkeypatch.setattr(lockstep, "fista", forbidden)
+    forbid(monkeypatch, lockstep, "fista")
     m, checks = 160, 3
     G = cross_entropy_gramian(m, 10, seed=4)
     U = upgrad_rows(m)
