@@ -470,3 +470,13 @@ def test_a_sign_guess_far_off_restarts_from_fista(m: int, monkeypatch: pytest.Mo
     assert len(calls) == 1 and 0 < calls[0] <= m
     assert_kkt(G, U, V, rtol=1e-10)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_inverse_from_cholesky_matches_linalg_inv(sync_free: bool) -> None:
+    """Both forms of ``M⁻¹`` (LAPACK's, and the sync-free one accelerators use) against
+    ``torch.linalg.inv``; symmetric."""
+    G = cross_entropy_gramian(40, 10, seed=7)
+    H = _common.inverse_from_cholesky(torch.linalg.cholesky(G), sync_free)
+    assert relative_error(H, torch.linalg.inv(G)) <= 1e-12
+    assert torch.equal(H, H.mT)

@@ -126,21 +126,31 @@ def chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
     return z.squeeze(2)
 
 
+def inverse_from_cholesky(factor: Tensor, sync_free: bool) -> Tensor:
+    """``(L Lᵀ)⁻¹`` from the lower factor ``L``: LAPACK's ``cholesky_inverse`` (faster on the
+    CPU, exactly symmetric), or with ``sync_free`` ``L⁻ᵀ L⁻¹`` by triangular solves, which check
+    no error and so never synchronise with an accelerator (symmetrised)."""
+    if not sync_free:
+        lapack: Tensor = torch.cholesky_inverse(factor)
+        return lapack
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    inverse: Tensor = torch.linalg.solve_triangular(factor, eye, upper=False)
+    H = inverse.mT @ inverse
+    return 0.5 * (H + H.mT)
+
+
 class Inverse:
     """``H = M⁻¹`` for the dual systems of a free set F (active set A): with ``p = −Hq``,
     ``x = p + H_{:A} z_A`` where ``H_AA z_A = −p_A`` has ``x_A = 0`` and ``(Mx + q)_F = 0``
     (``y_A = z_A``), a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of
     real losses keep most indices free (86 % on an MLP's at ``m = 1024``), so these are far
-    smaller. One Cholesky factorisation of ``M`` and triangular solves (which check no error:
-    no sync on any device); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``.
-    ``P``: ``−M⁻¹Q`` if known exactly (UPGrad)."""
+    smaller. One Cholesky factorisation of ``M`` and :func:`inverse_from_cholesky` (no sync on
+    accelerators); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``. ``P``:
+    ``−M⁻¹Q`` if known exactly (UPGrad)."""
 
     def __init__(self, M: Tensor, P: Tensor | None) -> None:
         factor, info = torch.linalg.cholesky_ex(M)
-        eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)  # L⁻¹: no error check
-        H = inverse.mT @ inverse
-        self.H = 0.5 * (H + H.mT)
+        self.H = inverse_from_cholesky(factor, sync_free=M.device.type != "cpu")
         self.kappa = M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
         self.trusted = (info == 0) & (self.kappa <= MAX_KAPPA)
         self.P = P

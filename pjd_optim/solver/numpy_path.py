@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE
+from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE, Inverse
 from .active_set import active_set
 
 Array = NDArray[np.float64]
@@ -97,7 +97,7 @@ def _conflicting(
         return X, unsolved  # large systems: the batched torch solver is faster
     try:
         system = _Systems(M)
-    except np.linalg.LinAlgError:  # not numerically positive definite
+    except np.linalg.LinAlgError:  # not numerically positive definite, or ill-conditioned
         return X, unsolved
     if not system.kappa <= MAX_KAPPA:
         return X, unsolved
@@ -222,17 +222,18 @@ class _Systems:
         m = M.shape[0]
         self.M = M
         self.dense = m <= _DENSE_MAX_M
-        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
-        if int(info):
-            raise np.linalg.LinAlgError("not positive definite")
-        L = factor.numpy()
         if self.dense:
+            factor, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
+            if int(info):
+                raise np.linalg.LinAlgError("not positive definite")
+            L = factor.numpy()
             self.eye = np.eye(m, dtype=bool)
             self.kappa = float((L.diagonal().max() / L.diagonal().min()) ** 2)
             return
-        H = torch.cholesky_inverse(factor).numpy()
-        self.H = 0.5 * (H + H.T)
-        self.kappa = float(np.abs(M).sum(axis=0).max() * np.abs(H).sum(axis=0).max())
+        inverse = Inverse(torch.from_numpy(M), None)
+        if not bool(inverse.trusted):
+            raise np.linalg.LinAlgError("not positive definite, or κ₁ above MAX_KAPPA")
+        self.H, self.kappa = inverse.H.numpy(), float(inverse.kappa)
         self.M_pad = np.zeros((m + 1, m + 1))  # padded copies: index m is a zero row/column
         self.M_pad[:m, :m] = M
         self.H_pad = np.zeros((m + 1, m + 1))
