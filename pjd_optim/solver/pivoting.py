@@ -74,8 +74,7 @@ def solve(
     patience = torch.full((b,), MURTY_PATIENCE, device=M.device, dtype=torch.long)
     precise = torch.zeros(b, device=M.device, dtype=torch.bool)
     position = torch.arange(1, m + 1, device=M.device)
-    n_free = free.sum(dim=1)
-    s, s_dual = (int(n) for n in torch.stack([n_free.amax(), m - n_free.amin()]).tolist())
+    s, s_dual = largest_systems(free)
     n_hopeful, dual = b, Dual(M, Q, P)
     for step in range(iters):
         if step == BPP_STEPS or n_hopeful == 0:  # all rows stalled: monotone fallback
@@ -126,10 +125,16 @@ def solve(
         if warm_start is not None and n_swaps > len(swaps) * m / 8:  # a guess far off: restart
             free, x_start = warm_start(Q)
             best, patience = torch.full_like(best, m + 1), torch.full_like(patience, MURTY_PATIENCE)
-            n_free, n_hopeful = free.sum(dim=1), n_keep
-            s, s_dual = (int(n) for n in torch.stack([n_free.amax(), m - n_free.amin()]).tolist())
+            (s, s_dual), n_hopeful = largest_systems(free), n_keep
         warm_start = None
     raise no_convergence(iters, len(rows), b)
+
+
+def largest_systems(free: Tensor) -> tuple[int, int]:
+    """The largest primal (``|F|``) and dual (``|A|``) systems over the rows (one sync)."""
+    n_free = free.sum(dim=1)
+    largest = torch.stack([n_free.amax(), free.shape[1] - n_free.amin()]).tolist()
+    return int(largest[0]), int(largest[1])
 
 
 class Dual:
@@ -139,6 +144,7 @@ class Dual:
     def __init__(self, M: Tensor, Q: Tensor, P: Tensor | None) -> None:
         self.M, self.Q, self.P = M, Q, P
         self.inverse: Inverse | None = None
+        self.H_low: Tensor | None = None  # H in the low dtype, made on first use
 
     def usable(self) -> bool:
         if self.inverse is None:
@@ -152,7 +158,9 @@ class Dual:
         """As :func:`solve_free`, for the rows ``rows`` of the problem."""
         assert self.inverse is not None and self.P is not None
         H, P = self.inverse.H, self.P[rows]
-        H_low = H.to(low_dtype(H.dtype)) if use_low else None
+        if use_low and self.H_low is None:
+            self.H_low = H.to(low_dtype(H.dtype))
+        H_low = self.H_low if use_low else None
         z, failed, failed_low, cond = solve_free(H, H_low, P, ~free, low, chunk_bytes)
         x, cond = self.inverse.candidate(P, z, free, cond)
         return x, failed, failed_low, cond
