@@ -10,9 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # mypy checks torch's stubs: about a minute
+
+# mypy --strict reads torch's own annotations, which older releases leave incomplete (measured):
+# with torch 2.4.1 it flags the script's `from torch.optim import SGD`; with 2.4.1 and 2.6.0,
+# 21 and 17 of this package's calls into torch (untyped `enable_grad`, `Function.apply`,
+# `torch.func` names not re-exported). The sources are kept clean against CI's torch (2.14.1).
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 GOOD = """
 from typing import Any
@@ -104,6 +111,7 @@ def mypy(
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.skipif(TORCH < (2, 14), reason="torch < 2.14: its annotations are incomplete")
 def test_a_typed_script_against_the_package_sources(tmp_path: Path, cache: Path) -> None:
     """The package on ``MYPYPATH``: mypy checks its modules too, and finds nothing to report."""
     pytest.importorskip("mypy")
@@ -111,6 +119,7 @@ def test_a_typed_script_against_the_package_sources(tmp_path: Path, cache: Path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.skipif(TORCH < (2, 6), reason="torch < 2.6: its annotations are incomplete")
 def test_a_typed_script_against_the_installed_package(tmp_path: Path, cache: Path) -> None:
     """As installed by the README's commands (``pip install ".[...]"``)."""
     pytest.importorskip("mypy")
