@@ -31,6 +31,7 @@ from pjd_optim.solver import (
     SolverOptions,
     _common,
     first_order,
+    lockstep,
     numpy_path,
     pivoting,
     project_dual_cone,
@@ -468,6 +469,36 @@ def test_a_sign_guess_far_off_restarts_from_fista(m: int, monkeypatch: pytest.Mo
     U = upgrad_rows(m)
     V = project_dual_cone(G, U, SolverOptions(numpy_max_m=0))
     assert len(calls) == 1 and 0 < calls[0] <= m
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+def test_lockstep_rounds_solve_only_the_rows_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each check the lock-step path drops the rows done: the next round's batches hold
+    only the rows that check left, counted independently (a run that stops at that check hands
+    them to the pivoting path); exact."""
+    batches: list[int] = []
+    left: list[int] = []
+    solve = lockstep._PaddedSystems.solve
+    pivot = solver._pivot
+
+    def counting_batches(self: Any, Q: Tensor, free: Tensor) -> Any:
+        batches.append(Q.shape[0])
+        return solve(self, Q, free)
+
+    def counting_left(M: Tensor, Q: Tensor, *rest: Any) -> Tensor:
+        left.append(Q.shape[0])
+        return pivot(M, Q, *rest)
+
+    monkeypatch.setattr(lockstep._PaddedSystems, "solve", counting_batches)
+    monkeypatch.setattr(solver, "_pivot", counting_left)
+    G, U = normalised_gramian(64, 32, seed=5), upgrad_rows(64)
+    project_dual_cone(G, U, SolverOptions(lockstep=True, checks=1, steps_per_check=2))
+    assert batches == [64, 64] and len(left) == 1 and 0 < left[0] < 64
+    n_left = left[0]
+    batches.clear()
+    V = project_dual_cone(G, U, SolverOptions(lockstep=True, checks=3, steps_per_check=2))
+    assert batches[:4] == [64, 64, n_left, n_left], batches
     assert_kkt(G, U, V, rtol=1e-10)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 

@@ -53,7 +53,7 @@ class SolverOptions:
     host_max_m: int = 64
     lockstep: bool | None = None
     checks: int = 3
-    steps_per_check: int = 8
+    steps_per_check: int = 3
 
     def tolerance(self, dtype: torch.dtype) -> float:
         return 100 * torch.finfo(dtype).eps if self.rtol is None else self.rtol
