@@ -79,7 +79,7 @@ def solve(
     K = dual.H if use_dual else M  # the matrix of the systems
 
     def padded(largest: int) -> tuple[_PaddedSystems, bool]:
-        s = min(m, max(largest, 1) + max(8, m // 8))  # the largest system, plus slack
+        s = min(m, max(largest, 1) + max(8, m // 16))  # the largest system, plus slack
         use_low = use_mixed(M, s, options)
         return _PaddedSystems(K, s, low if use_low else None, options), use_low
 
