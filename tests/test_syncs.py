@@ -25,7 +25,7 @@ from qp import (
 )
 
 from pjd_optim import UPGrad
-from pjd_optim.solver import SolverOptions, lockstep, project_dual_cone
+from pjd_optim.solver import SolverOptions, first_order, lockstep, project_dual_cone
 
 METHODS = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"]
 
@@ -96,16 +96,43 @@ def test_lockstep_path_syncs_at_most_once_per_check_plus_two(
 def test_lockstep_path_from_the_sign_guess_syncs_at_most_once_per_check_plus_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Rows that keep most indices free (a cross-entropy Gramian): no FISTA, one sync fewer."""
+    """Rows that keep most indices free, where the sign guess is close (a cross-entropy Gramian
+    with 50 classes): no FISTA, one sync fewer."""
 
     forbid(monkeypatch, lockstep, "fista")
     m, checks = 160, 3
-    G = cross_entropy_gramian(m, 10, seed=4)
+    G = cross_entropy_gramian(m, 50, seed=4)
     U = upgrad_rows(m)
     options = SolverOptions(lockstep=True, checks=checks, steps_per_check=8)
     with counting_syncs() as calls:
         V = project_dual_cone(G, U, options)
     assert len(calls) <= 1 + checks, calls
+    assert_kkt(G, U, V)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+def test_lockstep_path_restarts_a_sign_guess_far_off_from_fista() -> None:
+    """A cross-entropy Gramian with 10 classes: the sign guess leaves few indices active, but
+    the first step swaps many; at the first check the rows left restart from FISTA's free sets
+    (FISTA runs once, on those rows: not the three zero rows, done from the start), within
+    ``2 + checks`` syncs; exact."""
+    m, checks = 160, 3
+    G = cross_entropy_gramian(m, 10, seed=4)
+    U = torch.cat([torch.zeros(3, m, dtype=G.dtype), upgrad_rows(m)])
+    fista_rows: list[int] = []
+    fista = first_order.fista
+
+    def counting(M: torch.Tensor, Q: torch.Tensor, *rest: Any) -> torch.Tensor:
+        fista_rows.append(Q.shape[0])
+        return fista(M, Q, *rest)
+
+    options = SolverOptions(lockstep=True, checks=checks, steps_per_check=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lockstep, "fista", counting)
+        with counting_syncs() as calls:
+            V = project_dual_cone(G, U, options)
+    assert len(fista_rows) == 1 and 0 < fista_rows[0] <= m, fista_rows
+    assert len(calls) <= 2 + checks, calls
     assert_kkt(G, U, V)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 

@@ -155,9 +155,11 @@ class Inverse:
         self.trusted = (info == 0) & (self.kappa <= MAX_KAPPA)
         self.P = P
 
-    def rhs(self, Q: Tensor) -> Tensor:
-        """``p = −M⁻¹q`` per row of ``Q`` (``P`` if it was given)."""
-        return -(Q @ self.H) if self.P is None else self.P
+    def rhs(self, Q: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``p = −M⁻¹q`` per row of ``Q`` (``P``, or its ``rows``, if it was given)."""
+        if self.P is None:
+            return -(Q @ self.H)
+        return self.P if rows is None else self.P[rows]
 
     def candidate(self, P: Tensor, z: Tensor, free: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``x = p + H_{:A} z_A`` (exactly zero on A) from the dual solutions ``z``, and the

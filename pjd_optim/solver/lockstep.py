@@ -8,7 +8,8 @@ computed on the device between two *checks*:
    trusted, the rows start from the sign guess and solve the dual systems ``H_AA`` (size
    ``|A|``, see ``_common.Inverse``);
 2. otherwise a FISTA warm start (fixed iteration count), and sync 2: the largest free and active
-   sets of the free sets it identifies; the smaller kind of system is solved;
+   sets of the free sets it identifies; the smaller kind of system is solved (also when the sign
+   guess proves far off: at the first check, the rows left restart from FISTA's free sets);
 3. ``checks`` rounds of ``steps_per_check`` block-pivoting steps (a row that stops improving
    continues with Murty's single pivots, which terminate), each step solving every row's
    system gathered into a ``[rows, s, s]`` batch (``s``: the largest system plus slack; a row
@@ -19,9 +20,9 @@ computed on the device between two *checks*:
    later rounds solve only the rows left (on UPGrad's rows of real Gramians most rows are done
    after a few steps).
 
-At most ``2 + checks`` synchronisations (``1 + checks`` from the sign guess), whatever the
-number of steps. Rows not done after the last round are returned as such; the caller finishes
-them with the exact pivoting path.
+At most ``2 + checks`` synchronisations (``1 + checks`` from a sign guess that is not far
+off), whatever the number of steps. Rows not done after the last round are returned as such;
+the caller finishes them with the exact pivoting path.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def solve(
     if known exactly). Returns ``X``, the rows verified done (``X`` is zero on the others) and
     how many are not."""
     b, m = Q.shape
-    low = low_dtype(M.dtype)
     eps = torch.finfo(M.dtype).eps
     tol = options.tolerance(M.dtype)
     q_scale = Q.abs().amax(dim=1, keepdim=True)
@@ -68,22 +68,21 @@ def solve(
     done = ~conflict  # rows with q ≥ 0 are solved by x = 0
     if n_conflict == 0:
         return X, done, 0
-    use_dual = bool(trusted) and largest <= m // 4 and options.warm_start_iter is None
-    if not use_dual:  # FISTA's free sets instead; sync 2: their largest systems
-        x = fista(M.to(low), Q.to(low), lam.to(low), options.warm_start(m, lockstep=True))
-        free = free_guess(M, Q, x.to(M.dtype), lam)
-        n_free = torch.where(conflict, free.sum(dim=1), 0)
-        largest_free, largest = torch.stack([n_free.amax(), (m - n_free).amax()]).tolist()
-        use_dual = bool(trusted) and largest < largest_free
-        largest = largest if use_dual else largest_free
-    K = dual.H if use_dual else M  # the matrix of the systems
+    sign_guess = bool(trusted) and largest <= m // 4 and options.warm_start_iter is None
+    use_dual = sign_guess
+    if not sign_guess:  # FISTA's free sets instead (sync 2)
+        free, use_dual, largest = _fista_guess(M, Q, lam, conflict, bool(trusted), options)
+    # A sign guess far off (the first step swaps more than m/8 indices per row): at the first
+    # check the rows left restart from FISTA's free sets (one more sync), as on the pivoting path.
+    restart = sign_guess and options.warm_start(m, lockstep=True) > 0
 
-    def padded(largest: int) -> tuple[_PaddedSystems, bool]:
+    def padded(largest: int, use_dual: bool) -> tuple[_PaddedSystems, bool]:
         s = min(m, max(largest, 1) + max(8, m // 16))  # the largest system, plus slack
         use_low = use_mixed(M, s, options)
-        return _PaddedSystems(K, s, low if use_low else None, options), use_low
+        K = dual.H if use_dual else M  # the matrix of the systems
+        return _PaddedSystems(K, s, low_dtype(M.dtype) if use_low else None, options), use_low
 
-    solver, use_low = padded(largest)
+    solver, use_low = padded(largest, use_dual)
     R = dual.rhs(Q) if use_dual else Q
     res_tol = 1e3 * eps * lam.clamp_min(1.0)
     best = torch.full((b,), m + 1, device=M.device, dtype=torch.long)
@@ -91,9 +90,9 @@ def solve(
     murty = torch.zeros(b, device=M.device, dtype=torch.bool)
     position = torch.arange(1, m + 1, device=M.device)
     rows = torch.arange(b, device=M.device)  # the rows still in the batch
-    X_rows, left = X, n_conflict
-    for _ in range(options.checks):
-        for _ in range(options.steps_per_check):
+    X_rows, left, first_swaps = X, n_conflict, torch.zeros((), device=M.device, dtype=torch.long)
+    for check in range(options.checks):
+        for step in range(options.steps_per_check):
             if use_dual:  # x = p + H_{:A} z_A with H_AA z_A = −p_A
                 z, fits, cond = solver.solve(R, ~free)
                 x, cond = dual.candidate(R, z, free, cond)
@@ -118,12 +117,15 @@ def solve(
             full = (better | (patience > 0)) & ~murty
             patience = torch.where(better, MURTY_PATIENCE, patience - (full & active).long())
             murty = murty | (~full & active)
-            free = free ^ (pivots(wrong, full, position) & active.unsqueeze(1))
+            swaps = pivots(wrong, full, position) & active.unsqueeze(1)
+            free = free ^ swaps
+            if check == step == 0:
+                first_swaps = swaps.sum()
         # The sync of this round: rows left, and their largest system (the padded size grows
         # to fit it; rows that did not fit waited, unchanged).
         n_selected = (~free if use_dual else free).sum(dim=1)
-        stats = [(~done).sum(), torch.where(done, 0, n_selected).amax()]
-        left, largest = torch.stack(stats).tolist()
+        stats = [(~done).sum(), torch.where(done, 0, n_selected).amax(), first_swaps]
+        left, largest, n_swaps = torch.stack(stats).tolist()
         X = X.index_copy(0, rows, X_rows)
         if left == 0:
             return X, torch.ones_like(conflict), 0
@@ -132,10 +134,32 @@ def solve(
             rows, Q, R, free, q_scale = rows[keep], Q[keep], R[keep], free[keep], q_scale[keep]
             best, patience, murty, done = best[keep], patience[keep], murty[keep], done[keep]
             X_rows = X_rows[keep]
-        if largest > solver.s:
-            solver, use_low = padded(largest)
+        if restart and check == 0 and n_swaps > n_conflict * m / 8:
+            free, use_dual, largest = _fista_guess(M, Q, lam, ~done, True, options)
+            R = dual.rhs(Q, rows) if use_dual else Q
+            best, patience = torch.full_like(best, m + 1), torch.full_like(patience, MURTY_PATIENCE)
+            murty = torch.zeros_like(murty)
+            solver, use_low = padded(largest, use_dual)
+        elif largest > solver.s:
+            solver, use_low = padded(largest, use_dual)
     finished = torch.ones_like(conflict).index_fill(0, rows, False)
     return X, finished, left
+
+
+def _fista_guess(
+    M: Tensor, Q: Tensor, lam: Tensor, conflict: Tensor, trusted: bool, options: SolverOptions
+) -> tuple[Tensor, bool, int]:
+    """The free sets of a FISTA warm start (a fixed number of iterations) on rows ``Q``, and
+    whether their dual systems (if ``M⁻¹`` is trusted) or primal ones are the smaller, with the
+    largest such system over the conflicting rows (one sync)."""
+    m, low = M.shape[0], low_dtype(M.dtype)
+    x = fista(M.to(low), Q.to(low), lam.to(low), options.warm_start(m, lockstep=True))
+    free = free_guess(M, Q, x.to(M.dtype), lam)
+    n_free = free.sum(dim=1)
+    sizes = [torch.where(conflict, n_free, 0).amax(), torch.where(conflict, m - n_free, 0).amax()]
+    largest_free, largest_active = torch.stack(sizes).tolist()
+    use_dual = trusted and largest_active < largest_free
+    return free, use_dual, largest_active if use_dual else largest_free
 
 
 class _PaddedSystems:
