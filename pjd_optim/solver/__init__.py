@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import lockstep, numpy_path, pivoting
-from ._common import SolverOptions, low_dtype
+from ._common import SolverOptions, low_dtype, sign_guess_close
 from .first_order import fista, free_guess, max_eigenvalue
 
 __all__ = ["SolverOptions", "project_dual_cone", "solve_lcp"]
@@ -132,7 +132,7 @@ def _pivot(
         return free_guess(M, Q, x, lam_), x
 
     guess = Q < 0
-    if options.warm_start_iter is None and int((m - guess.sum(dim=1)).amax()) <= m // 4:
+    if options.warm_start_iter is None and sign_guess_close(int((m - guess.sum(dim=1)).amax()), m):
         x_start = torch.zeros_like(Q)
         return pivoting.solve(M, Q, P, guess, x_start, lam_, options, warm_start)
     free, x_start = warm_start(Q)

@@ -81,6 +81,18 @@ def use_mixed(M: Tensor, size: int, options: SolverOptions) -> bool:
     return low_dtype(M.dtype) != M.dtype and mixed
 
 
+def sign_guess_close(largest_active: int, m: int) -> bool:
+    """Whether the torch paths start from the sign guess (free where ``q < 0``): it leaves at
+    most ``m/4`` indices active in every row, so the dual systems are small."""
+    return largest_active <= m // 4
+
+
+def far_off(n_swaps: int, n_rows: int, m: int) -> bool:
+    """Whether a guess proved far off: its first step swapped more than ``m/8`` indices per row
+    (the rows left then restart from FISTA's free sets)."""
+    return n_swaps > n_rows * m / 8
+
+
 def infeasible(
     x: Tensor, y: Tensor, free: Tensor, q_scale: Tensor, cond: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:

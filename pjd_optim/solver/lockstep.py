@@ -36,11 +36,13 @@ from ._common import (
     Inverse,
     SolverOptions,
     chol_solve,
+    far_off,
     gather_blocks,
     identity_padded,
     infeasible,
     low_dtype,
     pivots,
+    sign_guess_close,
     use_mixed,
 )
 from .first_order import fista, free_guess
@@ -68,7 +70,7 @@ def solve(
     done = ~conflict  # rows with q ≥ 0 are solved by x = 0
     if n_conflict == 0:
         return X, done, 0
-    sign_guess = bool(trusted) and largest <= m // 4 and options.warm_start_iter is None
+    sign_guess = bool(trusted) and sign_guess_close(largest, m) and options.warm_start_iter is None
     use_dual = sign_guess
     if not sign_guess:  # FISTA's free sets instead (sync 2)
         free, use_dual, largest = _fista_guess(M, Q, lam, conflict, bool(trusted), options)
@@ -134,7 +136,7 @@ def solve(
             rows, Q, R, free, q_scale = rows[keep], Q[keep], R[keep], free[keep], q_scale[keep]
             best, patience, murty, done = best[keep], patience[keep], murty[keep], done[keep]
             X_rows = X_rows[keep]
-        if restart and check == 0 and n_swaps > n_conflict * m / 8:
+        if restart and check == 0 and far_off(n_swaps, n_conflict, m):
             free, use_dual, largest = _fista_guess(M, Q, lam, ~done, True, options)
             R = dual.rhs(Q, rows) if use_dual else Q
             best, patience = torch.full_like(best, m + 1), torch.full_like(patience, MURTY_PATIENCE)

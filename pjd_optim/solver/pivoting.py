@@ -28,6 +28,7 @@ from ._common import (
     Inverse,
     SolverOptions,
     chol_solve,
+    far_off,
     gather_blocks,
     identity_padded,
     infeasible,
@@ -122,7 +123,7 @@ def solve(
             rows, Q, free, q_scale = rows[keep], Q[keep], free[keep], q_scale[keep]
             x_start, best, patience = x_start[keep], best[keep], patience[keep]
             precise = precise[keep]
-        if warm_start is not None and n_swaps > len(swaps) * m / 8:  # a guess far off: restart
+        if warm_start is not None and far_off(n_swaps, len(swaps), m):  # restart
             free, x_start = warm_start(Q)
             best, patience = torch.full_like(best, m + 1), torch.full_like(patience, MURTY_PATIENCE)
             (s, s_dual), n_hopeful = largest_systems(free), n_keep
