@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import is_finite
 from ._engine import Gather, GramianSource
 from ._resume import Resume
 from .gramian import sum_of_gramians
@@ -20,8 +21,9 @@ class AutogradGramian(GramianSource):
 
     def gramian(
         self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
-        return autograd_gramian(losses, self.considered)
+    ) -> tuple[Tensor, bool]:
+        gramian = autograd_gramian(losses, self.considered)
+        return gramian, is_finite(gramian, losses)
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
         return autograd_gramian(torch.stack(list(losses)), self.considered)
@@ -50,7 +52,7 @@ class ClosedGramian(GramianSource):
 
     def gramian(
         self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, bool]:
         raise self._closed()
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:

@@ -36,7 +36,12 @@ def check_losses(losses: object) -> Tensor:
 
 def is_finite(gramian: Tensor, losses: Tensor) -> bool:
     # One host-device synchronisation for both checks.
-    return bool(torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all())
+    return bool(is_finite_tensor(gramian, losses))
+
+
+def is_finite_tensor(gramian: Tensor, losses: Tensor) -> Tensor:
+    """Whether both are finite, as a 0-d tensor (no synchronisation)."""
+    return torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()
 
 
 def check_weights(weights: object, m: int, losses: Tensor) -> Tensor:
@@ -57,8 +62,12 @@ def as_weighting(weighting: Any) -> Weighting:
     TorchJD's Gramian-based aggregators (``UPGrad``, ``DualProj``, ...) map a *Jacobian* to a
     vector: they are replaced by their Gramian weighting, i.e. the weights they would apply.
     TorchJD's weightings and aggregators of the Jacobian itself cannot work from a Gramian and are
-    refused; TorchJD's Gramian weightings are used as they are.
+    refused; TorchJD's Gramian weightings are used as they are. A class (``UPGrad`` for
+    ``UPGrad()``) is refused: calling it on the Gramian would build an object, not weights.
     """
+    if isinstance(weighting, type):
+        name = weighting.__name__
+        raise TypeError(f"weighting={name} is a class: pass an instance, {name}().")
     names = {k.__name__ for k in type(weighting).__mro__}
     if type(weighting).__module__.startswith("torchjd."):
         if "GramianWeightedAggregator" in names:

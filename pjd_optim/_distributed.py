@@ -27,6 +27,17 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """Whether every rank says ``ok`` (one all-reduce under torch.distributed, else ``ok``): a
+    step one rank refuses is refused on all, before any other collective, so none waits."""
+    size, _ = world()
+    if size == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 class CallGatherer:
     """All-gathers the batched tensors of calls along dim 0; counts the bytes received."""
 

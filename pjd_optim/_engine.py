@@ -20,19 +20,15 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _maps
+from ._checks import is_finite, is_finite_tensor
+from ._distributed import all_ranks_agree, world
 from ._hooks import HookSet, ModuleCall, suspended
-from ._records import (
-    Record,
-    batch_major,
-    by_module,
-    objective_major_to_sample_major,
-    rows_like,
-    scaled,
-    with_rows,
-)
+from ._records import Record, batch_major, by_module, moved, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
-from .gramian import Call, accumulate, couples_batch, map_rows, rule_for, sum_of_gramians
+from ._rowmap import TagSource, precision_of
+from .gramian import accumulate, rule_for, sum_of_gramians
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
 Gather = Callable[[list[Record]], list[Record]]
@@ -50,7 +46,8 @@ class GramianSource:
 
     def gramian(
         self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, bool]:
+        """The Gramian of ``losses.flatten()`` and whether it and the losses are finite."""
         raise NotImplementedError
 
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
@@ -112,11 +109,12 @@ class HookedGramian(GramianSource):
         self.shared = {pid for pid, count in owners.items() if count > 1}
         self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.hooks = HookSet()
+        self.tags = TagSource()
         for module in self.plan:
             self.hooks.tap(module)
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self.hooks.mark(module, couples_batch)
+            if rule_for(module).couples_batch(module) is not None:
+                self.hooks.mark(module, lambda m: bool(rule_for(m).couples_batch(m)))
 
     def close(self) -> None:
         self.hooks.remove()
@@ -127,16 +125,147 @@ class HookedGramian(GramianSource):
 
     def gramian(
         self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> Tensor:
-        """``[m, m]`` Gramian over ``losses.flatten()`` (batch on dim 0, objectives after).
+    ) -> tuple[Tensor, bool]:
+        """``[m, m]`` Gramian over ``losses.flatten()``, and whether it and the losses are finite.
 
-        ``gather`` may replace the collected calls by calls over a larger batch (other ranks'
-        samples appended, see ``_distributed``); the Gramian is then over that batch. With
-        ``resume``, the collection pass also fills ``resume`` for :meth:`weighted_backward`.
+        Every row of every considered call is checked to feed one loss (``_maps``); the step is
+        refused before anything changes otherwise, on every rank under ``torch.distributed``.
+        ``gather`` may replace the calls by calls over a larger batch (other ranks' samples
+        appended, see ``_distributed``); the Gramian is then over that batch. With ``resume``,
+        the passes also give the gradients at the boundary and fill ``resume``.
         """
-        records = self.collect(losses, resume)
+        try:
+            records, gramian, finite = self._checked(losses, resume, gathered=gather is not None)
+        except ValueError:
+            all_ranks_agree(False, losses.device)
+            raise
+        if not all_ranks_agree(True, losses.device):
+            raise ValueError(
+                "Another rank refused this step (its error says why): nothing changed."
+            )
         if gather is not None:
             records = gather(records)
+            gramian = self._sum(records, losses.numel() * world()[0])
+            finite = is_finite(gramian, losses)
+        return gramian, finite
+
+    def _checked(
+        self, losses: Tensor, resume: Resume | None, gathered: bool
+    ) -> tuple[list[Record], Tensor, bool]:
+        """The verified records, their Gramian (``None`` when ``gathered``) and finiteness."""
+        collected = self.collect(losses, resume)
+        m = collected.m
+        fast = _maps.expected(collected)
+        if fast is not None:
+            records, verified = fast
+            gramian = self._sum(records, m)
+            flags = torch.stack([verified, is_finite_tensor(gramian, losses)]).tolist()
+            if not flags[1] or flags[0]:
+                if resume is not None:
+                    resume.records = records
+                return records, gramian, bool(flags[1])
+        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
+        if not is_finite(torch.cat(grads), losses):
+            return [], torch.full((m, m), torch.nan, device=losses.device), False
+        if gathered:
+            raise ValueError(
+                "distributed='global' needs the losses in the order of the batch rows of every "
+                "considered call (row i feeding loss i); use distributed='local' for others."
+            )
+        per_column = None
+        if losses.ndim > 1 and resume is None:
+            per_column = lambda reached: self._per_column(collected)  # noqa: E731
+        records = _maps.named(collected, per_column)
+        if resume is not None:
+            resume.records = records
+            resume.rows = _maps.boundary_rows(collected)
+        gramian = self._sum(records, m)
+        return records, gramian, is_finite(gramian, losses)
+
+    def collect(self, losses: Tensor, resume: Resume | None = None) -> _maps.Collected:
+        """The tagged pass, then the pass with cotangent 1: every reached call with its output
+        gradients in both. With ``resume`` (1-D losses) they also give the gradients at the
+        boundary, and the second pass frees the graph above it."""
+        flat = losses.reshape(-1)
+        m = flat.shape[0]
+        dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
+        tags = self.tags.draw(m, flat, precision_of(dtypes))
+        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
+        tagged, tagged_boundary = self._pass(flat, tags.values, inputs, retain=True)
+        plain, plain_boundary = self._pass(flat, torch.ones_like(flat), inputs, resume is None)
+        if not plain:
+            raise self._not_connected()
+        if resume is not None:
+            resume.grads = plain_boundary
+        reached = []
+        for call in sorted(plain, key=lambda c: c.order):
+            record = batch_major(call, plain[call])
+            if record.output_grads[0].ndim == 0 or record.rows == 0:
+                raise ValueError(
+                    f"{self._name(call.module)} returned a scalar: a considered module's output "
+                    "needs a batch (one row per sample)."
+                )
+            other = tagged.get(call, tuple(torch.zeros_like(g) for g in plain[call]))
+            moved_tagged = moved(other, record.output_dims)
+            name = self._name(call.module)
+            reached.append(_maps.Reached(call.module, record, moved_tagged, name, call))
+        boundary = list(zip(plain_boundary, tagged_boundary, strict=True))
+        return _maps.Collected(flat, losses.shape, tags, reached, boundary)
+
+    def _pass(
+        self,
+        losses: Tensor,
+        cotangent: Tensor,
+        inputs: list[Tensor],
+        retain: bool,
+        per_instance: bool = True,
+    ) -> tuple[dict[ModuleCall, tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        """One collection pass: every reached call's output gradients, and those of ``inputs[1:]``
+        (``per_instance``: refuse a pass through a module that couples the batch)."""
+        with self.hooks.collecting() as collector:
+            found = torch.autograd.grad(
+                self.hooks.probe(losses),
+                inputs,
+                cotangent,
+                retain_graph=retain,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        if collector.coupling and per_instance:
+            self._refuse_coupling(collector.coupling)
+        calls = dict(collector.calls)
+        self._check_inputs(calls)
+        return calls, found[1:]
+
+    def _per_column(self, collected: _maps.Collected) -> list[Record]:
+        """Losses ``[N, K]`` whose rows a call cannot separate: one pass per column."""
+        n, m = collected.shape[0], collected.m
+        k = m // n
+        size = k * _maps.per_column_bytes(collected)
+        if size > _maps.PER_COLUMN_BYTES:
+            raise ValueError(
+                f"Losses of shape {tuple(collected.shape)} need one pass per column here (a "
+                "considered call mixes the positions of a sample), whose tensors would take "
+                f"{size / 2**30:.1f} GiB: consider position-wise layers only (e.g. the output "
+                "layer or a final norm), use fewer positions per step, or pass "
+                "gramian_mode='autograd'."
+            )
+        flat = collected.losses
+        sample_tags = self.tags.draw(n, flat, collected.tags.dtype)
+        anchor = [self.hooks.anchor]
+        cotangent = sample_tags.values.repeat_interleave(k)
+        tagged = _maps.aligned(collected, self._pass(flat, cotangent, anchor, retain=True)[0])
+        columns = []
+        for j in range(k):
+            one_hot = torch.zeros(n, k, dtype=flat.dtype, device=flat.device)
+            one_hot[:, j] = 1
+            found = self._pass(flat, one_hot.flatten(), anchor, retain=True)[0]
+            columns.append(_maps.aligned(collected, found))
+        return _maps.per_column_records(collected, sample_tags, tagged, columns)
+
+    def _sum(self, records: list[Record], m: int) -> Tensor:
+        """``Σ`` of the considered modules' Gramians over the records (``m`` rows each). A
+        parameter shared by several modules gets its per-sample gradients summed first."""
         gramians: list[Tensor] = []
         shared_grads: dict[int, Tensor] = {}
         with suspended():  # rules may re-run a module's forward: no taps there
@@ -152,16 +281,24 @@ class HookedGramian(GramianSource):
                         accumulate(shared_grads, id(tied[name]), grad)
         if shared_grads:
             gramians.append(sum_of_gramians(list(shared_grads.values())))
+        if not gramians:
+            raise ValueError(
+                "No considered parameter the losses reach requires grad (frozen after the "
+                "optimizer was built?): unfreeze them, or build a new PartialJDOptimizer that "
+                "considers trainable parameters. Nothing was changed."
+            )
         total = gramians[0]
         for g in gramians[1:]:
             total = total + g  # type promotion keeps the widest dtype
-        return objective_major_to_sample_major(total, losses)
+        assert total.shape == (m, m), (total.shape, m)
+        return total
 
     def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
         """``Σ_i w_i ∇ℓ_i`` into ``.grad`` without a second backward through the considered
         modules: theirs from ``summed_grads`` on output gradients scaled by ``w``, the trunk's by
-        one backward from the boundary with rows scaled by ``w``. Both run in one engine call,
-        so gradient hooks (DDP's included) fire as in ``losses.backward(w)``."""
+        one backward from the boundary with each row scaled by the weight of the loss it feeds.
+        Both run in one engine call, so gradient hooks (DDP's included) fire as in
+        ``losses.backward(w)``."""
         grouped = by_module(resume.records)
         owned = {module: self._trainable(module) for module in grouped}
         params = {id(p): p for own in owned.values() for p in own.values()}
@@ -177,7 +314,11 @@ class HookedGramian(GramianSource):
             return [total[k].to(p.dtype) if k in total else None for k, p in params.items()]
 
         root = book_kept(summed, list(params.values()))
-        boundary_grads = [grad * rows_like(weights, grad) for grad in resume.grads]
+        rows: list[Tensor | None] = [*resume.rows] if resume.rows else [None] * len(resume.grads)
+        boundary_grads = [
+            grad * rows_like(_row_weights(weights, sigma), grad)
+            for grad, sigma in zip(resume.grads, rows, strict=True)
+        ]
         torch.autograd.backward([*resume.boundary, root], [*boundary_grads, torch.ones_like(root)])
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
@@ -187,16 +328,13 @@ class HookedGramian(GramianSource):
         k = len(losses)
         per_param: dict[int, list[Tensor | None]] = {}
         for j, loss in enumerate(losses):
-            with self.hooks.collecting() as collector:
-                torch.autograd.grad(
-                    self.hooks.probe(loss), self.hooks.anchor, retain_graph=True, allow_unused=True
-                )
-            self._check_inputs(call for call, _ in collector.calls)
-            records = [batch_major(call, [grads]) for call, grads in collector.calls]
+            anchor = [self.hooks.anchor]
+            calls, _ = self._pass(loss, torch.ones_like(loss), anchor, True, per_instance=False)
+            records = [(c.module, batch_major(c, grads)) for c, grads in calls.items()]
             with suspended():
-                for module, calls in by_module((c.module, r) for c, r in records).items():
+                for module, group in by_module(records).items():
                     own = self._trainable(module)
-                    for name, grad in rule_for(module).summed_grads(module, calls, own).items():
+                    for name, grad in rule_for(module).summed_grads(module, group, own).items():
                         slot = per_param.setdefault(id(own[name]), [None] * k)
                         previous = slot[j]
                         slot[j] = grad.flatten() if previous is None else previous + grad.flatten()
@@ -211,57 +349,6 @@ class HookedGramian(GramianSource):
 
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
-
-    def collect(self, losses: Tensor, resume: Resume | None = None) -> list[Record]:
-        """Run the cotangent pass(es); return every reached call with its output gradients.
-
-        Losses ``[B, k...]`` take ``K = Π k`` passes (one per objective column); the calls are
-        returned with ``K·B`` rows, objective-major, inputs repeated ``K`` times. With
-        ``resume`` (1-D losses only) the single pass also gives the gradients at the boundary
-        and frees the graph above it (the weighted backward then resumes from the boundary).
-        """
-        batch = losses.shape[0]
-        columns = losses.reshape(batch, -1)
-        objectives = columns.shape[1]
-        grads: dict[ModuleCall, list[tuple[Tensor, ...]]] = {}
-        coupling: list[nn.Module] = []
-        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-        for j in range(objectives):
-            if objectives == 1:
-                cotangent = torch.ones_like(columns)
-            else:
-                cotangent = torch.zeros_like(columns)
-                cotangent[:, j] = 1
-            with self.hooks.collecting() as collector:
-                found = torch.autograd.grad(
-                    self.hooks.probe(columns),
-                    inputs,
-                    cotangent,
-                    retain_graph=resume is None,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-            if resume is not None:
-                resume.grads = found[1:]
-            for call, call_grads in collector.calls:
-                grads.setdefault(call, []).append(call_grads)
-            coupling += collector.coupling
-        if coupling:
-            self._refuse_coupling(coupling)
-        if not grads:
-            raise self._not_connected()
-        self._check_inputs(grads)
-        records = [batch_major(call, passes) for call, passes in grads.items()]
-        if objectives == 1 and any(r.output_grads[0].shape[0] != batch for _, r in records):
-            records = self._scatter_to_losses(columns, records)
-        records.sort(key=lambda item: item[0].order)
-        out = [
-            (call.module, with_rows(self._name(call.module), rec, batch, objectives))
-            for call, rec in records
-        ]
-        if resume is not None:
-            resume.records = out
-        return out
 
     def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
         for call in calls:
@@ -293,46 +380,12 @@ class HookedGramian(GramianSource):
             "timm.layers.freeze_batch_norm_2d), or pass gramian_mode='autograd' (exact, slow)."
         )
 
-    def _scatter_to_losses(
-        self, columns: Tensor, records: list[tuple[ModuleCall, Call]]
-    ) -> list[tuple[ModuleCall, Call]]:
-        """Several forwards concatenated into one loss vector: find which loss each row of each
-        call feeds (one more pass, cotangent ``i + 1`` for loss ``i``, gives row ``r`` scaled by
-        its loss index) and spread every call's rows onto the ``B`` losses, with zero rows where
-        a call has no sample (those contribute nothing)."""
-        batch = columns.shape[0]
-        tags = torch.arange(1, batch + 1, dtype=columns.dtype, device=columns.device)
-        with self.hooks.collecting() as collector:
-            torch.autograd.grad(
-                self.hooks.probe(columns),
-                self.hooks.anchor,
-                tags.unsqueeze(1),
-                retain_graph=True,
-                allow_unused=True,
-            )
-        tagged = {call: batch_major(call, [grads])[1] for call, grads in collector.calls}
-        spread = []
-        for call, passes in records:
-            ones = torch.cat([g.flatten(start_dim=1) for g in passes.output_grads], dim=1)
-            scaled = torch.cat([g.flatten(start_dim=1) for g in tagged[call].output_grads], dim=1)
-            pick = ones.abs().argmax(dim=1, keepdim=True)
-            ratio = scaled.gather(1, pick) / ones.gather(1, pick)
-            index = torch.where(ones.gather(1, pick) != 0, ratio.round() - 1, -1).long().squeeze(1)
-            live = index >= 0
-            if torch.unique(index[live]).numel() != int(live.sum()):
-                raise ValueError(
-                    f"Two rows of one call of {self._name(call.module)} feed the same loss: "
-                    "losses must be per-instance (one row of the batch each). Objectives that "
-                    "mix the batch go in a list of scalar task losses, step([loss_1, ...]), or "
-                    "use gramian_mode='autograd'."
-                )
 
-            def place(x: Tensor, index: Tensor = index[live], live: Tensor = live) -> Tensor:
-                return x.new_zeros(batch, *x.shape[1:]).index_copy_(0, index, x[live])
-
-            placed = tuple(place(g) for g in passes.output_grads)
-            spread.append((call, map_rows(passes, ones.shape[0], place, placed)))
-        return spread
+def _row_weights(weights: Tensor, sigma: Tensor | None) -> Tensor:
+    """The weight of the loss each row feeds (0 for none); ``weights`` itself for the identity."""
+    if sigma is None:
+        return weights
+    return torch.where(sigma >= 0, weights[sigma.clamp_min(0)], 0)
 
 
 def _zeros_like_any(slots: Sequence[Tensor | None]) -> Tensor:

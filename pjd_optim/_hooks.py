@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,6 +36,8 @@ from torch.autograd.function import FunctionCtx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
+from .gramian import rule_for
+
 
 @dataclass(eq=False)
 class ModuleCall:
@@ -45,7 +47,9 @@ class ModuleCall:
     saved inputs' version counters at call time (in-place edits are detected). The graph-side
     fields serve ``_resume``: ``sources`` (the inputs that require grad, not detached), ``rows``
     (dim 0 of the tapped outputs), ``seq`` (the tap node's sequence number) and the ``thread``
-    that created it (sequence numbers are counted per thread).
+    that created it (sequence numbers are counted per thread). ``outputs``: the tapped outputs
+    (detached), kept for rules that check their re-run of the module; ``dtypes``: those of the
+    tapped outputs and, under autocast, the autocast dtype (the precision of the gradients).
     """
 
     module: nn.Module
@@ -58,6 +62,8 @@ class ModuleCall:
     rows: tuple[int, ...] = ()
     seq: int = -1
     thread: int = 0
+    outputs: tuple[Tensor, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
 
     def saved_tensors(self) -> list[Tensor]:
         if not self.kwargs and all(isinstance(a, Tensor) for a in self.args):  # the common case
@@ -259,6 +265,18 @@ def _differentiable(x: object) -> bool:
     return isinstance(x, Tensor) and x.requires_grad and x.is_floating_point()
 
 
+def _kept(module: nn.Module, outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The outputs, detached, if the module's rule checks its re-run against them."""
+    return tuple(y.detach() for y in outputs) if rule_for(module).needs_outputs else ()
+
+
+def _dtypes(outputs: Sequence[Tensor]) -> tuple[torch.dtype, ...]:
+    """The outputs' dtypes, and the autocast dtype where autocast is on for their device."""
+    kinds = {y.device.type for y in outputs}
+    cast = [torch.get_autocast_dtype(k) for k in kinds if torch.is_autocast_enabled(k)]
+    return (*(y.dtype for y in outputs), *cast)
+
+
 def _tap(
     hooks: HookSet, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> Any:
@@ -275,6 +293,8 @@ def _tap(
             versions=tuple(a._version for a in args),
             sources=tuple(a for a in args if a.requires_grad),
             rows=_rows(output),
+            outputs=_kept(module, (output,)),
+            dtypes=_dtypes((output,)),
         )
         return hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, output))[0]
     leaves, spec = tree_flatten(output)
@@ -291,6 +311,8 @@ def _tap(
         versions=tuple(t._version for t in inputs),
         sources=tuple(t for t in inputs if t.requires_grad),
         rows=tuple(r for k in tapped for r in _rows(leaves[k])),
+        outputs=_kept(module, [leaves[k] for k in tapped]),
+        dtypes=_dtypes([leaves[k] for k in tapped]),
     )
     outs = hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, *(leaves[k] for k in tapped)))
     for k, out in zip(tapped, outs, strict=True):

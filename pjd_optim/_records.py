@@ -1,4 +1,4 @@
-"""Records of considered calls as rules get them: batch moved to dim 0, rows checked, grouped."""
+"""Records of considered calls as rules get them: batch moved to dim 0, grouped by module."""
 
 from __future__ import annotations
 
@@ -11,52 +11,50 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._hooks import ModuleCall
-from .gramian import Call, batch_dim, map_rows, rule_for
+from .gramian import Call, batch_dim, rule_for
 
 Record = tuple[nn.Module, Call]
 
 
-def batch_major(call: ModuleCall, passes: list[tuple[Tensor, ...]]) -> tuple[ModuleCall, Call]:
-    """The public record of ``call`` with the batch moved to dim 0 (see
-    :meth:`GramianRule.batch_dims`) and the output gradients of the passes stacked along it."""
-    rule = rule_for(call.module)
-    in_dims, out_dims = rule.batch_dims(call.module)
-    grads = [torch.cat(g, dim=0) if len(g) > 1 else g[0] for g in zip(*passes, strict=True)]
-    if tuple(in_dims) == (0,) and tuple(out_dims) == (0,):
-        return call, Call(call.args, call.kwargs, tuple(grads), call.tapped)
-    # Dims other than 0: move them (the passes were stacked along dim 0 above, so redo it).
-    grads = [
-        torch.cat([g[k].movedim(batch_dim(out_dims, p), 0) for g in passes], dim=0)
-        for k, p in enumerate(call.tapped)
-    ]
+def batch_major(call: ModuleCall, grads: tuple[Tensor, ...]) -> Call:
+    """The public record of ``call`` with the batch moved to dim 0 in its per-sample inputs, its
+    outputs and its output gradients ``grads`` (which inputs are per-sample, and where their batch
+    is: :meth:`GramianRule.sample_dims`)."""
+    module = call.module
+    rule = rule_for(module)
+    first = grads[0]
+    rows = first.shape[batch_dim(rule.batch_dims(module)[1], 0)] if first.ndim else 0
+    in_dims, out_dims = rule.sample_dims(module, call.args, call.kwargs, rows)
+    output_dims = tuple(batch_dim(out_dims, k) for k in call.tapped)
     leaves, spec = tree_flatten((call.args, call.kwargs))
     position = 0
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, Tensor):
-            leaves[i] = leaf.movedim(batch_dim(in_dims, position), 0)
+            d = in_dims[position] if position < len(in_dims) else None
+            if d:
+                leaves[i] = leaf.movedim(d, 0)
             position += 1
     args, kwargs = tree_unflatten(leaves, spec)
-    return call, Call(args, kwargs, tuple(grads), call.tapped)
+    record = Call(
+        args,
+        kwargs,
+        output_grads=(),
+        output_positions=call.tapped,
+        sample_dims=tuple(in_dims),
+        output_dims=output_dims,
+        outputs=moved(call.outputs, output_dims),
+        precision=min(call.dtypes, key=_resolution, default=None),
+    )
+    return replace(record, output_grads=moved(grads, output_dims))
 
 
-def with_rows(name: str, call: Call, batch: int, objectives: int) -> Call:
-    """``call`` checked to have ``K·B`` rows; for ``K`` objective columns, inputs repeated."""
-    rows = objectives * batch
-    if any(g.shape[0] != rows for g in call.output_grads):
-        raise ValueError(
-            f"{name} saw a batch of {call.output_grads[0].shape[0] // objectives} rows but the "
-            f"losses have {batch} rows. Losses must be "
-            "per-instance with the batch on dim 0 of every considered module's input and output; "
-            "concatenate per-sample losses of separate forwards in order, or use "
-            "gramian_mode='autograd'."
-        )
-    if objectives == 1:
-        return call
+def _resolution(dtype: torch.dtype) -> float:
+    return -torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
-    def repeat(x: Tensor) -> Tensor:
-        return x.repeat(objectives, *([1] * (x.ndim - 1)))
 
-    return map_rows(call, batch, repeat, call.output_grads)
+def moved(grads: Iterable[Tensor], dims: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """Tensors with their batch dim (``dims[k]`` for the ``k``-th) moved to 0."""
+    return tuple(g.movedim(d, 0) if d else g for g, d in zip(grads, dims, strict=False))
 
 
 def by_module(records: Iterable[Record]) -> dict[nn.Module, list[Call]]:
@@ -74,13 +72,3 @@ def scaled(call: Call, weights: Tensor) -> Call:
 def rows_like(weights: Tensor, x: Tensor) -> Tensor:
     """``weights`` ``[B]`` shaped to scale the rows of ``x`` ``[B, ...]``."""
     return weights.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-
-
-def objective_major_to_sample_major(gramian: Tensor, losses: Tensor) -> Tensor:
-    """Reorder a Gramian indexed (objective, sample) as ``losses.flatten()`` (sample, objective)."""
-    batch = losses.shape[0]
-    objectives = losses.numel() // batch
-    if objectives == 1:
-        return gramian
-    g = gramian.view(objectives, batch, objectives, batch).permute(1, 0, 3, 2)
-    return g.reshape(batch * objectives, batch * objectives)

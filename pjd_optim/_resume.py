@@ -46,12 +46,14 @@ MIN_SAVED_FLOPS = 4_000_000
 
 @dataclass(eq=False)
 class Resume:
-    """The boundary tensors of one step and, once collected, their gradients ``∂(Σℓ)/∂b`` and
-    the considered calls with their output gradients (``(module, Call)`` records)."""
+    """The boundary tensors of one step and, once collected, their gradients ``∂(Σℓ)/∂b``, the
+    considered calls with their output gradients (``(module, Call)`` records, one row per loss)
+    and, where not row ``i`` → loss ``i``, the loss each boundary row feeds."""
 
     boundary: list[Tensor]
     grads: tuple[Tensor, ...] = field(default=())
     records: list[tuple[nn.Module, Any]] = field(default_factory=list)
+    rows: list[Tensor] | None = None  # the loss each boundary row feeds (None: row i, loss i)
 
 
 def find(

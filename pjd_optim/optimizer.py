@@ -28,6 +28,21 @@ GramianMode = Literal["hooks", "autograd"]
 Distributed = Literal["local", "global"]
 NonFinite = Literal["raise", "skip"]
 
+# What torch sets on an optimizer instance and ``Optimizer.__getstate__`` does not pickle: an LR
+# scheduler's wrapper of the bound ``step`` and its flag (``LRScheduler.__init__``), the hooks.
+_TORCH_PER_INSTANCE = frozenset(
+    {
+        "step",
+        "_opt_called",
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    }
+)
+
 
 class PartialJDOptimizer(WrappedOptimizer):
     r"""Partial Jacobian descent: resolves conflicts between per-instance losses, then lets
@@ -179,12 +194,19 @@ class PartialJDOptimizer(WrappedOptimizer):
         if size > 1 and losses.ndim != 1:
             raise ValueError("distributed='global' needs 1-D losses (one per sample).")
         gather = CallGatherer() if size > 1 else None
+        if not any(p.requires_grad for p in self._considered):
+            raise ValueError(
+                "Every considered parameter is frozen (requires_grad=False, set after the "
+                "optimizer was built): unfreeze some, build a new PartialJDOptimizer that "
+                "considers trainable parameters, or call loss.backward() and step() for a plain "
+                "step. Nothing was changed."
+            )
         start = time.perf_counter()
         # Resume the trunk's backward at the considered part's boundary where that is exact.
         resume = status.source.resume_point(losses)
-        gramian = status.source.gramian(losses, gather, resume)
+        gramian, finite = status.source.gramian(losses, gather, resume)
         middle = time.perf_counter()
-        all_weights = self._weigh(gramian, flat, stop_on_nonfinite)
+        all_weights = self._weigh(gramian, finite, stop_on_nonfinite)
         if all_weights is None:
             return None
         end = time.perf_counter()
@@ -215,7 +237,7 @@ class PartialJDOptimizer(WrappedOptimizer):
         gramian = status.source.task_gramian(tasks)
         middle = time.perf_counter()
         objectives = torch.stack([loss.detach() for loss in tasks])
-        weights = self._weigh(gramian, objectives, stop_on_nonfinite)
+        weights = self._weigh(gramian, is_finite(gramian, objectives), stop_on_nonfinite)
         if weights is None:
             return None
         end = time.perf_counter()
@@ -232,13 +254,13 @@ class PartialJDOptimizer(WrappedOptimizer):
         self._record(StepInfo(gramian.detach(), weights, middle - start, end - middle))
         return weights
 
-    def _weigh(self, gramian: Tensor, objectives: Tensor, stop_on_nonfinite: bool) -> Tensor | None:
+    def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
         """The weighting's weights; ``NaN`` ones where the losses or the Gramian are not finite
         (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient), or, when stopping
         there, a skipped step (``None``) or an error, as ``nonfinite`` says."""
-        if is_finite(gramian, objectives):
+        if finite:
             weights = self.weighting(gramian.detach())
-            return check_weights(weights, gramian.shape[0], objectives).detach()
+            return check_weights(weights, gramian.shape[0], gramian).detach()
         if not stop_on_nonfinite:
             self._status.nonfinite = True
             return torch.full_like(gramian[0], torch.nan).detach()
@@ -256,6 +278,7 @@ class PartialJDOptimizer(WrappedOptimizer):
         non-finite (a later plain step refuses those)."""
         status = self._status
         status.pending = True
+        status.cleared = False
         if status.nonfinite:
             status.nonfinite = False
             status.nonfinite_grad = self._a_gradient()
@@ -335,7 +358,18 @@ class PartialJDOptimizer(WrappedOptimizer):
                     "nonfinite='skip'."
                 )
             status.nonfinite_grad = None
-        if not status.pending and not status.warned_plain:
+        if status.cleared:
+            warnings.warn(
+                "PartialJDOptimizer.step(): the Jacobian-descent gradient computed by "
+                "backward(losses) was cleared by zero_grad() before step(), so this step applies "
+                "whatever is in .grad (nothing, unless a plain backward ran since). Call "
+                "zero_grad() before backward(losses), not between backward(losses) and step(), "
+                "or call optimizer.step(losses).",
+                stacklevel=3,
+            )
+        elif not status.pending and not status.warned_plain and self._has_gradient():
+            # (No gradient at all is no plain loop: e.g. torch.distributed.checkpoint's
+            # initialisation of the optimizer state steps on zero gradients; stay silent.)
             status.warned_plain = True
             warnings.warn(
                 "PartialJDOptimizer.step() without losses applied the gradients already in .grad: "
@@ -344,7 +378,19 @@ class PartialJDOptimizer(WrappedOptimizer):
                 stacklevel=3,
             )
         status.pending = False
+        status.cleared = False
         self.base.step()
+
+    def _has_gradient(self) -> bool:
+        """Whether some optimized parameter has a nonzero ``.grad`` (one host-device
+        synchronisation per gradient until the first nonzero one)."""
+        for p in self._group_parameters():
+            grad = p.grad
+            if grad is not None:
+                values = grad._values() if grad.is_sparse else grad
+                if bool(values.any()):
+                    return True
+        return False
 
     def _a_gradient(self) -> tuple[Tensor, Tensor] | None:
         """A parameter and its ``.grad`` (to tell later whether that gradient is still there)."""
@@ -358,8 +404,13 @@ class PartialJDOptimizer(WrappedOptimizer):
 
     # -- plumbing (the rest is the base optimizer's, see ``WrappedOptimizer``) ---------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base's ``zero_grad``. Between ``backward(losses)`` and ``step()`` it clears the
+        Jacobian-descent gradient: that ``step()`` then warns."""
         super().zero_grad(set_to_none=set_to_none)
-        self._status.nonfinite_grad = None
+        status = self._status
+        status.nonfinite_grad = None
+        if status.pending:
+            status.cleared = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer. Its parameters are not considered (the considered
@@ -372,8 +423,11 @@ class PartialJDOptimizer(WrappedOptimizer):
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        """As torch's optimizers: picklable and deep-copyable (the copy hooks its own model)."""
-        state = dict(self.__dict__)
+        """As torch's optimizers: picklable and deep-copyable (the copy hooks its own model), an
+        LR scheduler attached or not. As ``Optimizer.__getstate__``, torch's per-instance plumbing
+        is left out (``Optimizer.__setstate__`` makes it anew, without hooks): a scheduler's patch
+        of ``step`` (a closure, not picklable) and its flag, and the step and state-dict hooks."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _TORCH_PER_INSTANCE}
         closed = isinstance(self._status.source, ClosedGramian)
         state["_status"] = (closed, self._status.last_step, self._status.skipped_steps)
         return state

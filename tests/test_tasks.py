@@ -249,6 +249,6 @@ def test_per_time_step_losses_mixing_the_batch(how: str) -> None:
 def test_per_time_step_losses_as_per_instance_losses_are_a_clear_error() -> None:
     rnn, x, target = rnn_example()
     optimizer = PartialJDOptimizer(SGD(rnn.parameters(), lr=0.1), rnn, considered=rnn)
-    with pytest.raises(ValueError, match=r"Two rows .* feed the same loss.*task losses.*autograd"):
+    with pytest.raises(ValueError, match=r"feed several losses.*task losses.*autograd"):
         optimizer.step(per_step_losses(rnn, x, target))
     assert all(p.grad is None for p in rnn.parameters())

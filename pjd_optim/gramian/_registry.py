@@ -20,29 +20,53 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 @dataclass(frozen=True)
 class Call:
     """One call of a module in the forward, as a rule sees it.
 
-    ``args`` and ``kwargs`` are what the module received (tensors detached), with one row per
-    objective on dim 0 (the engine moves other batch dims there: ``GramianRule.batch_dims``).
+    ``args`` and ``kwargs`` are what the module received (tensors detached). Its per-sample
+    inputs have one row per objective on dim 0 (the engine moves other batch dims there:
+    ``GramianRule.sample_dims``); ``sample_dims[n]`` is the batch dim the module itself expects
+    for the ``n``-th tensor among the flattened ``(args, kwargs)``, ``None`` for a tensor shared by
+    every sample (empty: every tensor with the objectives' rows on dim 0 is per-sample).
     ``output_grads[k]`` is the gradient of the objectives w.r.t. the module's ``k``-th
-    differentiable output (row ``i`` for objective ``i``) and ``output_positions[k]`` that output's
-    index among the module's flattened outputs.
+    differentiable output (row ``i`` for objective ``i``), ``output_positions[k]`` that output's
+    index among the module's flattened outputs and ``output_dims[k]`` its batch dim in the module's
+    own layout (empty: 0). ``outputs`` holds the outputs themselves (batch on dim 0) for rules whose
+    ``needs_outputs`` holds, and ``precision`` the least precise dtype the forward ran in
+    (autocast's, say; ``None``: the outputs').
     """
 
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     output_grads: tuple[Tensor, ...]
     output_positions: tuple[int, ...] = (0,)
+    sample_dims: tuple[int | None, ...] = ()
+    output_dims: tuple[int, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
+    precision: torch.dtype | None = None
+
+    @property
+    def rows(self) -> int:
+        """The number of objectives (rows of the output gradients)."""
+        return self.output_grads[0].shape[0]
+
+    def per_sample(self) -> list[bool]:
+        """For each tensor among the flattened ``(args, kwargs)``, whether it is per-sample."""
+        tensors = [
+            x for x in tree_flatten((self.args, dict(self.kwargs)))[0] if isinstance(x, Tensor)
+        ]
+        if not self.sample_dims:
+            return [has_rows(x, self.rows) for x in tensors]
+        return [d is not None for d in self.sample_dims]
 
 
 class GramianRule:
@@ -54,6 +78,7 @@ class GramianRule:
     """
 
     recursive: bool = False
+    needs_outputs: bool = False  # the engine keeps the module's outputs in ``Call.outputs``
 
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)
@@ -61,6 +86,34 @@ class GramianRule:
         tensors after it (:func:`batch_dim`). Default ``((0,), (0,))``. The engine moves these
         dims to 0 in the calls it gives the rule; a rule that re-runs the module moves them back."""
         return (0,), (0,)
+
+    def sample_dims(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: int
+    ) -> tuple[tuple[int | None, ...], tuple[int, ...]]:
+        """For one call with ``rows`` samples: the batch dim of each tensor input (flattened
+        ``(args, kwargs)``; ``None`` for a tensor shared by every sample) and of each tapped output.
+        By default from :meth:`batch_dims`: an input is per-sample when it has ``rows`` entries on
+        its declared batch dim. Rules whose modules take shared tensors of any size decide here
+        (by argument name, say), or check their choice as the generic rule does."""
+        in_dims, out_dims = self.batch_dims(module)
+        tensors = [x for x in tree_flatten((args, dict(kwargs)))[0] if isinstance(x, Tensor)]
+        dims: list[int | None] = []
+        for n, x in enumerate(tensors):
+            d = batch_dim(in_dims, n)
+            dims.append(d if x.ndim > d and x.shape[d] == rows else None)
+        return tuple(dims), tuple(out_dims)
+
+    def couples_batch(self, module: nn.Module) -> bool | None:
+        """Whether ``module`` mixes the samples of its batch right now (BatchNorm on batch
+        statistics): per-instance steps through it are refused. ``None`` (default): never."""
+        return None
+
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        """``(input feature dims, output feature dims)`` if every position of a call (each index
+        of the dims before the trailing feature dims, e.g. each token of ``[B, T, d]``) is computed
+        from that position of the input alone with the same parameters: then positions can be the
+        rows (per-token objectives). ``None`` (default) where positions interact."""
+        return None
 
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
@@ -121,14 +174,16 @@ def has_rows(x: object, rows: int) -> bool:
 def map_rows(
     call: Call, rows: int, fn: Callable[[Tensor], Tensor], output_grads: tuple[Tensor, ...]
 ) -> Call:
-    """``call`` with ``fn`` applied to every input that has ``rows`` rows (the per-sample ones),
-    and the given output gradients."""
+    """``call`` with ``fn`` applied to every per-sample input (and output), and the given output
+    gradients. (``rows``: the call's rows, kept for the signature.)"""
+    flags = iter(call.per_sample())
 
     def apply(x: Any) -> Any:
-        return fn(x) if has_rows(x, rows) else x
+        return fn(x) if isinstance(x, Tensor) and next(flags) else x
 
     args, kwargs = tree_map(apply, (call.args, dict(call.kwargs)))
-    return Call(args, kwargs, output_grads, call.output_positions)
+    outputs = tuple(fn(y) for y in call.outputs)
+    return replace(call, args=args, kwargs=kwargs, output_grads=output_grads, outputs=outputs)
 
 
 def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:

@@ -43,6 +43,9 @@ def _without_padding(ids: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
 class EmbeddingRule(GramianRule):
     """``nn.Embedding`` (padding_idx, repeated ids within and across samples)."""
 
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        return 0, 1
+
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:

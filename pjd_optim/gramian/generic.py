@@ -2,27 +2,37 @@
 
 For a call ``y = f(θ, x)`` with output gradients ``Gy`` (row ``i`` = ∂loss_i/∂y_i), the per-sample
 gradient is ``P[i] = vjp(θ ↦ f(θ, x_i), Gy_i)``, vmapped over samples; calls of the same module are
-summed. Exact for any module whose samples are independent along the batch dim, at the cost of
-re-running the module's forward (it must be deterministic: no active dropout inside).
+summed. Exact for any module whose samples are independent along the batch dim.
+
+The rule re-runs the module, so it checks that the re-run is the forward that happened: the
+per-sample outputs must equal the recorded ones. That catches an input taken for per-sample that
+is shared (a table whose first dim happens to equal the batch size: the rule then tries it as
+shared) and stale or changed state. Random operations (dropout in train mode) cannot be replayed
+with the forward's masks and are refused.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._registry import (
-    Call,
-    GramianRule,
-    batch_dim,
-    has_rows,
-    register_gramian_rule,
-    summed_over_calls,
-)
+from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
+
+# Relative agreement required between the re-run and the recorded outputs, by the outputs' dtype
+# (batched and per-sample kernels round differently; under autocast the forward ran in 16 bits).
+REPLAY_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+LOW_PRECISION_TOLERANCE = 5e-2
+
+
+class ReplayMismatch(ValueError):
+    """The re-run of a module per sample does not give the outputs its forward gave."""
 
 
 def per_sample_vjp(
@@ -30,24 +40,27 @@ def per_sample_vjp(
 ) -> dict[str, Tensor]:
     """``{name: P}``, ``P[i]`` the gradient of ``call``'s objective ``i`` w.r.t. ``params``.
 
-    Inputs with one row per objective (on dim 0, as the engine gives them) are vmapped; each
-    sample is put back at the batch dim the module expects (``rule.batch_dims``).
-    """
-    batch = call.output_grads[0].shape[0]
-    in_dims, out_dims = rule.batch_dims(module)
+    The per-sample inputs (``call.per_sample()``) are vmapped; each sample is put back at the
+    batch dim the module expects (``call.sample_dims``), and the outputs are checked against
+    ``call.outputs`` when recorded."""
     leaves, spec = tree_flatten((call.args, dict(call.kwargs)))
-    tensor_position = {
-        i: n for n, i in enumerate(i for i, x in enumerate(leaves) if isinstance(x, Tensor))
-    }
-    batched = [has_rows(x, batch) for x in leaves]
-    samples = [x for x, b in zip(leaves, batched, strict=True) if b]
+    flags = iter(call.per_sample())
+    dims = iter(call.sample_dims or ())
+    batched: list[int | None] = []  # per leaf: where the sample goes back (None: not vmapped)
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            dim = next(dims, 0)
+            batched.append((dim or 0) if next(flags) else None)
+        else:
+            batched.append(None)
+    samples = [x for x, d in zip(leaves, batched, strict=True) if d is not None]
+    out_dims = call.output_dims or (0,) * len(call.output_grads)
     values = {name: p.detach() for name, p in params.items()}
 
     def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
         it = iter(xs)
         filled = [
-            next(it).unsqueeze(batch_dim(in_dims, tensor_position[i])) if b else x
-            for i, (x, b) in enumerate(zip(leaves, batched, strict=True))
+            x if d is None else next(it).unsqueeze(d) for x, d in zip(leaves, batched, strict=True)
         ]
         args, kwargs = tree_unflatten(filled, spec)
 
@@ -55,32 +68,114 @@ def per_sample_vjp(
             out = tree_flatten(functional_call(module, theta, tuple(args), kwargs))[0]
             return tuple(out[k] for k in call.output_positions)
 
-        pullback = vjp(forward, theta)[1]
-        cotangents = tuple(
-            g.unsqueeze(batch_dim(out_dims, k))
-            for g, k in zip(gys, call.output_positions, strict=True)
-        )
-        return pullback(cotangents)[0]
+        outputs, pullback = vjp(forward, theta)[:2]
+        cotangents = tuple(g.unsqueeze(d) for g, d in zip(gys, out_dims, strict=True))
+        squeezed = tuple(y.squeeze(d) for y, d in zip(outputs, out_dims, strict=True))
+        return pullback(cotangents)[0], squeezed
 
-    grads: dict[str, Tensor] = vmap(one_sample, in_dims=(None, 0, 0), randomness="different")(
-        values, samples, call.output_grads
-    )
-    return grads
+    try:
+        grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
+            values, samples, call.output_grads
+        )
+    except RuntimeError as error:
+        if "random" in str(error):
+            raise ValueError(
+                f"{type(module).__name__} draws random numbers in its forward (dropout in train "
+                "mode?), so its per-sample gradients cannot be recomputed with this forward's "
+                "masks. Put it in eval mode or set its dropout to 0 while considered, consider "
+                "other modules, or pass gramian_mode='autograd'. Nothing was changed."
+            ) from error
+        raise ReplayMismatch(f"its re-run per sample failed ({error})") from error
+    for recorded, replayed in zip(call.outputs, outputs, strict=False):
+        _check_replay(recorded, replayed, call.precision or recorded.dtype)
+    result: dict[str, Tensor] = grads
+    return result
+
+
+def _check_replay(recorded: Tensor, replayed: Tensor, precision: torch.dtype) -> None:
+    if recorded.shape != replayed.shape:
+        raise ReplayMismatch(f"its re-run gave outputs {tuple(replayed.shape)}")
+    lowest = min(precision, recorded.dtype, key=lambda d: -torch.finfo(d).eps)
+    tolerance = REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
+    scale = recorded.abs().amax().double().clamp_min(1e-30)
+    error = (replayed.to(recorded.dtype) - recorded).abs().amax().double()
+    if not bool(error <= tolerance * scale):
+        raise ReplayMismatch("its re-run per sample does not reproduce its outputs")
+
+
+def shared_alternatives(call: Call) -> list[Call]:
+    """``call`` as given, then with every per-sample input but the first taken as shared (a
+    table or mask whose first dim happens to equal the batch size)."""
+    flags = call.per_sample()
+    if sum(flags) < 2:
+        return [call]
+    first = flags.index(True)
+    dims = call.sample_dims or tuple(0 if f else None for f in flags)
+    only_first = tuple(d if n == first else None for n, d in enumerate(dims))
+    return [call, replace(call, sample_dims=only_first)]
 
 
 @register_gramian_rule(nn.Module)
 class GenericRule(GramianRule):
     """Any module: per-sample gradients by vmapped ``torch.func.vjp``, summed over calls."""
 
+    needs_outputs = True
+
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
-        return summed_over_calls(calls, lambda call: per_sample_vjp(self, module, call, params))
+        return summed_over_calls(calls, lambda call: self._checked(module, call, params))
+
+    def _checked(
+        self, module: nn.Module, call: Call, params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        """The per-sample gradients of the first reading of ``call``'s inputs whose re-run
+        reproduces the forward; a clear error if none does."""
+        mismatch: ReplayMismatch | None = None
+        for candidate in shared_alternatives(call):
+            try:
+                return per_sample_vjp(self, module, candidate, params)
+            except ReplayMismatch as error:
+                mismatch = error
+        raise ValueError(
+            f"{type(module).__name__} cannot be re-run per sample: {mismatch}. Its per-sample "
+            "gradients need a forward whose samples are independent along the batch dim and "
+            "whose inputs are either per-sample or shared by all samples. Register a rule that "
+            "says which inputs are per-sample (GramianRule.sample_dims), consider other modules, "
+            "or pass gramian_mode='autograd'. Nothing was changed."
+        ) from mismatch
 
 
 @register_gramian_rule(nn.MultiheadAttention)
 class AttentionRule(GenericRule):
     """``MultiheadAttention`` uses ``out_proj``'s parameters without calling ``out_proj``, so the
-    rule covers the parameters of its sub-modules too."""
+    rule covers the parameters of its sub-modules too. The batch is on dim 1 of the query, key,
+    value and attention output unless ``batch_first``; ``key_padding_mask`` is per sample and
+    ``attn_mask`` shared (a per-sample ``[B·heads, L, S]`` mask is refused by the replay check)."""
 
     recursive = True
+
+    def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
+        batch = 0 if getattr(module, "batch_first", False) else 1
+        return (batch,), (batch, 0)
+
+    def sample_dims(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: int
+    ) -> tuple[tuple[int | None, ...], tuple[int, ...]]:
+        batch = 0 if getattr(module, "batch_first", False) else 1
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        names = dict(bound.arguments)
+        positional = list(bound.arguments)[: len(args)]
+        order = [*positional, *kwargs]  # the order of the flattened (args, kwargs)
+        dims: list[int | None] = []
+        for name in order:
+            value = names.get(name)
+            if not isinstance(value, Tensor):
+                continue
+            if name in ("query", "key", "value"):
+                dims.append(batch if value.ndim == 3 else None)
+            elif name == "key_padding_mask":
+                dims.append(0 if value.ndim == 2 else None)
+            else:
+                dims.append(None)
+        return tuple(dims), (batch, 0)

@@ -179,5 +179,8 @@ class GroupedLinearRule(GramianRule):
 class LinearRule(GroupedLinearRule):
     """``nn.Linear`` on inputs ``[B, *, d]``."""
 
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        return 1, 1
+
     def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         return linear_factors(calls)

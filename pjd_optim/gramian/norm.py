@@ -26,6 +26,13 @@ def couples_batch(module: nn.Module) -> bool:
     return False
 
 
+def _features(module: nn.Module) -> tuple[int, int]:
+    """Normalised (trailing) dims of a LayerNorm/RMSNorm: its positions are the dims before."""
+    shape = getattr(module, "normalized_shape", ())
+    count = 1 if isinstance(shape, int) else len(shape)
+    return count, count
+
+
 class AffineNormRule(GramianRule):
     """Subclasses give ``normalised(module, x) -> (x̂, channel_dims)``: ``x̂`` has the shape of
     ``x`` and ``channel_dims`` are the dims indexed by the affine parameters."""
@@ -63,6 +70,9 @@ def _trailing(x: Tensor, count: int) -> tuple[int, ...]:
 
 @register_gramian_rule(nn.LayerNorm, "timm.layers.norm.LayerNorm")
 class LayerNormRule(AffineNormRule):
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        return _features(module)
+
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.LayerNorm)
         shape = module.normalized_shape
@@ -71,6 +81,9 @@ class LayerNormRule(AffineNormRule):
 
 @register_gramian_rule(nn.RMSNorm)
 class RMSNormRule(AffineNormRule):
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        return _features(module)
+
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.RMSNorm)
         shape = module.normalized_shape
@@ -99,6 +112,9 @@ class BatchNormRule(AffineNormRule):
     """Running statistics (eval mode); or the batch's statistics when it normalises with them
     (train mode, ``track_running_stats=False``), where its affine gradients summed over the batch
     are still exact (task objectives; per-instance losses refuse such layers beforehand)."""
+
+    def couples_batch(self, module: nn.Module) -> bool | None:
+        return couples_batch(module)
 
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)

@@ -1,0 +1,223 @@
+"""Which loss each row of a considered call feeds: random tags, their check, and the placement.
+
+The collection pass (cotangent 1 on every loss) gives each considered call its output gradients
+``g_r = Σ_i ∂ℓ_i/∂y_r`` per row ``r``. The rules need ``∂ℓ_σ(r)/∂y_r`` for the one loss ``σ(r)``
+row ``r`` feeds, so ``σ`` must be known, never assumed. A *tagged* pass (cotangent ``τ_i`` on loss
+``i``) gives ``h_r = Σ_i τ_i ∂ℓ_i/∂y_r``. Row ``r`` feeds the single loss ``k`` iff
+``h_r = τ_k g_r`` on every entry; the ratio ``c_r = ⟨h_r, g_r⟩ / ⟨g_r, g_r⟩`` names ``k``.
+
+Tags are ``τ_i = 2^(−s·π(i))`` for a fresh random permutation ``π`` at every step: neighbouring
+ranks differ by the factor ``2^s``, wide enough (``≥ 1 + 4δ``) for the precision ``δ`` of a ratio
+in the dtype the backward ran in, and the tags span at least a factor ``2^MIN_SPREAD``, so that a
+row mixing losses (a weighted mean of their tags) lands between tags. Where ``m`` tags that far
+apart would span more than the dtype allows (``MAX_SPREAD``, e.g. beyond ~450 losses under
+bfloat16), the check can still confirm an expected map (the identity) but not name another one.
+
+Rows whose gradients are negligible in both passes (below ``δ·NEGLIGIBLE`` of the call's largest)
+feed no loss (``σ = −1``); rows that feed several losses, or whose loss cannot be told, get
+``σ = −2`` and the step is refused (or takes a slower exact path).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .gramian import Call, map_rows
+
+# dtype -> (relative precision of a ratio of two gradients, widest log2 spread of the tags).
+# Precision: measured ratios were within 5e-3 (bfloat16), 6e-4 (float16) of their tag through
+# chains of autocast layers; doubled or more. Spread: tags scale gradients down by up to 2^spread
+# in the tagged pass only; float16 (GradScaler's range) keeps them within 2^8.
+PRECISION: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 60.0),
+    torch.float32: (2e-5, 40.0),
+    torch.bfloat16: (1.6e-2, 40.0),
+    torch.float16: (2e-3, 8.0),
+}
+MIN_SPREAD = 4.0
+NEGLIGIBLE = 1e-3
+UNKNOWN = -2  # σ of a row that feeds several losses, or whose loss cannot be told
+
+
+@dataclass(frozen=True)
+class Tags:
+    """One draw of tags over ``m`` losses (see the module docstring)."""
+
+    values: Tensor  # [m], the tagged pass's cotangent (the losses' dtype)
+    exact: Tensor  # [m], the same values in float64
+    loss_of_rank: Tensor  # [m], the loss whose tag has rank k
+    spacing: float
+    delta: float
+    identifies: bool
+    dtype: torch.dtype
+
+    @property
+    def m(self) -> int:
+        return self.values.shape[0]
+
+
+def precision_of(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The floating dtype of least precision among ``dtypes`` (float32 if none is known)."""
+    known = [d for d in dtypes if d in PRECISION]
+    return max(known, key=lambda d: PRECISION[d][0], default=torch.float32)
+
+
+class TagSource:
+    """Draws tags from a private generator (the global random state is left alone)."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def draw(self, m: int, losses: Tensor, precision: torch.dtype) -> Tags:
+        delta, max_spread = PRECISION[precision]
+        needed = math.log2(1 + 4 * delta) * max(m - 1, 1)
+        spread = min(max(MIN_SPREAD, needed), max_spread)
+        spacing = spread / max(m - 1, 1)
+        rank = torch.randperm(m, generator=self.generator)
+        values = torch.exp2(-spacing * rank.double()).to(losses.dtype)
+        return Tags(
+            values=values.to(losses.device),
+            exact=values.double().to(losses.device),
+            loss_of_rank=torch.argsort(rank).to(losses.device),
+            spacing=spacing,
+            delta=delta,
+            identifies=needed <= max_spread,
+            dtype=precision,
+        )
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """Per row: the ratio ``c`` of the tagged to the plain gradient, whether ``h = c·g`` holds on
+    every entry (``clean``), and whether the row is negligible in both passes."""
+
+    c: Tensor
+    clean: Tensor
+    negligible: Tensor
+
+
+def ratios(g: Tensor, h: Tensor, delta: float) -> Ratios:
+    """:class:`Ratios` of the rows of ``g`` and ``h`` ``[R, n]`` (computed in float32 or wider)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    g, h = g.to(dtype), h.to(dtype)
+    c = (g * h).sum(dim=1) / (g * g).sum(dim=1)
+    size, tagged = g.abs().amax(dim=1), h.abs().amax(dim=1)
+    residual = (h - c.unsqueeze(1) * g).abs().amax(dim=1)
+    clean = residual <= 4 * delta * c.abs() * size
+    largest = torch.maximum(size, tagged).amax() if size.numel() else size.new_zeros(())
+    negligible = torch.maximum(size, tagged) <= NEGLIGIBLE * delta * largest
+    return Ratios(c, clean, negligible)
+
+
+def matches(r: Ratios, tags: Tags, expected: Tensor) -> Tensor:
+    """Whether each row feeds the loss ``expected[row]`` alone (or nothing)."""
+    tau = tags.exact[expected].to(r.c.dtype)
+    return r.negligible | (r.clean & ((r.c / tau - 1).abs() <= tags.delta))
+
+
+def identify(r: Ratios, tags: Tags, expected: Tensor | None = None) -> Tensor:
+    """``σ`` per row: the loss it alone feeds, −1 for none, :data:`UNKNOWN` otherwise. Rows that
+    match ``expected`` keep it; others are named from their ratio where the tags allow."""
+    m = tags.m
+    rank = torch.nan_to_num(-torch.log2(r.c) / tags.spacing, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    rank = torch.round(rank)
+    in_range = (rank >= 0) & (rank < m)
+    loss = tags.loss_of_rank[rank.clamp(0, m - 1).long()]
+    named = in_range & r.clean & ((r.c / tags.exact[loss].to(r.c.dtype) - 1).abs() <= tags.delta)
+    if not tags.identifies:
+        named = torch.zeros_like(named)
+    sigma = torch.where(named, loss, UNKNOWN)
+    if expected is not None:
+        sigma = torch.where(matches(r, tags, expected), expected, sigma)
+    return torch.where(r.negligible, -1, sigma)
+
+
+def flat_rows(grads: tuple[Tensor, ...], rows: int) -> Tensor:
+    """The output gradients of a call as ``[rows, n]`` (all outputs side by side)."""
+    parts = [g.reshape(rows, -1) for g in grads]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def per_row(sigma_fine: Tensor, rows: int) -> Tensor:
+    """``σ`` of each row from that of its positions ``[rows·T]``: the one loss its positions feed
+    (−1 if none), :data:`UNKNOWN` if they feed several or any is unknown."""
+    fine = sigma_fine.view(rows, -1)
+    largest = fine.amax(dim=1)
+    smallest = torch.where(fine >= 0, fine, torch.iinfo(fine.dtype).max).amin(dim=1)
+    unknown = (fine == UNKNOWN).any(dim=1) | ((largest >= 0) & (smallest != largest))
+    return torch.where(unknown, UNKNOWN, largest)
+
+
+def multiplicity(sigma: Tensor, m: int) -> Tensor:
+    """The largest number of rows feeding one loss (0-d tensor)."""
+    valid = sigma >= 0
+    counts = torch.zeros(m + 1, dtype=torch.long, device=sigma.device)
+    counts.index_add_(0, torch.where(valid, sigma, m), valid.long())
+    return counts[:m].amax() if m else counts.amax()
+
+
+def slots(sigma: Tensor, m: int, splits: int) -> Tensor:
+    """``[m, splits]``: the rows feeding each loss (their order kept), −1 where fewer."""
+    rows = sigma.shape[0]
+    key = torch.where(sigma >= 0, sigma, m)
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    position = torch.arange(rows, device=sigma.device)
+    starts = torch.ones_like(sorted_key, dtype=torch.bool)
+    starts[1:] = sorted_key[1:] != sorted_key[:-1]
+    first = torch.cummax(torch.where(starts, position, 0), dim=0).values
+    occurrence = position - first
+    table = torch.full(((m + 1) * splits + 1,), -1, dtype=torch.long, device=sigma.device)
+    keep = (sorted_key < m) & (occurrence < splits)
+    index = torch.where(keep, sorted_key * splits + occurrence, (m + 1) * splits)
+    table[index] = torch.where(keep, order, -1)
+    return table[: m * splits].view(m, splits)
+
+
+def place(call: Call, sigma: Tensor, m: int, splits: int, positions: bool) -> list[Call]:
+    """``call`` re-indexed by loss: ``m`` rows, row ``i`` holding the rows that feed loss ``i``
+    (rows feeding none are dropped). Several rows per loss (``splits``): as positions of one call
+    (``positions``: a position-wise call) or as that many calls (a rule sums over calls). Empty
+    slots repeat a real row with a zero output gradient, so they contribute nothing."""
+    table = slots(sigma, m, splits)
+    source = table.clamp_min(0)
+    live = table >= 0
+
+    def gather(x: Tensor, index: Tensor) -> Tensor:
+        return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+    def grads(index: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        out = []
+        for g in call.output_grads:
+            picked = gather(g, index)
+            out.append(picked * mask.view(*mask.shape, *([1] * (g.ndim - 1))).to(g.dtype))
+        return tuple(out)
+
+    rows = call.rows
+    if positions:
+        return [map_rows(call, rows, lambda x: gather(x, source), grads(source, live))]
+    placed = []
+    for k in range(splits):
+        index = source[:, k]
+        pick = lambda x, index=index: gather(x, index)  # noqa: E731
+        placed.append(map_rows(call, rows, pick, grads(index, live[:, k])))
+    return placed
+
+
+def as_positions(call: Call, features: tuple[int, int]) -> Call:
+    """A position-wise call with its positions as rows: each per-sample input ``[B, *P, *f_in]``
+    as ``[B·ΠP, *f_in]``, each output gradient (and output) ``[B, *P, *f_out]`` likewise."""
+    f_in, f_out = features
+
+    def split(x: Tensor, trailing: int) -> Tensor:
+        return x.reshape(-1, *x.shape[x.ndim - trailing :]) if trailing else x.reshape(-1)
+
+    grads = tuple(split(g, f_out) for g in call.output_grads)
+    moved = map_rows(call, call.rows, lambda x: split(x, f_in), grads)
+    outputs = tuple(split(y, f_out) for y in call.outputs)
+    return replace(moved, outputs=outputs)
