@@ -168,6 +168,7 @@ class HookedGramian(GramianSource):
         if not is_finite(torch.cat(grads), losses):
             return [], torch.full((m, m), torch.nan, device=losses.device), False
         if gathered:
+            _maps.named(collected, None)  # a refusal names what mixes the rows, if anything does
             raise ValueError(
                 "distributed='global' needs the losses in the order of the batch rows of every "
                 "considered call (row i feeding loss i); use distributed='local' for others."

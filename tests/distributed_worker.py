@@ -59,7 +59,7 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         torch.optim.SGD(ddp.parameters(), lr=0.1),
         ddp,
         considered=[model[2], model[4]],
-        distributed="global" if mode == "global" else "local",
+        distributed="global" if mode.endswith("global") else "local",
     )
     x, y = batch(rank)
     if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
@@ -69,8 +69,18 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         with ddp.no_sync():
             x2, y2 = batch(rank + WORLD_OFFSET)
             optimizer.backward(losses_of(ddp, x2, y2))
+    losses = losses_of(ddp, x, y)
+    if mode.startswith("refuse"):  # rank 0's losses mix its batch: every rank must refuse
+        if rank == 0:
+            losses = losses + losses.mean()
+        try:
+            optimizer.backward(losses)
+        except ValueError as error:
+            Path(out_dir, f"refused{rank}.txt").write_text(str(error))
+            assert all(p.grad is None for p in model.parameters())
+        return True
     try:
-        weights = optimizer.backward(losses_of(ddp, x, y))
+        weights = optimizer.backward(losses)
     except RuntimeError as error:  # the collective timed out on the surviving rank
         Path(out_dir, f"error{rank}.txt").write_text(str(error))
         return False

@@ -127,3 +127,13 @@ def test_ddp_example_runs_under_torchrun() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("received 1216 bytes") == 2
+
+
+@pytest.mark.parametrize("mode", ["refuse_local", "refuse_global"])
+def test_a_step_one_rank_refuses_is_refused_on_every_rank(mode: str, tmp_path: Path) -> None:
+    """Rank 0's losses mix its batch (a batch mean added): it refuses, and so does rank 1, whose
+    losses are fine, before any collective of the step (no rank waits for the other)."""
+    spawn(mode, tmp_path)
+    own = (tmp_path / "refused0.txt").read_text()
+    assert "feed several losses" in own and "task losses" in own
+    assert "Another rank refused" in (tmp_path / "refused1.txt").read_text()

@@ -1,0 +1,269 @@
+"""The row → loss map: however the losses are written, the step is exact or refused, never wrong.
+
+Every case computes the losses twice from the same weights (ours, and a deep copy's for the
+per-loss oracle); exact cases compare the Gramian and ``.grad`` with the oracle, refused ones check
+the error and that nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    assert_unchanged,
+    oracle_grads,
+    oracle_gramian,
+    relative_error,
+    snapshot,
+    trainable,
+)
+from torch import Tensor, nn
+from torch.optim import SGD
+
+from pjd_optim import Mean, PartialJDOptimizer
+
+Losses = Callable[[nn.Module, Tensor], Tensor]
+B, T, D = 6, 4, 5
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(D, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def targets(shape: tuple[int, ...], seed: int = 1) -> Tensor:
+    return 3 * torch.randn(
+        shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+
+
+def squared(out: Tensor) -> Tensor:
+    """Per-row squared error to fixed targets (``[R, ...]`` -> ``[R]``)."""
+    return (out - targets(tuple(out.shape))).pow(2).flatten(start_dim=1).mean(dim=1)
+
+
+PERM = torch.randperm(B, generator=torch.Generator().manual_seed(3))
+X = torch.randn(B, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+X_SEQ = torch.randn(B, T, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
+def per_token(out: Tensor) -> Tensor:
+    """``[B, T, c]`` outputs -> ``[B, T]`` per-token losses."""
+    return (out - targets(tuple(out.shape))).pow(2).mean(dim=-1)
+
+
+EXACT: dict[str, tuple[Tensor, Losses]] = {
+    "identity": (X, lambda m, x: squared(m(x))),
+    "permuted": (X, lambda m, x: squared(m(x))[PERM]),
+    "sorted": (X, lambda m, x: squared(m(x)).sort().values),
+    "top_k": (X, lambda m, x: squared(m(x)).topk(3).values),
+    "subset": (X, lambda m, x: squared(m(x))[:4]),
+    "repeated_input": (X, lambda m, x: squared(m(x.repeat(2, 1)))),
+    "rolled_outputs": (X, lambda m, x: squared(m(x).roll(1, 0))),
+    "rolled_losses": (X, lambda m, x: squared(m(x)).roll(2, 0)),
+    "two_forwards": (X, lambda m, x: torch.cat([squared(m(x[:2])), squared(m(x[2:]))])),
+    "two_forwards_swapped": (X, lambda m, x: torch.cat([squared(m(x[3:])), squared(m(x[:3]))])),
+    "pairs_summed": (X, lambda m, x: squared(m(x)).view(3, 2).sum(dim=1)),
+    "tokens_b_t": (X_SEQ, lambda m, x: per_token(m(x))),
+    "tokens_flat": (X_SEQ, lambda m, x: per_token(m(x)).flatten()),
+    "tokens_transposed": (X_SEQ, lambda m, x: per_token(m(x)).T),
+    "tokens_sorted": (X_SEQ, lambda m, x: per_token(m(x)).flatten().sort().values),
+    "tokens_shifted": (X_SEQ, lambda m, x: per_token(m(x)[:, :-1]).flatten()),
+    "per_sequence_mean": (X_SEQ, lambda m, x: per_token(m(x)).mean(dim=1)),
+    "half_sequences": (X_SEQ, lambda m, x: per_token(m(x)).view(B, 2, T // 2).mean(dim=2)),
+}
+
+
+def step_errors(
+    model: nn.Module, considered: list[nn.Module], x: Tensor, losses: Losses
+) -> dict[str, float]:
+    """Our backward against the per-loss oracle (the Gramian with ``Mean``, which any Gramian
+    error reaches; ``.grad`` with the weights used)."""
+    reference = copy.deepcopy(model)
+    optimizer = PartialJDOptimizer(
+        SGD(trainable(model), lr=0.1), model, considered=considered, weighting=Mean()
+    )
+    weights = optimizer.backward(losses(model, x))
+    assert optimizer.last_step is not None
+    names = {id(p) for c in considered for p in c.parameters()}
+    ref_considered = [
+        q for (_, p), q in zip(model.named_parameters(), reference.parameters()) if id(p) in names
+    ]
+    expected_losses = losses(reference, x)
+    gramian = oracle_gramian(expected_losses, ref_considered)
+    expected = oracle_grads(expected_losses, trainable(reference), weights)
+    actual = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable(model)]
+    return {
+        "gramian": relative_error(optimizer.last_step.gramian, gramian),
+        "grads": max(relative_error(a, e) for a, e in zip(actual, expected, strict=True)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_one_to_one_and_per_token_maps_are_exact(name: str) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    x, losses = EXACT[name]
+    errors = step_errors(model, [model[0], model[2]], x, losses)
+    assert max(errors.values()) < 1e-10, errors
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_the_last_layer_alone_is_exact_too(name: str) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    x, losses = EXACT[name]
+    errors = step_errors(model, [model[2]], x, losses)
+    assert max(errors.values()) < 1e-10, errors
+
+
+def mixup(out: Tensor) -> Tensor:
+    return 0.7 * out + 0.3 * out[PERM]
+
+
+REFUSED: dict[str, tuple[Tensor, Losses]] = {
+    "duplicated_losses": (X, lambda m, x: squared(m(x))[torch.tensor([2, 2, 0, 5])]),
+    "plus_batch_mean": (X, lambda m, x: (lambda s: s + s.mean())(squared(m(x)))),
+    "mixup_of_outputs": (X, lambda m, x: squared(mixup(m(x)))),
+    "centred_outputs": (X, lambda m, x: squared(m(x) - m(x).mean(dim=0))),
+    "softmax_over_batch": (X, lambda m, x: -torch.log_softmax(squared(m(x)), dim=0)),
+    "tokens_mixed_across_sequences": (
+        X_SEQ,
+        lambda m, x: (lambda o: per_token(o.roll(1, 0) + o))(m(x)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_losses_that_mix_rows_are_refused_before_anything_changes(name: str) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    x, losses = REFUSED[name]
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model[2]])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"feed several losses.*\[B, T\].*task losses.*autograd"):
+        optimizer.step(losses(model, x))
+    assert_unchanged(before, snapshot(model, optimizer))
+
+
+# -- per-token losses after layers that mix positions ------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """Embedding, one causal attention block, a final norm and an untied head."""
+
+    def __init__(self, vocab: int = 11, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.block = nn.TransformerEncoderLayer(width, 2, 16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=torch.float64)
+        out: Tensor = self.head(
+            self.norm(self.block(self.embed(ids), src_mask=mask, is_causal=True))
+        )
+        return out
+
+
+IDS = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(5))
+LABELS = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(6))
+LABELS[0, 1] = -100
+
+
+def lm_losses(m: nn.Module, ids: Tensor) -> Tensor:
+    logits = m(ids)
+    flat = F.cross_entropy(logits.flatten(0, 1), LABELS.flatten(), reduction="none")
+    return flat
+
+
+@pytest.mark.parametrize("part", ["head", "norm", "embed", "block"])
+@pytest.mark.parametrize("layout", ["flat", "b_t"])
+def test_per_token_language_model_losses_are_exact_or_refused(part: str, layout: str) -> None:
+    """Per-token losses: position-wise parts (head, final norm) are exact with positions as rows
+    in either layout; parts whose rows feed later tokens (the block, the bottom embedding) are
+    exact as ``[B, T]`` losses (one pass per position) and refused as flat ``[B·T]`` ones."""
+    torch.manual_seed(0)
+    model = TinyLM().double().train()
+    considered = [getattr(model, part)]
+
+    def losses(m: nn.Module, ids: Tensor) -> Tensor:
+        flat = lm_losses(m, ids)
+        return flat if layout == "flat" else flat.view(ids.shape)
+
+    if layout == "flat" and part in ("block", "embed"):
+        optimizer = PartialJDOptimizer(
+            SGD(model.parameters(), lr=0.1), model, considered=considered
+        )
+        before = snapshot(model, optimizer)
+        with pytest.raises(ValueError, match=r"feed several losses.*losses.view\(B, T\)"):
+            optimizer.backward(losses(model, IDS))
+        assert_unchanged(before, snapshot(model, optimizer))
+        return
+    errors = step_errors(model, considered, IDS, losses)
+    assert max(errors.values()) < 1e-10, errors
+
+
+# -- random compositions of batch operations -----------------------------------------------------
+
+Op = Callable[[Tensor], Tensor]
+
+
+def random_ops(seed: int) -> tuple[list[str], list[Op]]:
+    """A random composition of batch operations on ``[R, ...]`` rows (the model's output)."""
+    rng = random.Random(seed)
+    names: list[str] = []
+    ops: list[Op] = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["permute", "roll", "index", "repeat", "pairs", "mix", "mixup", "scale"])
+        shift = rng.randint(1, 3)
+        names.append(kind)
+        if kind == "permute":
+            ops.append(
+                lambda z, s=seed: z[
+                    torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(s))
+                ]
+            )
+        elif kind == "roll":
+            ops.append(lambda z, k=shift: z.roll(k, 0))
+        elif kind == "index":
+            ops.append(lambda z, k=shift: z[torch.arange(z.shape[0]) // k % z.shape[0]])
+        elif kind == "repeat":
+            ops.append(lambda z: z.repeat(2, *([1] * (z.ndim - 1))))
+        elif kind == "pairs":
+            ops.append(lambda z: z if len(z) < 2 else z[: len(z) // 2 * 2].reshape(len(z) // 2, -1))
+        elif kind == "mix":
+            ops.append(lambda z: z + z.mean(dim=0))
+        elif kind == "mixup":
+            ops.append(lambda z, k=shift: 0.6 * z + 0.4 * z.roll(k, 0))
+        else:
+            ops.append(lambda z, k=shift: z * k)
+    return names, ops
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_compositions_of_batch_operations_are_exact_or_refused(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = mlp()
+    names, ops = random_ops(seed)
+
+    def losses(m: nn.Module, x: Tensor) -> Tensor:
+        z = m(x)
+        for op in ops:
+            z = op(z)
+        return squared(z)
+
+    # Refusal is allowed where rows mix, or where one output row feeds several losses (copies).
+    mixes = any(n in ("mix", "mixup", "index", "repeat") for n in names)
+    try:
+        errors = step_errors(model, [model[0], model[2]], X, losses)
+    except ValueError as error:
+        assert mixes, (names, error)  # only a composition that mixes rows may be refused
+        assert "feed several losses" in str(error)
+        return
+    assert max(errors.values()) < 1e-10, (names, errors)
