@@ -14,6 +14,7 @@ parameters) comes from. The optimizer holds one of them, chosen at construction:
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -39,7 +40,11 @@ class GramianSource:
 
     ``resume_point`` returns where the weighted backward can resume (``None``: the optimizer runs
     ``losses.backward(w)``); ``weighted_backward`` is only called with such a point.
+    ``check_seconds``: host time the last :meth:`gramian` spent checking which loss each row
+    feeds (the tagged pass and the checks).
     """
+
+    check_seconds: float = 0.0
 
     def resume_point(self, losses: Tensor) -> Resume | None:
         return None
@@ -155,7 +160,9 @@ class HookedGramian(GramianSource):
         """The verified records, their Gramian (``None`` when ``gathered``) and finiteness."""
         collected = self.collect(losses, resume)
         m = collected.m
+        start = time.perf_counter()
         fast = _maps.expected(collected)
+        self.check_seconds += time.perf_counter() - start
         if fast is not None:
             records, verified = fast
             gramian = self._sum(records, m)
@@ -176,10 +183,18 @@ class HookedGramian(GramianSource):
         per_column = None
         if losses.ndim > 1 and resume is None:
             per_column = lambda reached: self._per_column(collected)  # noqa: E731
-        records = _maps.named(collected, per_column)
+        start = time.perf_counter()
+        records, rows = _maps.named(collected, per_column)
+        self.check_seconds += time.perf_counter() - start
         if resume is not None:
             resume.records = records
-            resume.rows = _maps.boundary_rows(collected)
+            if not resume.skips:
+                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
+            else:
+                try:
+                    resume.rows = _maps.boundary_rows(collected)
+                except ValueError:  # the graph was kept: the optimizer runs losses.backward(w)
+                    resume.usable = False
         gramian = self._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
 
@@ -192,8 +207,14 @@ class HookedGramian(GramianSource):
         dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
         tags = self.tags.draw(m, flat, precision_of(dtypes))
         inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-        tagged, tagged_boundary = self._pass(flat, tags.values, inputs, retain=True)
-        plain, plain_boundary = self._pass(flat, torch.ones_like(flat), inputs, resume is None)
+        # The boundary's rows are checked where they also reach the losses other than through the
+        # considered calls; elsewhere they feed what the rows of the calls they enter feed.
+        checked = inputs if resume is not None and resume.skips else inputs[:1]
+        start = time.perf_counter()
+        tagged, tagged_boundary = self._pass(flat, tags.values, checked, retain=True)
+        self.check_seconds = time.perf_counter() - start
+        keep = resume is None or resume.skips  # (a skip may still make resuming inexact)
+        plain, plain_boundary = self._pass(flat, torch.ones_like(flat), inputs, keep)
         if not plain:
             raise self._not_connected()
         if resume is not None:
@@ -210,7 +231,7 @@ class HookedGramian(GramianSource):
             moved_tagged = moved(other, record.output_dims)
             name = self._name(call.module)
             reached.append(_maps.Reached(call.module, record, moved_tagged, name, call))
-        boundary = list(zip(plain_boundary, tagged_boundary, strict=True))
+        boundary = list(zip(plain_boundary, tagged_boundary, strict=False))
         return _maps.Collected(flat, losses.shape, tags, reached, boundary)
 
     def _pass(

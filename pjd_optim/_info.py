@@ -27,6 +27,7 @@ class StepInfo:
     weighting_seconds: float = 0.0
     received_bytes: int = 0
     resumed: bool = False
+    check_seconds: float = 0.0
 
     @property
     def cosines(self) -> Tensor:

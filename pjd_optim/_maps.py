@@ -105,15 +105,12 @@ def expected(collected: Collected) -> tuple[list[Record], Tensor] | None:
         else:
             return None
         call, g, h = rows_of(reached, positions)
-        identity = torch.arange(m, device=g.device)
-        checks.append(rowmap.matches(rowmap.ratios(g, h, tags.delta), tags, identity).all())
+        checks.append(rowmap.in_order(g, h, tags))
         records.append((reached.module, call))
     for plain, tagged in collected.boundary:
         if plain.ndim == 0 or plain.shape[0] != m:
             return None
-        identity = torch.arange(m, device=plain.device)
-        r = rowmap.ratios(plain.reshape(m, -1), tagged.reshape(m, -1), tags.delta)
-        checks.append(rowmap.matches(r, tags, identity).all())
+        checks.append(rowmap.in_order(plain.reshape(m, -1), tagged.reshape(m, -1), tags))
     flag = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
     return records, flag
 
@@ -121,9 +118,12 @@ def expected(collected: Collected) -> tuple[list[Record], Tensor] | None:
 PerColumn = Callable[[list[Reached]], list[Record]]
 
 
-def named(collected: Collected, per_column: PerColumn | None) -> list[Record]:
-    """The records re-indexed by the loss each row feeds, read from the tags; the per-column path
-    (if given) for calls whose rows feed several losses; else a clear refusal."""
+def named(
+    collected: Collected, per_column: PerColumn | None
+) -> tuple[list[Record], dict[int, Tensor]]:
+    """The records re-indexed by the loss each row feeds, read from the tags, and ``σ`` of each
+    reached call's rows (by ``id``); the per-column path (if given) for calls whose rows feed
+    several losses; else a clear refusal."""
     m, tags = collected.m, collected.tags
     choices = []
     summary: list[Tensor] = []
@@ -161,8 +161,29 @@ def named(collected: Collected, per_column: PerColumn | None) -> list[Record]:
     if failed:
         if per_column is None:
             raise refusal(failed[0][0], failed[0][1], collected)
-        return per_column(collected.reached)
-    return records
+        return per_column(collected.reached), {}
+    return records, {
+        id(r): sigma for r, (_, sigma, _) in zip(collected.reached, choices, strict=True)
+    }
+
+
+def rows_of_inputs(
+    boundary: list[Tensor], collected: Collected, sigmas: dict[int, Tensor]
+) -> list[Tensor]:
+    """``σ`` of each boundary tensor's rows, from the calls it enters (it reaches the losses only
+    through them, with its rows as theirs); a clear error where those calls disagree."""
+    out = []
+    for tensor in boundary:
+        users = [
+            sigmas[id(r)]
+            for r in collected.reached
+            if any(t is tensor for t in r.source.sources) and id(r) in sigmas
+        ]
+        sigma = users[0] if users else torch.full((tensor.shape[0],), -1, device=tensor.device)
+        for other in users[1:]:
+            sigma = torch.where(sigma == other, sigma, rowmap.UNKNOWN)
+        out.append(sigma)
+    return single_losses(out)
 
 
 def boundary_rows(collected: Collected) -> list[Tensor]:
@@ -174,13 +195,18 @@ def boundary_rows(collected: Collected) -> list[Tensor]:
         guess = torch.arange(m, device=plain.device) if rows == m else None
         r = rowmap.ratios(plain.reshape(rows, -1), tagged.reshape(rows, -1), tags.delta)
         out.append(rowmap.identify(r, tags, guess))
-    if out and int(torch.stack([s.min() for s in out]).min()) < -1:
+    return single_losses(out)
+
+
+def single_losses(sigmas: list[Tensor]) -> list[Tensor]:
+    """``sigmas``, or a clear error if some boundary row feeds several losses."""
+    if sigmas and int(torch.stack([s.min() for s in sigmas]).min()) < -1:
         raise ValueError(
             "A tensor entering the considered layers feeds several losses from one row, so the "
             "step cannot resume its backward there. Compute the losses per sample, or pass "
             "gramian_mode='autograd'."
         )
-    return out
+    return sigmas
 
 
 def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:

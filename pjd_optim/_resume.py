@@ -54,6 +54,8 @@ class Resume:
     grads: tuple[Tensor, ...] = field(default=())
     records: list[tuple[nn.Module, Any]] = field(default_factory=list)
     rows: list[Tensor] | None = None  # the loss each boundary row feeds (None: row i, loss i)
+    skips: bool = False  # a boundary tensor reaches the losses other than through a tap
+    usable: bool = True  # False once the check found a boundary row feeding several losses
 
 
 def find(
@@ -76,17 +78,23 @@ def find(
     reached: dict[Node, set[int]] = {losses.grad_fn: {losses.output_nr}}
     heap: list[tuple[int, int, Node]] = [(-losses.grad_fn._sequence_nr(), 0, losses.grad_fn)]
     boundary: dict[tuple[Node, int], Tensor] = {}
+    outside = {losses.grad_fn}  # nodes reached from the losses without crossing a tap
+    skips = False
     while heap:  # latest-created node first: all edges into a node are known when it is popped
         _, _, node = heapq.heappop(heap)
         edges = [(node, nr) for nr in reached[node]]
         seq = node._sequence_nr()
         if seq < first_tap and all(edge in candidates for edge in edges):
             boundary.update((edge, candidates[edge]) for edge in edges)
+            skips = skips or node in outside
             continue
         children = node.next_functions
+        ours = is_tap(node) and node.hooks is hooks
+        if node in outside and not ours:
+            outside.update(child for child, _ in children if child is not None)
         if is_tap(node):
             children = children[1:]  # the first edge goes to the tap's anchor
-            if node.hooks is hooks:
+            if ours:
                 call: ModuleCall = node.call
                 if not _bookkept(call, batch):
                     return None
@@ -111,7 +119,7 @@ def find(
         return None
     if not _independent({node for node, _ in boundary}):
         return None
-    return Resume(tensors)
+    return Resume(tensors, skips=skips)
 
 
 def _bookkept(call: ModuleCall, batch: int) -> bool:

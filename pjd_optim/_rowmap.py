@@ -105,13 +105,28 @@ def ratios(g: Tensor, h: Tensor, delta: float) -> Ratios:
     """:class:`Ratios` of the rows of ``g`` and ``h`` ``[R, n]`` (computed in float32 or wider)."""
     dtype = torch.promote_types(g.dtype, torch.float32)
     g, h = g.to(dtype), h.to(dtype)
-    c = (g * h).sum(dim=1) / (g * g).sum(dim=1)
+    c = torch.linalg.vecdot(g, h) / torch.linalg.vecdot(g, g)
     size, tagged = g.abs().amax(dim=1), h.abs().amax(dim=1)
-    residual = (h - c.unsqueeze(1) * g).abs().amax(dim=1)
+    residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
     clean = residual <= 4 * delta * c.abs() * size
-    largest = torch.maximum(size, tagged).amax() if size.numel() else size.new_zeros(())
-    negligible = torch.maximum(size, tagged) <= NEGLIGIBLE * delta * largest
-    return Ratios(c, clean, negligible)
+    larger = torch.maximum(size, tagged)
+    largest = larger.amax() if larger.numel() else larger.new_zeros(())
+    return Ratios(c, clean, larger <= NEGLIGIBLE * delta * largest)
+
+
+def in_order(g: Tensor, h: Tensor, tags: Tags) -> Tensor:
+    """Whether row ``i`` of ``g``, ``h`` ``[m, n]`` feeds loss ``i`` alone, or is zero, for every
+    row (a 0-d tensor): :func:`matches` on the identity, in fewer operations (the common case)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    g, h = g.to(dtype), h.to(dtype)
+    gg = torch.linalg.vecdot(g, g)
+    c = torch.linalg.vecdot(g, h) / gg
+    residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
+    tau = tags.exact.to(dtype)
+    delta = tags.delta
+    fed = (residual <= 4 * delta * c.abs() * g.abs().amax(dim=1)) & ((c - tau).abs() <= delta * tau)
+    zero = (gg == 0) & (h.abs().amax(dim=1) == 0)
+    return (fed | zero).all()
 
 
 def matches(r: Ratios, tags: Tags, expected: Tensor) -> Tensor:

@@ -214,13 +214,15 @@ class PartialJDOptimizer(WrappedOptimizer):
         weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
         applied = (weights * size).to(flat.dtype)  # DDP averages the ranks' gradients
         with RestoreGradsOnError(self._trainable()):
-            if resume is not None:
+            if resume is not None and resume.usable:
                 status.source.weighted_backward(resume, applied)
             else:
                 torch.autograd.backward(flat, applied)
         received = 0 if gather is None else gather.received_bytes
         info = StepInfo(gramian.detach(), all_weights, middle - start, end - middle, received)
-        self._record(replace(info, resumed=resume is not None))
+        check = status.source.check_seconds
+        resumed = resume is not None and resume.usable
+        self._record(replace(info, resumed=resumed, check_seconds=check))
         return weights
 
     def _task_backward(self, losses: Sequence[Tensor], stop_on_nonfinite: bool) -> Tensor | None:

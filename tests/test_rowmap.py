@@ -263,3 +263,33 @@ def test_random_compositions_of_batch_operations_are_exact_or_refused(seed: int)
         assert "feed several losses" in str(error)
         return
     assert max(errors.values()) < 1e-10, (names, errors)
+
+
+class Skip(nn.Module):
+    """The considered head's input also reaches the losses directly, rolled by one row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(D, 7), nn.Linear(7, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return squared(self.head(h)) + h.roll(self.shift, 0).pow(2).mean(dim=1)
+
+    shift = 0
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_boundary_that_reaches_the_losses_past_the_considered_calls_is_checked(
+    shift: int,
+) -> None:
+    """Row-aligned, the step resumes at the head's input; rolled, that input's rows feed two
+    losses each: the step does not resume and stays exact (the Gramian only needs the head)."""
+    torch.manual_seed(0)
+    model = Skip().double()
+    model.shift = shift
+    errors = step_errors(model, [model.head], X, lambda m, x: m(x))
+    assert max(errors.values()) < 1e-10, errors
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model.head])
+    optimizer.backward(model(X))
+    assert optimizer.last_step is not None and optimizer.last_step.resumed == (shift == 0)

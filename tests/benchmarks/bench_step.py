@@ -10,8 +10,9 @@ the batch is at most 256. Peak memory per variant: on CUDA ``max_memory_allocate
 timed steps; on the CPU the peak resident-set growth of one step, each variant in a fresh process
 (``bench_memory.peak_growth``). ``resumed``: whether our step resumed the trunk's backward at the
 considered part's boundary (``StepInfo.resumed``); ``stages``: the medians of
-``StepInfo.gramian_seconds`` (graph walk, collection pass, per-layer rules) and
-``weighting_seconds`` (UPGrad), host-side times (on CUDA, without synchronisation).
+``StepInfo.gramian_seconds`` (graph walk, collection passes, per-layer rules), of
+``check_seconds`` (within it: the tagged pass and the row -> loss checks; its share of our step's
+median) and ``weighting_seconds`` (UPGrad), host-side times (on CUDA, without synchronisation).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> str:
     runs, ours = variants(w, weighting, device)
     cuda = torch.device(device).type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in runs}
-    stages: dict[str, list[float]] = {"Gramian": [], "weighting": []}
+    stages: dict[str, list[float]] = {"Gramian": [], "check": [], "weighting": []}
     peaks: dict[str, int] = {}
     failed: set[str] = set()
     for name, run in list(runs.items()):  # warm-up
@@ -201,6 +202,7 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> str:
             times[name].append(time.perf_counter() - start)
             if name == "ours" and ours.last_step is not None:
                 stages["Gramian"].append(ours.last_step.gramian_seconds)
+                stages["check"].append(ours.last_step.check_seconds)
                 stages["weighting"].append(ours.last_step.weighting_seconds)
     if not cuda:
         peaks = {name: peak_in_fresh_process(key, name, weighting) for name in runs}
@@ -217,6 +219,8 @@ def measure(key: str, rounds: int, device: str, weighting: str) -> str:
     assert ours.last_step is not None
     path = "resumed" if ours.last_step.resumed else "backward(w)"
     inside = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in stages.items())
+    share = statistics.median(stages["check"]) / medians["ours"]
+    inside += f" (check {100 * share:.1f}% of the step)"
     return f"| {w.name} | {' | '.join(timing)} | {' / '.join(memory)} | {path} | {inside} |"
 
 
