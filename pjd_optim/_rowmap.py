@@ -126,7 +126,8 @@ def in_order(g: Tensor, h: Tensor, tags: Tags) -> Tensor:
     delta = tags.delta
     fed = (residual <= 4 * delta * c.abs() * g.abs().amax(dim=1)) & ((c - tau).abs() <= delta * tau)
     zero = (gg == 0) & (h.abs().amax(dim=1) == 0)
-    return (fed | zero).all()
+    result: Tensor = (fed | zero).all()
+    return result
 
 
 def matches(r: Ratios, tags: Tags, expected: Tensor) -> Tensor:
