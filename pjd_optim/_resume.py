@@ -23,9 +23,8 @@ one row per loss, or a considered module whose rule does not book-keep.
 
 from __future__ import annotations
 
-import heapq
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from ._graph import Edge, Node, children, independent, latest_first, leaf
 from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian import rule_for
-
-Node = Any  # torch.autograd.graph.Node (its Python type is not exported with a stable name)
 
 # Resuming saves a backward through the considered part, about 2·B·(considered parameters) flops
 # for linear layers, and costs a Python walk of the graph (≈0.1 ms). Below this many saved flops
@@ -74,51 +72,47 @@ def find(
     batch = losses.shape[0]
     first_tap = hooks.live.first_seq()
     # Candidate edges: (node, output_nr) of the trunk tensors fed to considered modules.
-    candidates: dict[tuple[Node, int], Tensor] = {}
-    reached: dict[Node, set[int]] = {losses.grad_fn: {losses.output_nr}}
-    heap: list[tuple[int, int, Node]] = [(-losses.grad_fn._sequence_nr(), 0, losses.grad_fn)]
-    boundary: dict[tuple[Node, int], Tensor] = {}
+    candidates: dict[Edge, Tensor] = {}
+    boundary: dict[Edge, Tensor] = {}
     outside = {losses.grad_fn}  # nodes reached from the losses without crossing a tap
     skips = False
-    while heap:  # latest-created node first: all edges into a node are known when it is popped
-        _, _, node = heapq.heappop(heap)
-        edges = [(node, nr) for nr in reached[node]]
-        seq = node._sequence_nr()
-        if seq < first_tap and all(edge in candidates for edge in edges):
+
+    def follow(node: Node, numbers: set[int]) -> list[Edge] | None:
+        nonlocal skips
+        edges = [(node, nr) for nr in numbers]
+        if node._sequence_nr() < first_tap and all(edge in candidates for edge in edges):
             boundary.update((edge, candidates[edge]) for edge in edges)
             skips = skips or node in outside
-            continue
-        children = node.next_functions
+            return []
+        out = children(node)
         ours = is_tap(node) and node.hooks is hooks
         if node in outside and not ours:
-            outside.update(child for child, _ in children if child is not None)
+            outside.update(child for child, _ in out)
         if is_tap(node):
-            children = children[1:]  # the first edge goes to the tap's anchor
+            out = out[1:]  # the first edge goes to the tap's anchor
             if ours:
                 call: ModuleCall = node.call
                 if not _bookkept(call, batch):
                     return None
                 covered.update(id(p) for p in plan[call.module].values())
                 candidates.update(((t.grad_fn, t.output_nr), t) for t in call.sources if t.grad_fn)
-        for child, nr in children:
-            if child is None:
-                continue
-            if hasattr(child, "variable"):  # AccumulateGrad of a leaf
-                if id(child.variable) not in considered:
+        for child, _ in out:
+            variable = leaf(child)
+            if variable is not None:
+                if id(variable) not in considered:
                     return None  # a trainable leaf that is not book-kept
-                reached_params.add(id(child.variable))
-                continue
-            if child not in reached:
-                reached[child] = set()
-                heapq.heappush(heap, (-child._sequence_nr(), len(reached), child))
-            reached[child].add(nr)
+                reached_params.add(id(variable))
+        return out
+
+    if not latest_first([(losses.grad_fn, losses.output_nr)], follow):
+        return None
     if not reached_params <= covered:
         return None  # a considered parameter used outside a hooked call (e.g. compiled code)
     tensors = list(boundary.values())
     if any(t.ndim == 0 or t.shape[0] != batch for t in tensors):
         return None
-    if not _independent({node for node, _ in boundary}):
-        return None
+    if not independent({node for node, _ in boundary}):
+        return None  # (a resumed backward from both would count the upper one's paths twice)
     return Resume(tensors, skips=skips)
 
 
@@ -130,30 +124,6 @@ def _bookkept(call: ModuleCall, batch: int) -> bool:
         and all(r == batch for r in call.rows)
         and call.thread == threading.get_ident()
     )
-
-
-def _independent(nodes: set[Node]) -> bool:
-    """Whether no node of ``nodes`` is reachable from another (else a resumed backward from both
-    would count the paths through the upper one twice). Walks only nodes created after the
-    earliest of them."""
-    if len(nodes) < 2:
-        return True
-    floor = min(node._sequence_nr() for node in nodes)
-    seen: set[Node] = set()
-    stack = [child for node in nodes for child in _children(node)]
-    while stack:
-        node = stack.pop()
-        if node in nodes:
-            return False
-        if node in seen or node._sequence_nr() < floor:
-            continue
-        seen.add(node)
-        stack.extend(_children(node))
-    return True
-
-
-def _children(node: Node) -> Iterable[Node]:
-    return (child for child, _ in node.next_functions if child is not None)
 
 
 class _BookKept(torch.autograd.Function):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._resume import Node
+from ._graph import leaves_and_uses
 
 
 def check_task_losses(losses: Sequence[object]) -> list[Tensor]:
@@ -52,33 +52,10 @@ def heads(
     parameter (walks of the losses' autograd graph)."""
     considered_ids = {id(p) for p in considered}
     wanted = {id(p): p for p in trainable}
-    reached, inputs = _walk([loss.grad_fn for loss in losses], considered_ids)
-    below, _ = _walk(inputs, set())
+    reached, inputs = leaves_and_uses([loss.grad_fn for loss in losses], considered_ids)
+    below, _ = leaves_and_uses([node for node, _ in inputs], set())
     return [
         wanted[pid]
         for pid in reached
         if pid in wanted and pid not in considered_ids and pid not in below
     ]
-
-
-def _walk(roots: Sequence[Node], considered: set[int]) -> tuple[dict[int, None], list[Node]]:
-    """Ids of the leaves reachable from ``roots`` (in the order first reached), and the other
-    inputs of the nodes that use a ``considered`` leaf."""
-    leaves: dict[int, None] = {}
-    inputs: list[Node] = []
-    seen: set[Node] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves[id(variable)] = None
-            continue
-        children = [child for child, _ in node.next_functions if child is not None]
-        if any(id(getattr(child, "variable", None)) in considered for child in children):
-            inputs += [c for c in children if id(getattr(c, "variable", None)) not in considered]
-        stack.extend(children)
-    return leaves, inputs
