@@ -7,9 +7,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import is_finite
-from ._engine import Gather, GramianSource
-from ._resume import Resume
+from ._engine import GramianSource
+from ._pass import GramianPass, Pass
 from .gramian import sum_of_gramians
 
 
@@ -17,16 +16,16 @@ class AutogradGramian(GramianSource):
     """Exact Gramian from one VJP per loss (vmapped when the graph allows, else a loop)."""
 
     def __init__(self, considered: Sequence[Tensor]) -> None:
-        self.considered = list(considered)
+        self._considered = list(considered)
 
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> tuple[Tensor, bool]:
-        gramian = autograd_gramian(losses, self.considered)
-        return gramian, is_finite(gramian, losses)
+    def considered(self) -> list[Tensor]:
+        return self._considered
+
+    def begin(self, losses: Tensor, distributed: str) -> Pass:
+        return GramianPass(losses.reshape(-1), lambda: autograd_gramian(losses, self._considered))
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
-        return autograd_gramian(torch.stack(list(losses)), self.considered)
+        return autograd_gramian(torch.stack(list(losses)), self._considered)
 
 
 def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
@@ -50,12 +49,10 @@ def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
 class ClosedGramian(GramianSource):
     """After ``close()``: the hooks are gone, so no Gramian can be computed."""
 
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> tuple[Tensor, bool]:
+    def begin(self, losses: Tensor, distributed: str) -> Pass:
         raise self._closed()
 
-    def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
+    def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:
         raise self._closed()
 
     @staticmethod

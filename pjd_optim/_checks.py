@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,27 @@ def check_losses(losses: object) -> Tensor:
     if not losses.is_floating_point():
         raise TypeError(f"losses must be floating point, got {losses.dtype}.")
     return losses.flatten()
+
+
+def check_task_losses(losses: Sequence[object]) -> list[Tensor]:
+    """The task losses, or a clear error for what cannot be ``k`` scalar objectives."""
+    if not losses:
+        raise ValueError("The list of task losses is empty: pass one scalar loss per task.")
+    checked: list[Tensor] = []
+    for j, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"Task losses are tensors; task loss {j} is a {type(loss).__name__}.")
+        if loss.ndim != 0:
+            raise ValueError(
+                f"Task loss {j} has shape {tuple(loss.shape)}: task objectives are scalars (e.g. a "
+                "mean over the batch). Per-instance losses go in one tensor: step(losses)."
+            )
+        if not loss.requires_grad:
+            raise ValueError(f"Task loss {j} does not require grad: compute it with gradients on.")
+        if not loss.is_floating_point():
+            raise TypeError(f"Task loss {j} must be floating point, got {loss.dtype}.")
+        checked.append(loss)
+    return checked
 
 
 def is_finite(gramian: Tensor, losses: Tensor) -> bool:

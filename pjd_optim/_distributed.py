@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._records import Record
-from .gramian import map_rows
+from .gramian._registry import map_rows
 
 
 def world() -> tuple[int, int]:

@@ -1,12 +1,14 @@
 """Gramian sources: where ``G = J Jᵀ`` (the objectives' Jacobian w.r.t. the considered
-parameters) comes from. The optimizer holds one of them, chosen at construction:
+parameters) comes from, and the passes they open for a step (``_pass``). The optimizer holds one
+source, chosen at construction:
 
 - :class:`HookedGramian` (``gramian_mode="hooks"``): taps on the considered modules save their
-  inputs; one backward from the losses with cotangent 1 (per objective column) gives each module's
-  output gradients; the per-layer rules turn (inputs, output gradients) into the module's Gramian.
-  Parameters used by several modules (tied weights) get their per-sample gradients summed across
-  modules first. Where the graph allows it, the weighted gradient is then book-kept from the same
-  factors and the trunk's backward resumes at the considered part's boundary (``_resume``).
+  inputs; backwards from the losses give each module's output gradients (``_passes``), checked to
+  come from one loss per row (``_maps``); the per-layer rules turn (inputs, output gradients) into
+  the module's Gramian. Parameters used by several modules (tied weights) get their per-sample
+  gradients summed across modules first. Where the graph allows it, the weighted gradient is then
+  book-kept from the same factors and the trunk's backward resumes at the considered part's
+  boundary (``_resume``).
 - ``AutogradGramian`` (``gramian_mode="autograd"``, in ``_autograd``): one vector-Jacobian
   product per objective (batched). Exact for any graph, including batch-coupled ones, and slow.
 - ``ClosedGramian`` (in ``_autograd``): after ``close()``; every Jacobian-descent step is refused.
@@ -16,53 +18,56 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import _maps
 from ._checks import is_finite, is_finite_tensor
-from ._distributed import all_ranks_agree, world
-from ._hooks import HookSet, ModuleCall, suspended
-from ._records import Record, batch_major, by_module, moved, rows_like, scaled
+from ._distributed import CallGatherer, all_ranks_agree, world
+from ._hooks import HookSet, finalize_with, suspended
+from ._pass import Pass, TaskPass
+from ._passes import Passes
+from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
-from ._rowmap import TagSource, precision_of
-from .gramian import accumulate, rule_for, sum_of_gramians
+from ._tasks import heads
+from .gramian import sum_of_gramians
+from .gramian._registry import accumulate, rule_for
 
 Plan = dict[nn.Module, dict[str, nn.Parameter]]
-Gather = Callable[[list[Record]], list[Record]]
 
 
 class GramianSource:
-    """Strategy interface: the Gramian of some losses and, optionally, a cheaper weighted backward.
+    """Strategy interface: opens the pass of a step over per-instance losses (:meth:`begin`) or
+    task losses (:meth:`begin_tasks`)."""
 
-    ``resume_point`` returns where the weighted backward can resume (``None``: the optimizer runs
-    ``losses.backward(w)``); ``weighted_backward`` is only called with such a point.
-    ``check_seconds``: host time the last :meth:`gramian` spent checking which loss each row
-    feeds (the tagged pass and the checks).
-    """
-
-    check_seconds: float = 0.0
-
-    def resume_point(self, losses: Tensor) -> Resume | None:
-        return None
-
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> tuple[Tensor, bool]:
-        """The Gramian of ``losses.flatten()`` and whether it and the losses are finite."""
+    def begin(self, losses: Tensor, distributed: str) -> Pass:
         raise NotImplementedError
 
-    def weighted_backward(self, resume: Resume, weights: Tensor) -> None:
+    def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:
+        """The pass of ``k`` scalar task losses (see ``_tasks``): the heads after the considered
+        part get the plain sum of the task gradients, the rest the weighted sum."""
+        if world()[0] > 1:
+            raise ValueError("Task losses are not supported under torch.distributed yet.")
+        head_params = heads(tasks, self.considered(), trainable)
+        head_ids = {id(p) for p in head_params}
+        shared = [p for p in trainable if id(p) not in head_ids]
+        return TaskPass(tasks, lambda: self.task_gramian(tasks), head_params, shared)
+
+    def considered(self) -> list[Tensor]:
         raise NotImplementedError
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
-        """``[k, k]`` Gramian of ``k`` scalar task losses (see ``_tasks``)."""
+        """``[k, k]`` Gramian of ``k`` scalar task losses."""
         raise NotImplementedError
 
     def close(self) -> None:
+        return None
+
+    def finalize_with(self, owner: object) -> None:
+        """Let go of the model (remove hooks) when ``owner`` is garbage-collected."""
         return None
 
 
@@ -112,9 +117,9 @@ class HookedGramian(GramianSource):
             for p in set(params.values()):
                 owners[id(p)] += 1
         self.shared = {pid for pid, count in owners.items() if count > 1}
-        self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.hooks = HookSet()
-        self.tags = TagSource()
+        self.passes = Passes(self.hooks, names)
         for module in self.plan:
             self.hooks.tap(module)
         for module in model.modules():
@@ -124,166 +129,14 @@ class HookedGramian(GramianSource):
     def close(self) -> None:
         self.hooks.remove()
 
-    def resume_point(self, losses: Tensor) -> Resume | None:
-        """Where the weighted backward can resume (see ``_resume``), or ``None``."""
-        return find_resume(losses, self.hooks, self.plan)
+    def finalize_with(self, owner: object) -> None:
+        finalize_with(owner, self.hooks)
 
-    def gramian(
-        self, losses: Tensor, gather: Gather | None = None, resume: Resume | None = None
-    ) -> tuple[Tensor, bool]:
-        """``[m, m]`` Gramian over ``losses.flatten()``, and whether it and the losses are finite.
+    def considered(self) -> list[Tensor]:
+        return list({id(p): p for own in self.plan.values() for p in own.values()}.values())
 
-        Every row of every considered call is checked to feed one loss (``_maps``); the step is
-        refused before anything changes otherwise, on every rank under ``torch.distributed``.
-        ``gather`` may replace the calls by calls over a larger batch (other ranks' samples
-        appended, see ``_distributed``); the Gramian is then over that batch. With ``resume``,
-        the passes also give the gradients at the boundary and fill ``resume``.
-        """
-        try:
-            records, gramian, finite = self._checked(losses, resume, gathered=gather is not None)
-        except ValueError:
-            all_ranks_agree(False, losses.device)
-            raise
-        if not all_ranks_agree(True, losses.device):
-            raise ValueError(
-                "Another rank refused this step (its error says why): nothing changed."
-            )
-        if gather is not None:
-            records = gather(records)
-            gramian = self._sum(records, losses.numel() * world()[0])
-            finite = is_finite(gramian, losses)
-        return gramian, finite
-
-    def _checked(
-        self, losses: Tensor, resume: Resume | None, gathered: bool
-    ) -> tuple[list[Record], Tensor, bool]:
-        """The verified records, their Gramian (``None`` when ``gathered``) and finiteness."""
-        collected = self.collect(losses, resume)
-        m = collected.m
-        start = time.perf_counter()
-        fast = _maps.expected(collected)
-        self.check_seconds += time.perf_counter() - start
-        if fast is not None:
-            records, verified = fast
-            gramian = self._sum(records, m)
-            flags = torch.stack([verified, is_finite_tensor(gramian, losses)]).tolist()
-            if not flags[1] or flags[0]:
-                if resume is not None:
-                    resume.records = records
-                return records, gramian, bool(flags[1])
-        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
-        if not is_finite(torch.cat(grads), losses):
-            return [], torch.full((m, m), torch.nan, device=losses.device), False
-        if gathered:
-            _maps.named(collected, None)  # a refusal names what mixes the rows, if anything does
-            raise ValueError(
-                "distributed='global' needs the losses in the order of the batch rows of every "
-                "considered call (row i feeding loss i); use distributed='local' for others."
-            )
-        per_column = None
-        if losses.ndim > 1 and resume is None:
-            per_column = lambda reached: self._per_column(collected)  # noqa: E731
-        start = time.perf_counter()
-        records, rows = _maps.named(collected, per_column)
-        self.check_seconds += time.perf_counter() - start
-        if resume is not None:
-            resume.records = records
-            if not resume.skips:
-                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
-            else:
-                try:
-                    resume.rows = _maps.boundary_rows(collected)
-                except ValueError:  # the graph was kept: the optimizer runs losses.backward(w)
-                    resume.usable = False
-        gramian = self._sum(records, m)
-        return records, gramian, is_finite(gramian, losses)
-
-    def collect(self, losses: Tensor, resume: Resume | None = None) -> _maps.Collected:
-        """The tagged pass, then the pass with cotangent 1: every reached call with its output
-        gradients in both. With ``resume`` (1-D losses) they also give the gradients at the
-        boundary, and the second pass frees the graph above it."""
-        flat = losses.reshape(-1)
-        m = flat.shape[0]
-        dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
-        tags = self.tags.draw(m, flat, precision_of(dtypes))
-        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-        # The boundary's rows are checked where they also reach the losses other than through the
-        # considered calls; elsewhere they feed what the rows of the calls they enter feed.
-        checked = inputs if resume is not None and resume.skips else inputs[:1]
-        start = time.perf_counter()
-        tagged, tagged_boundary = self._pass(flat, tags.values, checked, retain=True)
-        self.check_seconds = time.perf_counter() - start
-        keep = resume is None or resume.skips  # (a skip may still make resuming inexact)
-        plain, plain_boundary = self._pass(flat, torch.ones_like(flat), inputs, keep)
-        if not plain:
-            raise self._not_connected()
-        if resume is not None:
-            resume.grads = plain_boundary
-        reached = []
-        for call in sorted(plain, key=lambda c: c.order):
-            record = batch_major(call, plain[call])
-            if record.output_grads[0].ndim == 0 or record.rows == 0:
-                raise ValueError(
-                    f"{self._name(call.module)} returned a scalar: a considered module's output "
-                    "needs a batch (one row per sample)."
-                )
-            other = tagged.get(call, tuple(torch.zeros_like(g) for g in plain[call]))
-            moved_tagged = moved(other, record.output_dims)
-            name = self._name(call.module)
-            reached.append(_maps.Reached(call.module, record, moved_tagged, name, call))
-        boundary = list(zip(plain_boundary, tagged_boundary, strict=False))
-        return _maps.Collected(flat, losses.shape, tags, reached, boundary)
-
-    def _pass(
-        self,
-        losses: Tensor,
-        cotangent: Tensor,
-        inputs: list[Tensor],
-        retain: bool,
-        per_instance: bool = True,
-    ) -> tuple[dict[ModuleCall, tuple[Tensor, ...]], tuple[Tensor, ...]]:
-        """One collection pass: every reached call's output gradients, and those of ``inputs[1:]``
-        (``per_instance``: refuse a pass through a module that couples the batch)."""
-        with self.hooks.collecting() as collector:
-            found = torch.autograd.grad(
-                self.hooks.probe(losses),
-                inputs,
-                cotangent,
-                retain_graph=retain,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        if collector.coupling and per_instance:
-            self._refuse_coupling(collector.coupling)
-        calls = dict(collector.calls)
-        self._check_inputs(calls)
-        return calls, found[1:]
-
-    def _per_column(self, collected: _maps.Collected) -> list[Record]:
-        """Losses ``[N, K]`` whose rows a call cannot separate: one pass per column."""
-        n, m = collected.shape[0], collected.m
-        k = m // n
-        size = k * _maps.per_column_bytes(collected)
-        if size > _maps.PER_COLUMN_BYTES:
-            raise ValueError(
-                f"Losses of shape {tuple(collected.shape)} need one pass per column here (a "
-                "considered call mixes the positions of a sample), whose tensors would take "
-                f"{size / 2**30:.1f} GiB: consider position-wise layers only (e.g. the output "
-                "layer or a final norm), use fewer positions per step, or pass "
-                "gramian_mode='autograd'."
-            )
-        flat = collected.losses
-        sample_tags = self.tags.draw(n, flat, collected.tags.dtype)
-        anchor = [self.hooks.anchor]
-        cotangent = sample_tags.values.repeat_interleave(k)
-        tagged = _maps.aligned(collected, self._pass(flat, cotangent, anchor, retain=True)[0])
-        columns = []
-        for j in range(k):
-            one_hot = torch.zeros(n, k, dtype=flat.dtype, device=flat.device)
-            one_hot[:, j] = 1
-            found = self._pass(flat, one_hot.flatten(), anchor, retain=True)[0]
-            columns.append(_maps.aligned(collected, found))
-        return _maps.per_column_records(collected, sample_tags, tagged, columns)
+    def begin(self, losses: Tensor, distributed: str) -> HookedPass:
+        return HookedPass(self, losses, distributed)
 
     def _sum(self, records: list[Record], m: int) -> Tensor:
         """``Σ`` of the considered modules' Gramians over the records (``m`` rows each). A
@@ -351,7 +204,9 @@ class HookedGramian(GramianSource):
         per_param: dict[int, list[Tensor | None]] = {}
         for j, loss in enumerate(losses):
             anchor = [self.hooks.anchor]
-            calls, _ = self._pass(loss, torch.ones_like(loss), anchor, True, per_instance=False)
+            calls, _ = self.passes.one(
+                loss, torch.ones_like(loss), anchor, True, per_instance=False
+            )
             records = [(c.module, batch_major(c, grads)) for c, grads in calls.items()]
             with suspended():
                 for module, group in by_module(records).items():
@@ -361,7 +216,7 @@ class HookedGramian(GramianSource):
                         previous = slot[j]
                         slot[j] = grad.flatten() if previous is None else previous + grad.flatten()
         if not per_param:
-            raise self._not_connected()
+            raise self.passes._not_connected()
         columns = [  # per parameter, [k, numel] (zeros for a task that does not reach it)
             torch.stack([g if g is not None else _zeros_like_any(slots) for g in slots])
             for slots in per_param.values()
@@ -372,35 +227,99 @@ class HookedGramian(GramianSource):
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
 
-    def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
-        for call in calls:
-            if call.modified_in_place():
-                raise ValueError(
-                    f"An input of {self._name(call.module)} was modified in place after its "
-                    "forward, so its saved value is stale. Avoid in-place operations on the inputs "
-                    "of considered modules (e.g. use out = x * 2 instead of x.mul_(2))."
-                )
 
-    @staticmethod
-    def _not_connected() -> ValueError:
-        return ValueError(
-            "The losses do not depend on any considered parameter. Compute them from a forward "
-            "of the model this optimizer was built with (not of a copy of it, e.g. "
-            "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
-        )
+class HookedPass(Pass):
+    """A step's pass through the hooks: resume point, passes, row checks, other ranks' calls."""
 
-    def _name(self, module: nn.Module) -> str:
-        return f"{self.names.get(id(module), '?')} ({type(module).__name__})"
+    def __init__(self, source: HookedGramian, losses: Tensor, distributed: str) -> None:
+        super().__init__(losses.reshape(-1))
+        self.source, self.losses = source, losses
+        self.size, self.rank = world() if distributed == "global" else (1, 0)
+        if self.size > 1 and losses.ndim != 1:
+            raise ValueError("distributed='global' needs 1-D losses (one per sample).")
+        self.gather = CallGatherer() if self.size > 1 else None
+        self.resume: Resume | None = None
 
-    def _refuse_coupling(self, coupling: list[nn.Module]) -> None:
-        names = ", ".join(sorted({self._name(m) for m in coupling}))
-        raise ValueError(
-            f"{names} normalises with statistics of the whole batch (BatchNorm in train mode, or "
-            "with track_running_stats=False) between the considered parameters and the losses, "
-            "so every loss depends on every sample and per-sample gradients do not factor. Fix: "
-            "normalise with running statistics (module.eval() on those layers, or "
-            "timm.layers.freeze_batch_norm_2d), or pass gramian_mode='autograd' (exact, slow)."
-        )
+    def gramian(self) -> tuple[Tensor, bool]:
+        """``[m, m]`` Gramian over ``losses.flatten()``, and whether it and the losses are finite.
+
+        Every row of every considered call is checked to feed one loss (``_maps``); the step is
+        refused before anything changes otherwise, on every rank under ``torch.distributed``.
+        Under ``"global"`` the calls are all-gathered (``_distributed``): the Gramian is over
+        every rank's samples. Where exact, the passes also fill the resume point.
+        """
+        losses = self.losses
+        # Resume the trunk's backward at the considered part's boundary where that is exact.
+        self.resume = find_resume(losses, self.source.hooks, self.source.plan)
+        try:
+            records, gramian, finite = self._checked()
+        except ValueError:
+            all_ranks_agree(False, losses.device)
+            raise
+        if not all_ranks_agree(True, losses.device):
+            raise ValueError(
+                "Another rank refused this step (its error says why): nothing changed."
+            )
+        if self.gather is not None:
+            records = self.gather(records)
+            self.received_bytes = self.gather.received_bytes
+            gramian = self.source._sum(records, losses.numel() * self.size)
+            finite = is_finite(gramian, losses)
+        return gramian, finite
+
+    def _checked(self) -> tuple[list[Record], Tensor, bool]:
+        """The checked records, their Gramian and whether it is finite."""
+        losses, resume, source = self.losses, self.resume, self.source
+        collected = source.passes.collect(losses, resume)
+        self.check_seconds = source.passes.check_seconds
+        m = collected.m
+        start = time.perf_counter()
+        fast = _maps.expected(collected)
+        self.check_seconds += time.perf_counter() - start
+        if fast is not None:
+            records, verified = fast
+            gramian = source._sum(records, m)
+            flags = torch.stack([verified, is_finite_tensor(gramian, losses)]).tolist()
+            if not flags[1] or flags[0]:
+                if resume is not None:
+                    resume.records = records
+                return records, gramian, bool(flags[1])
+        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
+        if not is_finite(torch.cat(grads), losses):
+            return [], torch.full((m, m), torch.nan, device=losses.device), False
+        if self.gather is not None:
+            _maps.named(collected, None)  # a refusal names what mixes the rows, if anything does
+            raise ValueError(
+                "distributed='global' needs the losses in the order of the batch rows of every "
+                "considered call (row i feeding loss i); use distributed='local' for others."
+            )
+        per_column = None
+        if losses.ndim > 1 and resume is None:
+            per_column = lambda reached: source.passes.per_column(collected)  # noqa: E731
+        start = time.perf_counter()
+        records, rows = _maps.named(collected, per_column)
+        self.check_seconds += time.perf_counter() - start
+        if resume is not None:
+            resume.records = records
+            if not resume.skips:
+                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
+            else:
+                try:
+                    resume.rows = _maps.boundary_rows(collected)
+                except ValueError:  # the pass kept the graph: losses.backward(w) instead
+                    resume.usable = False
+        gramian = source._sum(records, m)
+        return records, gramian, is_finite(gramian, losses)
+
+    @property
+    def resumed(self) -> bool:  # type: ignore[override]
+        return self.resume is not None and self.resume.usable
+
+    def weighted_backward(self, weights: Tensor) -> None:
+        if self.resume is not None and self.resume.usable:
+            self.source.weighted_backward(self.resume, weights)
+        else:
+            super().weighted_backward(weights)
 
 
 def _row_weights(weights: Tensor, sigma: Tensor | None) -> Tensor:

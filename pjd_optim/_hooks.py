@@ -36,7 +36,7 @@ from torch.autograd.function import FunctionCtx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .gramian import rule_for
+from .gramian._registry import rule_for
 
 
 @dataclass(eq=False)

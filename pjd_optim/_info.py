@@ -58,6 +58,5 @@ class Status:
     skipped_steps: int = 0
     pending: bool = False  # a Jacobian-descent backward since the last step
     cleared: bool = False  # zero_grad() since that pending backward (its gradient is gone)
-    nonfinite: bool = False  # the backward running now had non-finite losses or Gramian
     warned_plain: bool = False
     nonfinite_grad: tuple[Tensor, Tensor] | None = None  # (parameter, its non-finite .grad)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from . import _rowmap as rowmap
 from ._hooks import ModuleCall
 from ._records import Record, moved
-from .gramian import Call, rule_for
+from .gramian import Call
+from .gramian._registry import map_rows, rule_for
 
 # Per-column path: the calls' tensors are repeated once per column; refuse beyond this.
 PER_COLUMN_BYTES = 2**31
@@ -271,7 +272,6 @@ def per_column_records(
 
 def call_repeated(call: Call, k: int, grads: tuple[Tensor, ...]) -> Call:
     """``call`` with its per-sample inputs repeated ``k`` times along the rows (column-major)."""
-    from .gramian import map_rows
 
     def repeat(x: Tensor) -> Tensor:
         return x.repeat(k, *([1] * (x.ndim - 1)))

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._hooks import ModuleCall
-from .gramian import Call, batch_dim, rule_for
+from .gramian import Call
+from .gramian._registry import batch_dim, rule_for
 
 Record = tuple[nn.Module, Call]
 

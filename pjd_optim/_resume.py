@@ -34,7 +34,7 @@ from torch.autograd.function import FunctionCtx
 
 from ._graph import Edge, Node, children, independent, latest_first, leaf
 from ._hooks import HookSet, ModuleCall, is_tap
-from .gramian import rule_for
+from .gramian._registry import rule_for
 
 # Resuming saves a backward through the considered part, about 2·B·(considered parameters) flops
 # for linear layers, and costs a Python walk of the graph (≈0.1 ms). Below this many saved flops

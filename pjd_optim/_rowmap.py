@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .gramian import Call, map_rows
+from .gramian import Call
+from .gramian._registry import map_rows
 
 # dtype -> (relative precision of a ratio of two gradients, widest log2 spread of the tags).
 # Precision: measured ratios were within 5e-3 (bfloat16), 6e-4 (float16) of their tag through

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from typing import Any, Literal, overload
 
 import torch
@@ -13,13 +12,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._autograd import AutogradGramian, ClosedGramian
-from ._checks import RestoreGradsOnError, as_weighting, check_losses, check_weights, is_finite
-from ._distributed import CallGatherer, world
-from ._engine import GramianSource, HookedGramian, plan_modules
+from ._checks import (
+    RestoreGradsOnError,
+    as_weighting,
+    check_losses,
+    check_task_losses,
+    check_weights,
+)
+from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_of
-from ._hooks import finalize_with
 from ._info import Status, StepInfo
-from ._tasks import check_task_losses, heads
+from ._pass import Pass
 from ._wrapper import WrappedOptimizer
 from .weightings import UPGrad, Weighting
 
@@ -134,23 +137,21 @@ class PartialJDOptimizer(WrappedOptimizer):
                 "No parameter is considered: pass considered=[module, ...] (usually the last "
                 'layers), or flag groups of the base optimizer with "considered": True.'
             )
-        plan_modules(model, params)  # every considered parameter is in `model`
-        check_optimized(base.param_groups, params)
-        super().__init__(base)  # nothing above changed anything
+        source = _open_source(gramian_mode, model, params)  # (checks the plan, then hooks)
+        try:
+            check_optimized(base.param_groups, params)
+        except ValueError:
+            source.close()  # nothing stays changed
+            raise
+        super().__init__(base)
         self.model = model
         self.weighting = weighting
         self.gramian_mode: GramianMode = gramian_mode
         self.distributed: Distributed = distributed
         self.nonfinite: NonFinite = nonfinite
         self._considered = params
-        self._status = Status(self._open_source())
-
-    def _open_source(self) -> GramianSource:
-        if self.gramian_mode == "autograd":
-            return AutogradGramian(self._considered)
-        source = HookedGramian(self.model, self._considered)
-        finalize_with(self, source.hooks)
-        return source
+        self._status = Status(source)
+        source.finalize_with(self)
 
     @property
     def last_step(self) -> StepInfo | None:
@@ -184,16 +185,36 @@ class PartialJDOptimizer(WrappedOptimizer):
 
     def _jd_backward(self, losses: Losses, stop_on_nonfinite: bool) -> Tensor | None:
         """The Jacobian-descent backward: Gramian → weights → weighted gradient into ``.grad``.
-        Returns the weights, or ``None`` when a non-finite step was skipped."""
+        Returns this rank's weights, or ``None`` when a non-finite step was skipped."""
+        jd = self._begin(losses)  # (a clear error for bad losses; nothing has changed)
+        start = time.perf_counter()
+        gramian, finite = jd.gramian()  # (refused here if the rows mix losses)
+        middle = time.perf_counter()
+        weights = self._weigh(gramian, finite, stop_on_nonfinite)
+        if weights is None:
+            return None
+        end = time.perf_counter()
+        with RestoreGradsOnError(self._trainable()):
+            jd.backward(weights)
+        info = StepInfo(
+            gramian.detach(),
+            weights,
+            gramian_seconds=middle - start,
+            weighting_seconds=end - middle,
+            received_bytes=jd.received_bytes,
+            resumed=jd.resumed,
+            check_seconds=jd.check_seconds,
+        )
+        self._record(info, finite)
+        return jd.own(weights)
+
+    def _begin(self, losses: Losses) -> Pass:
+        """The pass of this backward (per-instance or task losses), after checking them."""
+        source = self._status.source
         if isinstance(losses, (list, tuple)):
-            return self._task_backward(losses, stop_on_nonfinite)
-        status = self._status
-        flat = check_losses(losses)  # (a clear error unless a tensor of per-instance losses)
+            return source.begin_tasks(check_task_losses(losses), self._trainable())
+        check_losses(losses)
         assert isinstance(losses, Tensor)
-        size, rank = world() if self.distributed == "global" else (1, 0)
-        if size > 1 and losses.ndim != 1:
-            raise ValueError("distributed='global' needs 1-D losses (one per sample).")
-        gather = CallGatherer() if size > 1 else None
         if not any(p.requires_grad for p in self._considered):
             raise ValueError(
                 "Every considered parameter is frozen (requires_grad=False, set after the "
@@ -201,70 +222,17 @@ class PartialJDOptimizer(WrappedOptimizer):
                 "considers trainable parameters, or call loss.backward() and step() for a plain "
                 "step. Nothing was changed."
             )
-        start = time.perf_counter()
-        # Resume the trunk's backward at the considered part's boundary where that is exact.
-        resume = status.source.resume_point(losses)
-        gramian, finite = status.source.gramian(losses, gather, resume)
-        middle = time.perf_counter()
-        all_weights = self._weigh(gramian, finite, stop_on_nonfinite)
-        if all_weights is None:
-            return None
-        end = time.perf_counter()
-        m = flat.numel()
-        weights = all_weights[rank * m : (rank + 1) * m]  # this rank's samples (all when size = 1)
-        applied = (weights * size).to(flat.dtype)  # DDP averages the ranks' gradients
-        with RestoreGradsOnError(self._trainable()):
-            if resume is not None and resume.usable:
-                status.source.weighted_backward(resume, applied)
-            else:
-                torch.autograd.backward(flat, applied)
-        received = 0 if gather is None else gather.received_bytes
-        info = StepInfo(gramian.detach(), all_weights, middle - start, end - middle, received)
-        check = status.source.check_seconds
-        resumed = resume is not None and resume.usable
-        self._record(replace(info, resumed=resumed, check_seconds=check))
-        return weights
-
-    def _task_backward(self, losses: Sequence[Tensor], stop_on_nonfinite: bool) -> Tensor | None:
-        """The same for task losses: the Gramian of the task losses; parameters after the
-        considered part (heads) get the plain sum of the task gradients, every other one the
-        weighted sum (see ``_tasks``)."""
-        status = self._status
-        tasks = check_task_losses(losses)
-        if world()[0] > 1:
-            raise ValueError("Task losses are not supported under torch.distributed yet.")
-        start = time.perf_counter()
-        trainable = self._trainable()
-        head_params = heads(tasks, self._considered, trainable)
-        gramian = status.source.task_gramian(tasks)
-        middle = time.perf_counter()
-        objectives = torch.stack([loss.detach() for loss in tasks])
-        weights = self._weigh(gramian, is_finite(gramian, objectives), stop_on_nonfinite)
-        if weights is None:
-            return None
-        end = time.perf_counter()
-        head_ids = {id(p) for p in head_params}
-        shared = [p for p in trainable if id(p) not in head_ids]
-        stacked = torch.stack(tasks)
-        with RestoreGradsOnError(trainable):
-            if head_params:
-                ones = torch.ones_like(stacked)
-                torch.autograd.backward(stacked, ones, inputs=head_params, retain_graph=True)
-            if shared:
-                applied = weights.to(stacked.dtype)
-                torch.autograd.backward(stacked, applied, inputs=shared)
-        self._record(StepInfo(gramian.detach(), weights, middle - start, end - middle))
-        return weights
+        return source.begin(losses, self.distributed)
 
     def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
-        """The weighting's weights; ``NaN`` ones where the losses or the Gramian are not finite
-        (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient), or, when stopping
-        there, a skipped step (``None``) or an error, as ``nonfinite`` says."""
+        """The weighting's weights; where the losses or the Gramian are not finite, ``NaN``
+        weights (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient, which
+        ``GradScaler`` skips), or, when stopping there, a skipped step (``None``) or an error, as
+        ``nonfinite`` says. (The one place that decides what a non-finite step does.)"""
         if finite:
             weights = self.weighting(gramian.detach())
             return check_weights(weights, gramian.shape[0], gramian).detach()
         if not stop_on_nonfinite:
-            self._status.nonfinite = True
             return torch.full_like(gramian[0], torch.nan).detach()
         if self.nonfinite == "skip":
             self._status.skipped_steps += 1
@@ -275,18 +243,15 @@ class PartialJDOptimizer(WrappedOptimizer):
             "and the learning rate, skip this batch, or pass nonfinite='skip'."
         )
 
-    def _record(self, info: StepInfo) -> None:
-        """After a Jacobian-descent backward: what it computed, and whether its gradients are
-        non-finite (a later plain step refuses those)."""
+    def _record(self, info: StepInfo, finite: bool) -> None:
+        """After a Jacobian-descent backward: what it computed, or, if it was not finite, which
+        gradient a later plain step must refuse."""
         status = self._status
         status.pending = True
         status.cleared = False
-        if status.nonfinite:
-            status.nonfinite = False
+        status.last_step = info if finite else None
+        if not finite:  # (kept through later finite backwards: they accumulate onto it)
             status.nonfinite_grad = self._a_gradient()
-            status.last_step = None
-        else:
-            status.last_step = info
 
     def _trainable(self) -> list[Tensor]:
         params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}
@@ -437,7 +402,11 @@ class PartialJDOptimizer(WrappedOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         closed, last_step, skipped_steps = state.pop("_status")
         super().__setstate__(state)
-        source = ClosedGramian() if closed else self._open_source()
+        if closed:
+            source: GramianSource = ClosedGramian()
+        else:
+            source = _open_source(self.gramian_mode, self.model, self._considered)
+            source.finalize_with(self)
         self._status = Status(source, last_step, skipped_steps)
 
     def close(self) -> None:
@@ -457,3 +426,10 @@ class PartialJDOptimizer(WrappedOptimizer):
             f"PartialJDOptimizer(base={type(self.base).__name__}, weighting={self.weighting!r}, "
             f"considered={len(self._considered)} tensors, gramian_mode={self.gramian_mode!r})"
         )
+
+
+def _open_source(mode: GramianMode, model: nn.Module, considered: list[Tensor]) -> GramianSource:
+    """The Gramian source of ``gramian_mode`` (the one place that chooses it)."""
+    if mode == "autograd":
+        return AutogradGramian(considered)
+    return HookedGramian(model, considered)  # (raises if a parameter is not in `model`)

@@ -11,7 +11,7 @@ from oracle import oracle_gramian, relative_error
 from torch import Tensor, nn
 
 from pjd_optim import Call, GramianRule, PartialJDOptimizer, register_gramian_rule
-from pjd_optim.gramian import rule_for
+from pjd_optim.gramian._registry import rule_for
 from pjd_optim.gramian.conv import ConvRule
 from pjd_optim.gramian.embedding import EmbeddingRule
 from pjd_optim.gramian.linear import LinearRule, Mode, use_ghost
@@ -260,3 +260,60 @@ def test_materialised_gradients_in_slices_give_the_same_gramian(
     monkeypatch.setattr(linear, "MATERIALIZE_LIMIT", 5 * 7 * 2)  # two channels per slice
     sliced, _ = rule_gramian(LinearRule("materialize"), layer, x)
     assert relative_error(sliced, expected) < 1e-12 and relative_error(whole, expected) < 1e-12
+
+
+class Gate(nn.Module):
+    """``y = x ⊙ σ(g) + b`` over the last dim (a layer the package has no rule for)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(width))
+        self.shift = nn.Parameter(torch.randn(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.gate) + self.shift
+
+
+def test_a_rule_written_from_the_public_kit_alone_is_exact_in_every_part() -> None:
+    """A closed form for ``shift`` and ``torch.func`` per-sample VJPs for the rest, with only
+    the names ``pjd_optim.gramian`` exports; against the oracle, on per-token losses too."""
+    from pjd_optim import gramian as kit
+
+    @kit.register_gramian_rule(Gate)
+    class GateRule(kit.GramianRule):
+        def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+            return 1, 1
+
+        def per_sample_grads(
+            self, module: nn.Module, calls: Sequence[kit.Call], params: Mapping[str, nn.Parameter]
+        ) -> dict[str, Tensor]:
+            def one(call: kit.Call) -> dict[str, Tensor]:
+                grads = {}
+                gy = kit.wide(call.output_grads[0])
+                if "shift" in params:  # ∂y/∂b = 1: the output gradient summed over positions
+                    grads["shift"] = gy.reshape(gy.shape[0], -1, gy.shape[-1]).sum(dim=1)
+                if "gate" in params:
+                    grads |= kit.per_sample_vjp(module, call, {"gate": params["gate"]})
+                return grads
+
+            return kit.summed_over_calls(calls, one)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Gate(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    for per_token in (False, True):
+        optimizer = PartialJDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, considered=[model[1]]
+        )
+
+        def losses(m: nn.Module, per_token: bool = per_token) -> Tensor:
+            out: Tensor = m(x).pow(2).sum(dim=-1)
+            return out if per_token else out.mean(dim=1)
+
+        optimizer.backward(losses(model))
+        assert optimizer.last_step is not None
+        expected = oracle_gramian(losses(model), list(model[1].parameters()))
+        assert relative_error(optimizer.last_step.gramian, expected) < 1e-10
+        assert kit.compute_dtype(x.float()) == torch.float32
+        optimizer.close()
+        model.zero_grad()

@@ -36,7 +36,7 @@ class ReplayMismatch(ValueError):
 
 
 def per_sample_vjp(
-    rule: GramianRule, module: nn.Module, call: Call, params: Mapping[str, nn.Parameter]
+    module: nn.Module, call: Call, params: Mapping[str, nn.Parameter]
 ) -> dict[str, Tensor]:
     """``{name: P}``, ``P[i]`` the gradient of ``call``'s objective ``i`` w.r.t. ``params``.
 
@@ -134,7 +134,7 @@ class GenericRule(GramianRule):
         mismatch: ReplayMismatch | None = None
         for candidate in shared_alternatives(call):
             try:
-                return per_sample_vjp(self, module, candidate, params)
+                return per_sample_vjp(module, candidate, params)
             except ReplayMismatch as error:
                 mismatch = error
         raise ValueError(

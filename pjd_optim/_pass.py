@@ -1,0 +1,91 @@
+"""One Jacobian-descent backward over some losses: the protocol of a step.
+
+The optimizer opens a *pass* for its losses at a Gramian source, asks it for the Gramian, weighs
+it, and has the pass do the weighted backward::
+
+    jd = source.begin(losses, distributed)   # or source.begin_tasks(task_losses, trainable)
+    gramian, finite = jd.gramian()           # checked (refused before anything changes)
+    jd.backward(weighting(gramian))          # Σ_i w_i ∇ℓ_i into .grad
+
+What a source needs between the two (where the backward resumes, other ranks' calls, the row
+checks) stays in the pass. Under ``distributed="global"`` the Gramian and the weights cover every
+rank's objectives; :meth:`Pass.backward` applies this rank's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import is_finite
+
+
+class Pass:
+    """The Gramian of :attr:`objectives` and their weighted backward (by default
+    ``objectives.backward(w)``). ``size``/``rank``: the ranks whose objectives the Gramian covers
+    (``distributed="global"``); ``resumed``, ``check_seconds``, ``received_bytes``: for
+    ``StepInfo``."""
+
+    size = 1
+    rank = 0
+    resumed = False
+    check_seconds = 0.0
+    received_bytes = 0
+
+    def __init__(self, objectives: Tensor) -> None:
+        self.objectives = objectives
+
+    def gramian(self) -> tuple[Tensor, bool]:
+        """The ``[m, m]`` Gramian, and whether it and the objectives are finite."""
+        raise NotImplementedError
+
+    def own(self, weights: Tensor) -> Tensor:
+        """This rank's weights among every rank's (all of them when ``size == 1``)."""
+        m = self.objectives.numel()
+        return weights[self.rank * m : (self.rank + 1) * m]
+
+    def backward(self, weights: Tensor) -> None:
+        """``Σ_i w_i ∇ℓ_i`` of this rank's objectives into ``.grad`` (times the world size under
+        ``"global"``: DDP averages the ranks' gradients)."""
+        self.weighted_backward((self.own(weights) * self.size).to(self.objectives.dtype))
+
+    def weighted_backward(self, weights: Tensor) -> None:
+        torch.autograd.backward(self.objectives, weights)
+
+
+class GramianPass(Pass):
+    """A pass whose Gramian comes from a function of the objectives (autograd's)."""
+
+    def __init__(self, objectives: Tensor, gramian_of: Callable[[], Tensor]) -> None:
+        super().__init__(objectives)
+        self.gramian_of = gramian_of
+
+    def gramian(self) -> tuple[Tensor, bool]:
+        gramian = self.gramian_of()
+        return gramian, is_finite(gramian, self.objectives)
+
+
+class TaskPass(GramianPass):
+    """Task objectives (see ``_tasks``): the ``heads`` (parameters used after the considered
+    part) get the plain sum of the task gradients ``Σ_j ∇ℓ_j``, every other trainable parameter
+    ``Σ_j w_j ∇ℓ_j``."""
+
+    def __init__(
+        self,
+        tasks: Sequence[Tensor],
+        gramian_of: Callable[[], Tensor],
+        heads: Sequence[Tensor],
+        shared: Sequence[Tensor],
+    ) -> None:
+        super().__init__(torch.stack(list(tasks)), gramian_of)
+        self.heads, self.shared = list(heads), list(shared)
+
+    def weighted_backward(self, weights: Tensor) -> None:
+        stacked = self.objectives
+        if self.heads:
+            ones = torch.ones_like(stacked)
+            torch.autograd.backward(stacked, ones, inputs=self.heads, retain_graph=True)
+        if self.shared:
+            torch.autograd.backward(stacked, weights, inputs=self.shared)
