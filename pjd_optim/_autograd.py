@@ -21,7 +21,7 @@ class AutogradGramian(GramianSource):
     def considered(self) -> list[Tensor]:
         return self._considered
 
-    def begin(self, losses: Tensor, distributed: str) -> Pass:
+    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
         return GramianPass(losses.reshape(-1), lambda: autograd_gramian(losses, self._considered))
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
@@ -49,7 +49,7 @@ def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
 class ClosedGramian(GramianSource):
     """After ``close()``: the hooks are gone, so no Gramian can be computed."""
 
-    def begin(self, losses: Tensor, distributed: str) -> Pass:
+    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
         raise self._closed()
 
     def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:

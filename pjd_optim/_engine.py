@@ -43,7 +43,9 @@ class GramianSource:
     """Strategy interface: opens the pass of a step over per-instance losses (:meth:`begin`) or
     task losses (:meth:`begin_tasks`)."""
 
-    def begin(self, losses: Tensor, distributed: str) -> Pass:
+    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
+        """The pass of per-instance losses; ``keep_graph``: the caller runs the backward (the
+        passes keep the whole graph, the pass does not resume)."""
         raise NotImplementedError
 
     def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:
@@ -135,8 +137,8 @@ class HookedGramian(GramianSource):
     def considered(self) -> list[Tensor]:
         return list({id(p): p for own in self.plan.values() for p in own.values()}.values())
 
-    def begin(self, losses: Tensor, distributed: str) -> HookedPass:
-        return HookedPass(self, losses, distributed)
+    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> HookedPass:
+        return HookedPass(self, losses, distributed, keep_graph)
 
     def _sum(self, records: list[Record], m: int) -> Tensor:
         """``Σ`` of the considered modules' Gramians over the records (``m`` rows each). A
@@ -231,8 +233,11 @@ class HookedGramian(GramianSource):
 class HookedPass(Pass):
     """A step's pass through the hooks: resume point, passes, row checks, other ranks' calls."""
 
-    def __init__(self, source: HookedGramian, losses: Tensor, distributed: str) -> None:
+    def __init__(
+        self, source: HookedGramian, losses: Tensor, distributed: str, keep_graph: bool
+    ) -> None:
         super().__init__(losses.reshape(-1))
+        self.resumable = not keep_graph
         self.source, self.losses = source, losses
         self.size, self.rank = world() if distributed == "global" else (1, 0)
         if self.size > 1 and losses.ndim != 1:
@@ -250,7 +255,8 @@ class HookedPass(Pass):
         """
         losses = self.losses
         # Resume the trunk's backward at the considered part's boundary where that is exact.
-        self.resume = find_resume(losses, self.source.hooks, self.source.plan)
+        if self.resumable:
+            self.resume = find_resume(losses, self.source.hooks, self.source.plan)
         try:
             records, gramian, finite = self._checked()
         except ValueError:

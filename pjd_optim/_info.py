@@ -58,5 +58,7 @@ class Status:
     skipped_steps: int = 0
     pending: bool = False  # a Jacobian-descent backward since the last step
     cleared: bool = False  # zero_grad() since that pending backward (its gradient is gone)
+    weighted: bool = False  # a weighted_loss since the last step (the caller's backward runs)
+    weighted_nonfinite: bool = False  # ... with non-finite losses or Gramian (NaN weights)
     warned_plain: bool = False
     nonfinite_grad: tuple[Tensor, Tensor] | None = None  # (parameter, its non-finite .grad)

@@ -46,10 +46,14 @@ class Pass:
         m = self.objectives.numel()
         return weights[self.rank * m : (self.rank + 1) * m]
 
+    def applied(self, weights: Tensor) -> Tensor:
+        """The cotangent of this rank's objectives: its weights, times the world size under
+        ``"global"`` (DDP averages the ranks' gradients)."""
+        return (self.own(weights) * self.size).to(self.objectives.dtype)
+
     def backward(self, weights: Tensor) -> None:
-        """``Σ_i w_i ∇ℓ_i`` of this rank's objectives into ``.grad`` (times the world size under
-        ``"global"``: DDP averages the ranks' gradients)."""
-        self.weighted_backward((self.own(weights) * self.size).to(self.objectives.dtype))
+        """``Σ_i w_i ∇ℓ_i`` of this rank's objectives into ``.grad``."""
+        self.weighted_backward(self.applied(weights))
 
     def weighted_backward(self, weights: Tensor) -> None:
         torch.autograd.backward(self.objectives, weights)

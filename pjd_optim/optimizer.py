@@ -9,6 +9,7 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 from torch.optim import Optimizer
 
 from ._autograd import AutogradGramian, ClosedGramian
@@ -183,14 +184,73 @@ class PartialJDOptimizer(WrappedOptimizer):
         assert weights is not None
         return weights
 
+    def weighted_loss(self, losses: Tensor) -> Tensor:
+        """A scalar whose value is ``losses.mean()`` (for logs) and whose gradient is the
+        Jacobian-descent direction ``Σ_i w_i ∇ℓ_i`` (the weights detached): for code whose
+        backward call must stay as it is (``loss.backward()``, ``scaler.scale(loss).backward()``,
+        ``accelerator.backward(loss)``, Lightning's automatic optimisation).
+
+        The Gramian and the weights are computed now (``last_step``), on the graph, which stays
+        whole for the caller's backward; then :meth:`step` (with no losses, or with a closure
+        returning this scalar) steps without a warning. Under float16 autocast the Gramian's
+        passes run on scaled losses (as a ``GradScaler`` would), so they do not underflow.
+        Non-finite losses or Gramian give ``NaN`` weights: the caller's backward then leaves
+        non-finite gradients, which ``GradScaler`` skips and :meth:`step` refuses or skips.
+        Task losses cannot be one scalar's gradient (their heads take the plain sum): use
+        ``step([loss_1, ...])``.
+        """
+        if isinstance(losses, (list, tuple)):
+            raise ValueError(
+                "weighted_loss takes per-instance losses (a tensor). Task losses cannot be "
+                "weighted into one scalar (the heads after the considered part take the plain sum "
+                "of the task gradients): call optimizer.step([loss_1, ...]) instead."
+            )
+        jd = self._begin(losses, keep_graph=True)
+        kind = losses.device.type
+        half = losses.dtype == torch.float16 or (
+            torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+        )
+        start = time.perf_counter()
+        with _full_precision(losses):
+            gramian, finite = self._scaled_gramian(jd, losses) if half else jd.gramian()
+            middle = time.perf_counter()
+            weights = self._weigh(gramian, finite, stop_on_nonfinite=False)
+        assert weights is not None
+        info = StepInfo(
+            gramian.detach(),
+            weights,
+            gramian_seconds=middle - start,
+            weighting_seconds=time.perf_counter() - middle,
+            received_bytes=jd.received_bytes,
+            check_seconds=jd.check_seconds,
+        )
+        status = self._status
+        status.last_step = info if finite else None
+        status.weighted = True
+        status.weighted_nonfinite = status.weighted_nonfinite or not finite
+        loss: Tensor = _WeightedMean.apply(losses, jd.applied(weights))
+        return loss
+
+    def _scaled_gramian(self, jd: Pass, losses: Tensor) -> tuple[Tensor, bool]:
+        """``jd``'s Gramian in float16: from losses scaled by ``2^16``, else ``2^8``, else 1 (the
+        first that stays finite), divided back (exactly: powers of two), as a GradScaler would."""
+        for exponent in (16, 8, 0):
+            scaled = self._begin(losses * 2.0**exponent, keep_graph=True)
+            gramian, finite = scaled.gramian()
+            if finite or exponent == 0:
+                jd.check_seconds = scaled.check_seconds
+                return gramian / 4.0**exponent, finite
+        raise AssertionError("unreachable")
+
     def _jd_backward(self, losses: Losses, stop_on_nonfinite: bool) -> Tensor | None:
         """The Jacobian-descent backward: Gramian → weights → weighted gradient into ``.grad``.
         Returns this rank's weights, or ``None`` when a non-finite step was skipped."""
         jd = self._begin(losses)  # (a clear error for bad losses; nothing has changed)
         start = time.perf_counter()
-        gramian, finite = jd.gramian()  # (refused here if the rows mix losses)
-        middle = time.perf_counter()
-        weights = self._weigh(gramian, finite, stop_on_nonfinite)
+        with _full_precision(jd.objectives):
+            gramian, finite = jd.gramian()  # (refused here if the rows mix losses)
+            middle = time.perf_counter()
+            weights = self._weigh(gramian, finite, stop_on_nonfinite)
         if weights is None:
             return None
         end = time.perf_counter()
@@ -208,7 +268,7 @@ class PartialJDOptimizer(WrappedOptimizer):
         self._record(info, finite)
         return jd.own(weights)
 
-    def _begin(self, losses: Losses) -> Pass:
+    def _begin(self, losses: Losses, keep_graph: bool = False) -> Pass:
         """The pass of this backward (per-instance or task losses), after checking them."""
         source = self._status.source
         if isinstance(losses, (list, tuple)):
@@ -222,7 +282,7 @@ class PartialJDOptimizer(WrappedOptimizer):
                 "considers trainable parameters, or call loss.backward() and step() for a plain "
                 "step. Nothing was changed."
             )
-        return source.begin(losses, self.distributed)
+        return source.begin(losses, self.distributed, keep_graph)
 
     def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
         """The weighting's weights; where the losses or the Gramian are not finite, ``NaN``
@@ -291,11 +351,15 @@ class PartialJDOptimizer(WrappedOptimizer):
             if result is None:
                 self._plain_step()
                 return None
+            if isinstance(result, Tensor) and result.ndim == 0 and self._status.weighted:
+                self._plain_step()  # the scalar of a weighted_loss, whose backward ran
+                return result
             if not isinstance(result, (Tensor, list, tuple)):
                 raise TypeError(
                     "The closure must return the per-instance losses (a tensor), the task "
-                    "losses (a list), or None after calling optimizer.backward(losses) itself; "
-                    f"got {type(result).__name__}."
+                    "losses (a list), the scalar of optimizer.weighted_loss(losses) after its "
+                    "backward, or None after calling optimizer.backward(losses) itself; got "
+                    f"{type(result).__name__}."
                 )
             losses = result
         else:
@@ -312,6 +376,9 @@ class PartialJDOptimizer(WrappedOptimizer):
         """``base.step()`` on the gradients in ``.grad``, unless a non-finite ``backward`` left
         them there (then raise or skip, as ``nonfinite`` says)."""
         status = self._status
+        if status.weighted_nonfinite:  # the caller's backward of a non-finite weighted_loss
+            status.nonfinite_grad = self._a_gradient()
+            status.weighted = status.weighted_nonfinite = False
         if status.nonfinite_grad is not None:
             param, grad = status.nonfinite_grad
             if param.grad is grad and not bool(torch.isfinite(grad).all()):
@@ -334,7 +401,12 @@ class PartialJDOptimizer(WrappedOptimizer):
                 "or call optimizer.step(losses).",
                 stacklevel=3,
             )
-        elif not status.pending and not status.warned_plain and self._has_gradient():
+        elif (
+            not status.pending
+            and not status.weighted
+            and not status.warned_plain
+            and self._has_gradient()
+        ):
             # (No gradient at all is no plain loop: e.g. torch.distributed.checkpoint's
             # initialisation of the optimizer state steps on zero gradients; stay silent.)
             status.warned_plain = True
@@ -344,8 +416,7 @@ class PartialJDOptimizer(WrappedOptimizer):
                 "optimizer.step(losses), or call optimizer.backward(losses) before step().",
                 stacklevel=3,
             )
-        status.pending = False
-        status.cleared = False
+        status.pending = status.cleared = status.weighted = False
         self.base.step()
 
     def _has_gradient(self) -> bool:
@@ -433,3 +504,24 @@ def _open_source(mode: GramianMode, model: nn.Module, considered: list[Tensor]) 
     if mode == "autograd":
         return AutogradGramian(considered)
     return HookedGramian(model, considered)  # (raises if a parameter is not in `model`)
+
+
+class _WeightedMean(torch.autograd.Function):
+    """Value ``losses.mean()``; gradient ``grad · weights`` to the losses (weights detached)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, losses: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(weights)
+        ctx.shape = losses.shape  # type: ignore[attr-defined]
+        return losses.detach().mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        (weights,) = ctx.saved_tensors
+        return (grad * weights).view(ctx.shape), None
+
+
+def _full_precision(losses: Tensor) -> torch.autocast:
+    """Autocast off for the Gramian and the weighting (a step called inside an autocast region
+    would otherwise run the rules' products and the solver in 16 bits)."""
+    return torch.autocast(losses.device.type, enabled=False)
