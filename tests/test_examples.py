@@ -56,3 +56,11 @@ def test_mtl_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [line for line in out.splitlines() if line.lstrip().startswith(("1 |", "2 |"))]
     assert len(rows) == 2, out
     assert "conflict" in out
+
+
+def test_hf_trainer_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    load_example("hf_trainer").main(["--steps", "4", "--objectives", "token"])
+    out = capsys.readouterr().out
+    assert "final training loss" in out and "objectives" in out

@@ -1,0 +1,128 @@
+"""Hugging Face ``Trainer`` with partial Jacobian descent: :class:`JDTrainer`.
+
+Everything of ``Trainer`` is kept (its optimizer and weight-decay groups, ``optim=``, scheduler,
+clipping, gradient accumulation, mixed precision, ``accelerator.backward``); the optimizer it
+builds is wrapped in a :class:`~pjd_optim.PartialJDOptimizer`, and the loss it backwards is
+:meth:`~pjd_optim.PartialJDOptimizer.weighted_loss` of per-objective losses:
+
+- ``objectives="sequence"``: each sequence's loss, the mean over its valid tokens (labels shifted
+  for causal language models, ``-100`` ignored; sequences without a valid token are left out);
+- ``objectives="token"``: each valid token's loss;
+- models whose logits are ``[B, classes]`` (sequence classification): each example's loss
+  (cross-entropy, or squared error for one regression label).
+
+With gradient accumulation, each micro-batch has its own Gramian, and its weighted loss is divided
+by the accumulation steps as ``Trainer`` divides a per-batch mean loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer
+
+from ..optimizer import PartialJDOptimizer
+from ..weightings import Weighting
+
+Objectives = Literal["sequence", "token"]
+
+
+class JDTrainer(Trainer):
+    """``Trainer`` whose step is partial Jacobian descent over ``considered``.
+
+    Example::
+
+        trainer = JDTrainer(model=model, args=args, train_dataset=data,
+                            considered=model.lm_head, objectives="sequence")
+        trainer.train()
+
+    Args:
+        considered: modules or parameters of ``model`` whose Jacobian gives the Gramian (the
+            output layer, a final norm, the last block).
+        objectives: ``"sequence"`` or ``"token"`` (see the module docstring).
+        weighting: as :class:`~pjd_optim.PartialJDOptimizer`'s (default ``UPGrad()``).
+        The other arguments are ``Trainer``'s.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor,
+        objectives: Objectives = "sequence",
+        weighting: Weighting | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if objectives not in ("sequence", "token"):
+            raise ValueError(f"objectives must be 'sequence' or 'token', got {objectives!r}.")
+        super().__init__(*args, **kwargs)
+        self.considered = considered
+        self.objectives: Objectives = objectives
+        self.weighting = weighting
+        self.jd_optimizer: PartialJDOptimizer | None = None
+        # Our loss is a mean over this micro-batch: Trainer divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer``'s optimizer (groups, ``optim=``), wrapped."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not isinstance(optimizer, PartialJDOptimizer):
+            model = self.model
+            assert isinstance(model, nn.Module)
+            optimizer = PartialJDOptimizer(
+                optimizer, model, considered=self.considered, weighting=self.weighting
+            )
+            self.optimizer = optimizer
+        self.jd_optimizer = optimizer
+        return optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The weighted loss of the batch's objectives (their plain mean outside training)."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        losses = objective_losses(outputs.logits, labels, self.objectives, _causal(model))
+        training = model.training and torch.is_grad_enabled()
+        if training and self.jd_optimizer is None:
+            self.create_optimizer()
+        if training and self.jd_optimizer is not None:
+            loss = self.jd_optimizer.weighted_loss(losses)
+        else:
+            loss = losses.mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def objective_losses(
+    logits: Tensor, labels: Tensor, objectives: Objectives, causal: bool
+) -> Tensor:
+    """Per-objective losses of a batch (see the module docstring)."""
+    if logits.ndim == 2:  # sequence classification or regression: one loss per example
+        if logits.shape[-1] == 1 and labels.is_floating_point():
+            return (logits.squeeze(-1).float() - labels.float()).pow(2)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    if causal:  # token t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    valid = labels != -100
+    if objectives == "token":
+        return tokens[valid]
+    counts = valid.sum(dim=1)
+    keep = counts > 0
+    return (tokens * valid).sum(dim=1)[keep] / counts[keep]
+
+
+def _causal(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or []
+    names = [type(model).__name__, *architectures]
+    return any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in names)

@@ -1,0 +1,153 @@
+"""``JDTrainer``: Hugging Face's ``Trainer`` with partial JD, against manual steps on the same
+batches (tiny random configurations, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from oracle import relative_error
+from torch import Tensor, nn
+
+transformers = pytest.importorskip("transformers")
+
+from pjd_optim import PartialJDOptimizer  # noqa: E402
+from pjd_optim.integrations.transformers import JDTrainer, objective_losses  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+class Tokens(torch.utils.data.Dataset[dict[str, Tensor]]):
+    def __init__(self, count: int, length: int, vocab: int, classes: int | None = None) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (count, length), generator=generator)
+        if classes is None:
+            self.labels = self.ids.clone()
+            self.labels[0, 2:] = -100  # a sequence with one valid token
+            self.labels[1, :] = -100  # and one without any (left out of "sequence" objectives)
+        else:
+            self.labels = torch.randint(0, classes, (count,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=23, n_positions=16, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model: nn.Module = transformers.GPT2LMHeadModel(config)
+    return model
+
+
+def bert_classifier() -> nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        vocab_size=23, num_labels=3, max_position_embeddings=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model: nn.Module = transformers.BertForSequenceClassification(config)
+    return model
+
+
+def train(
+    model: nn.Module, data: Tokens, considered: str, objectives: Any, accumulate: int
+) -> list[dict[str, Tensor]]:
+    """Two optimizer steps of ``JDTrainer`` (SGD, constant lr, no clipping); the batches used."""
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulate,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    seen: list[dict[str, Tensor]] = []
+
+    class Recording(JDTrainer):
+        def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+            seen.append({key: value.clone() for key, value in inputs.items()})
+            return super().compute_loss(model, inputs, *a, **k)
+
+    trainer = Recording(
+        model=model,
+        args=args,
+        train_dataset=data,
+        considered=model.get_submodule(considered),
+        objectives=objectives,
+    )
+    trainer.train()
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize(
+    ("build", "considered", "objectives"),
+    [
+        (gpt2, "lm_head", "sequence"),
+        (gpt2, "lm_head", "token"),
+        (gpt2, "transformer.h.1", "sequence"),
+        (bert_classifier, "classifier", "sequence"),
+    ],
+)
+def test_jd_trainer_steps_as_manual_partial_jd_steps(
+    build: Any, considered: str, objectives: Any, accumulate: int
+) -> None:
+    model = build()
+    reference = copy.deepcopy(model)
+    data = Tokens(16, 8, 23, classes=3 if build is bert_classifier else None)
+    seen = train(model, data, considered, objectives, accumulate)
+    assert len(seen) == 2 * accumulate
+    reference.train()
+    manual = PartialJDOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        reference,
+        considered=reference.get_submodule(considered),
+    )
+    causal = build is gpt2
+    for start in range(0, len(seen), accumulate):
+        for inputs in seen[start : start + accumulate]:
+            logits = reference(input_ids=inputs["input_ids"]).logits
+            losses = objective_losses(logits, inputs["labels"], objectives, causal)
+            manual.backward(losses / accumulate)
+        manual.step()
+        manual.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    moved = max(
+        relative_error(p, q) for p, q in zip(model.parameters(), build().parameters(), strict=True)
+    )
+    assert moved > 1e-3  # (the steps did change the parameters)
+
+
+def test_sequence_and_token_objectives_follow_the_labels() -> None:
+    """Causal shift, ``-100`` ignored, sequences without a valid token left out (never NaN)."""
+    logits = torch.randn(3, 4, 5)
+    labels = torch.tensor([[1, 2, -100, -100], [-100, -100, -100, -100], [0, 1, 2, 3]])
+    tokens = objective_losses(logits, labels, "token", causal=True)
+    shifted = labels[:, 1:]
+    assert tokens.shape == (int((shifted != -100).sum()),)
+    sequences = objective_losses(logits, labels, "sequence", causal=True)
+    assert sequences.shape == (2,) and bool(torch.isfinite(sequences).all())
+    expected = torch.nn.functional.cross_entropy(logits[2, :-1], labels[2, 1:])
+    assert torch.allclose(sequences[1], expected)
+    first = torch.nn.functional.cross_entropy(logits[0, :1], labels[0, 1:2])
+    assert torch.allclose(sequences[0], first)
