@@ -42,6 +42,7 @@ class Workload:
     inputs: Tensor
     targets: Tensor
     autocast: torch.dtype | None = None
+    objectives: str = "example"  # language models: "token" ([B, T] losses) or "sequence"
 
 
 def mlp(batch: int) -> Callable[[], Workload]:
@@ -88,6 +89,37 @@ def resnet50() -> Workload:
     return Workload("resnet50 224px, B=256 (fc)", model, ["fc"], x, y)
 
 
+class Logits(nn.Module):
+    """A Hugging Face causal LM as a module from token ids to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        logits: Tensor = self.model(input_ids=ids).logits
+        return logits
+
+
+def gpt2(objectives: str, part: str) -> Callable[[], Workload]:
+    """GPT-2, 4 layers of 256, vocabulary 8192, untied head; B=8 sequences of T=32 tokens."""
+
+    def build() -> Workload:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=64,
+            tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        model = Logits(GPT2LMHeadModel(config))
+        considered = {"head": ["model.lm_head"], "block": ["model.transformer.h.3"]}[part]
+        ids = torch.randint(0, 8192, (8, 32))
+        label = f"GPT-2 4x256, V=8192, B=8, T=32, {objectives} losses ({part})"
+        return Workload(label, model, considered, ids, ids, objectives=objectives)
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[], Workload]] = {
     "seed": seed,
     "mlp": mlp(128),
@@ -96,6 +128,10 @@ BUILDERS: dict[str, Callable[[], Workload]] = {
     "vit_b": vit("vit_base_patch16_224", 224, 64, None),
     "vit_b_bf16": vit("vit_base_patch16_224", 224, 256, torch.bfloat16),
     "resnet50": resnet50,
+    "gpt2_sequence_head": gpt2("sequence", "head"),
+    "gpt2_token_head": gpt2("token", "head"),
+    "gpt2_sequence_block": gpt2("sequence", "block"),
+    "gpt2_token_block": gpt2("token", "block"),
 }
 DEFAULTS = {
     "cpu": ["seed", "mlp", "vit_tiny"],
@@ -103,7 +139,12 @@ DEFAULTS = {
 }
 
 
-def per_sample_loss(out: Tensor, targets: Tensor) -> Tensor:
+def per_sample_loss(out: Tensor, targets: Tensor, objectives: str = "example") -> Tensor:
+    if objectives != "example":  # next-token losses [B, T-1], or their mean per sequence
+        tokens = nn.functional.cross_entropy(
+            out[:, :-1].float().transpose(1, 2), targets[:, 1:], reduction="none"
+        )
+        return tokens if objectives == "token" else tokens.mean(dim=1)
     if targets.is_floating_point():
         return (out.float().squeeze(1) - targets).pow(2)
     return nn.functional.cross_entropy(out.float(), targets, reduction="none")
@@ -124,7 +165,7 @@ def variants(
 
     def losses_of(model: nn.Module) -> Tensor:
         with autocast():
-            return per_sample_loss(model(x), y)
+            return per_sample_loss(model(x), y, w.objectives)
 
     out: dict[str, Callable[[], None]] = {}
     model = copy.deepcopy(w.model)
