@@ -37,8 +37,6 @@ from tqdm import tqdm
 
 from pjd_optim import PartialJDOptimizer
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "mtl.png"
-
 
 class TwoTasks(nn.Module):
     def __init__(self) -> None:
@@ -149,20 +147,26 @@ def plot(history: dict[str, list[float]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to save the figure")
+    parser.add_argument(
+        "--out", type=Path, default=Path("."), help="folder for the figure (created if needed)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 epochs on 256 samples (tests)")
     args = parser.parse_args(argv)
+    figure = args.out / ("mtl_quick.png" if args.quick else "mtl.png")  # (quick never overwrites)
     start = time.perf_counter()
     epochs, samples = (2, 256) if args.quick else (args.epochs, args.samples)
     history = train(epochs, args.batch_size, args.lr, samples, args.seed)
-    plot(history, args.out)
-    print(f"figure saved to {args.out}; done in {time.perf_counter() - start:.1f} s")
+    plot(history, figure)
+    print(f"figure saved to {figure}; done in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

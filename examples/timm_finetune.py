@@ -46,8 +46,6 @@ from tqdm import tqdm
 
 from pjd_optim import PartialJDOptimizer
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "timm_finetune.png"
-
 
 def digits_images(size: int, seed: int, limit: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Digits as ``[N, 3, size, size]`` images in [-1, 1], split 75/25 (stratified)."""
@@ -238,7 +236,10 @@ def plot(runs: list[Run], conflicts: list[float], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="timm model (default resnet10t)")
     parser.add_argument("--epochs", type=int, default=None, help="default 3")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -246,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to save the figure")
+    parser.add_argument(
+        "--out", type=Path, default=Path("."), help="folder for the figure (created if needed)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; 1 with --quick)"
     )
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="test_resnet, 1 epoch of 3 small batches (for tests)"
     )
     args = parser.parse_args(argv)
+    name = "timm_finetune_quick.png" if args.quick else "timm_finetune.png"  # (never overwrites)
+    figure = args.out / name
     config = Config(
         model=args.model or ("test_resnet" if args.quick else "resnet10t"),
         epochs=args.epochs or (1 if args.quick else 3),
@@ -273,10 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         runs, conflicts = train(config)
     finally:
         torch.set_num_threads(threads)
-    plot(runs, conflicts, args.out)
+    plot(runs, conflicts, figure)
     times = ", ".join(f"{run.name} {run.seconds:.1f} s" for run in runs)
     print(f"training time: {times}; total {time.perf_counter() - start:.1f} s")
-    print(f"figure saved to {args.out}")
+    print(f"figure saved to {figure}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import Tensor
 from ._engine import GramianSource
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StepInfo:
     """What the last :meth:`PartialJDOptimizer.backward` computed (detached).
 
@@ -28,6 +28,17 @@ class StepInfo:
     received_bytes: int = 0
     resumed: bool = False
     check_seconds: float = 0.0
+
+    def __repr__(self) -> str:
+        """A summary (the Gramian and the weights are attributes)."""
+        m = self.weights.numel()
+        total = float(self.weights.double().sum()) if m else 0.0
+        return (
+            f"StepInfo(m={m}, weights sum {total:.3g}, conflict {self.conflict:.1%}, "
+            f"min cosine {self.min_cosine:.3f}, Gramian {1e3 * self.gramian_seconds:.1f} ms "
+            f"(check {1e3 * self.check_seconds:.1f} ms), weighting "
+            f"{1e3 * self.weighting_seconds:.1f} ms, resumed={self.resumed})"
+        )
 
     @property
     def cosines(self) -> Tensor:

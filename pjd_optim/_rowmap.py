@@ -102,32 +102,41 @@ class Ratios:
     negligible: Tensor
 
 
-def ratios(g: Tensor, h: Tensor, delta: float) -> Ratios:
-    """:class:`Ratios` of the rows of ``g`` and ``h`` ``[R, n]`` (computed in float32 or wider)."""
+def _normalised(g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``g``, ``h`` in float32 or wider, each row scaled by the power of two that brings its
+    largest ``|g|`` to ``[1, 2)`` (exact, and no underflow in the products of tiny gradients);
+    and the rows' largest ``|g|`` and ``|h|`` before scaling."""
     dtype = torch.promote_types(g.dtype, torch.float32)
     g, h = g.to(dtype), h.to(dtype)
-    c = torch.linalg.vecdot(g, h) / torch.linalg.vecdot(g, g)
     size, tagged = g.abs().amax(dim=1), h.abs().amax(dim=1)
-    residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
-    clean = residual <= 4 * delta * c.abs() * size
+    scale = torch.exp2(-torch.floor(torch.log2(torch.where(size > 0, size, 1))))
+    return g * scale.unsqueeze(1), h * scale.unsqueeze(1), size, tagged
+
+
+def _negligible(size: Tensor, tagged: Tensor, delta: float) -> Tensor:
+    """Rows negligible in both passes: against the call's largest row, or absolutely (so small
+    that their Gramian terms underflow: below the dtype's smallest normal number over ``δ``)."""
     larger = torch.maximum(size, tagged)
     largest = larger.amax() if larger.numel() else larger.new_zeros(())
-    return Ratios(c, clean, larger <= NEGLIGIBLE * delta * largest)
+    floor = torch.finfo(size.dtype).tiny / delta
+    return (larger <= NEGLIGIBLE * delta * largest) | (larger <= floor)
+
+
+def ratios(g: Tensor, h: Tensor, delta: float) -> Ratios:
+    """:class:`Ratios` of the rows of ``g`` and ``h`` ``[R, n]`` (computed in float32 or wider)."""
+    g, h, size, tagged = _normalised(g, h)
+    c = torch.linalg.vecdot(g, h) / torch.linalg.vecdot(g, g)
+    residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
+    clean = residual <= 4 * delta * c.abs() * g.abs().amax(dim=1)
+    return Ratios(c, clean, _negligible(size, tagged, delta))
 
 
 def in_order(g: Tensor, h: Tensor, tags: Tags) -> Tensor:
-    """Whether row ``i`` of ``g``, ``h`` ``[m, n]`` feeds loss ``i`` alone, or is zero, for every
-    row (a 0-d tensor): :func:`matches` on the identity, in fewer operations (the common case)."""
-    dtype = torch.promote_types(g.dtype, torch.float32)
-    g, h = g.to(dtype), h.to(dtype)
-    gg = torch.linalg.vecdot(g, g)
-    c = torch.linalg.vecdot(g, h) / gg
-    residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
-    tau = tags.exact.to(dtype)
-    delta = tags.delta
-    fed = (residual <= 4 * delta * c.abs() * g.abs().amax(dim=1)) & ((c - tau).abs() <= delta * tau)
-    zero = (gg == 0) & (h.abs().amax(dim=1) == 0)
-    result: Tensor = (fed | zero).all()
+    """Whether row ``i`` of ``g``, ``h`` ``[m, n]`` feeds loss ``i`` alone, or is negligible,
+    for every row (a 0-d tensor): :func:`matches` on the identity without its gather."""
+    r = ratios(g, h, tags.delta)
+    tau = tags.exact.to(r.c.dtype)
+    result: Tensor = (r.negligible | (r.clean & ((r.c - tau).abs() <= tags.delta * tau))).all()
     return result
 
 

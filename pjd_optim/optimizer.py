@@ -493,10 +493,17 @@ class PartialJDOptimizer(WrappedOptimizer):
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"PartialJDOptimizer(base={type(self.base).__name__}, weighting={self.weighting!r}, "
-            f"considered={len(self._considered)} tensors, gramian_mode={self.gramian_mode!r})"
-        )
+        """As torch's optimizers (the base's groups and options), with what the wrapper adds:
+        the weighting, the modes and the considered modules by name."""
+        names = _considered_names(self.model, self._considered)
+        lines = [
+            f"PartialJDOptimizer over {self.base!r}",
+            f"  weighting: {self.weighting!r}",
+            f"  considered: {', '.join(names)}",
+            f"  gramian_mode: {self.gramian_mode!r}, distributed: {self.distributed!r}, "
+            f"nonfinite: {self.nonfinite!r}",
+        ]
+        return "\n".join(lines)
 
 
 def _open_source(mode: GramianMode, model: nn.Module, considered: list[Tensor]) -> GramianSource:
@@ -525,3 +532,21 @@ def _full_precision(losses: Tensor) -> torch.autocast:
     """Autocast off for the Gramian and the weighting (a step called inside an autocast region
     would otherwise run the rules' products and the solver in 16 bits)."""
     return torch.autocast(losses.device.type, enabled=False)
+
+
+def _considered_names(model: nn.Module, considered: list[Tensor]) -> list[str]:
+    """The considered parameters as the model's names: a module whose parameters are all
+    considered by its name (``blocks.11``), others parameter by parameter."""
+    ids = {id(p) for p in considered}
+    names: list[str] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if params and all(id(p) in ids for p in params) and not covered >= {id(p) for p in params}:
+            names.append(name or type(module).__name__)
+            covered.update(id(p) for p in params)
+    for name, p in model.named_parameters():
+        if id(p) in ids and id(p) not in covered:
+            names.append(name)
+            covered.add(id(p))
+    return names

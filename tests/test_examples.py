@@ -38,8 +38,8 @@ def test_partial_jd_iwrm_quick(capsys: pytest.CaptureFixture[str]) -> None:
 def test_timm_finetune_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("timm")
     pytest.importorskip("matplotlib")
-    out_file = tmp_path / "figures" / "timm_finetune.png"  # the folder is created
-    load_example("timm_finetune").main(["--quick", "--out", str(out_file)])
+    out_file = tmp_path / "figures" / "timm_finetune_quick.png"  # the folder is created
+    load_example("timm_finetune").main(["--quick", "--out", str(out_file.parent)])
     out = capsys.readouterr().out
     assert out_file.is_file() and out_file.stat().st_size > 10_000
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,8 +49,8 @@ def test_timm_finetune_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_mtl_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
-    out_file = tmp_path / "mtl.png"
-    load_example("mtl").main(["--quick", "--out", str(out_file)])
+    out_file = tmp_path / "mtl_quick.png"  # a quick run never overwrites the full run's figure
+    load_example("mtl").main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line for line in out.splitlines() if line.lstrip().startswith(("1 |", "2 |"))]

@@ -293,3 +293,28 @@ def test_a_boundary_that_reaches_the_losses_past_the_considered_calls_is_checked
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model.head])
     optimizer.backward(model(X))
     assert optimizer.last_step is not None and optimizer.last_step.resumed == (shift == 0)
+
+
+@pytest.mark.parametrize("size", ["small", "subnormal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_calls_with_tiny_or_subnormal_gradients_are_followed_not_refused(
+    dtype: torch.dtype, size: str
+) -> None:
+    """Every loss scaled so that the call's gradients are tiny (their squares underflow) or
+    subnormal, as for a batch of well-classified examples: the rows' losses are still told
+    (sorted here), or, subnormal, their terms (which underflow in the Gramian) are dropped."""
+    torch.manual_seed(0)
+    model = mlp().to(dtype)
+    factor = {"small": 1e-24 if dtype == torch.float32 else 1e-160}.get(size)
+    if factor is None:
+        factor = torch.finfo(dtype).tiny / 64
+    scales = factor * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 1.5], dtype=dtype)
+
+    def losses(m: nn.Module, x: Tensor) -> Tensor:
+        return (squared(m(x.to(dtype))) * scales).sort().values
+
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model[2]])
+    optimizer.backward(losses(model, X))  # not refused
+    if size == "small":
+        errors = step_errors(model, [model[0], model[2]], X, losses)
+        assert errors["gramian"] < (1e-10 if dtype == torch.float64 else 1e-5), errors
