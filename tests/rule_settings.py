@@ -1,9 +1,10 @@
 """Layer settings for the rule contract (tests/test_rule_contract.py): one table entry per
 registered layer type, over non-default hyperparameters, and hypothesis strategies that draw more.
 
-A :class:`Setting` builds a module and a batch of ``B`` samples for it, and *declares* (independently
-of the rules) where the batch is: ``in_dims`` for each tensor among the flattened ``(args, kwargs)``
-(``None``: shared by every sample) and ``out_dims`` for each tensor among the flattened outputs.
+A :class:`Setting` builds a module and a batch of ``B`` samples for it, and *declares*
+(independently of the rules) where the batch is: ``in_dims`` for each tensor among the flattened
+``(args, kwargs)`` (``None``: shared by every sample) and ``out_dims`` for each tensor among the
+flattened outputs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 B = 4
@@ -123,7 +124,9 @@ def norm(
     return Setting(key, name, build, one(lambda g: randn(g, B, *shape)), (0,), (0,), **options)
 
 
-def batchnorm(dims: int, eps: float, affine: bool, shape: tuple[int, ...]) -> Callable[[], nn.Module]:
+def batchnorm(
+    dims: int, eps: float, affine: bool, shape: tuple[int, ...]
+) -> Callable[[], nn.Module]:
     kinds: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
         1: nn.BatchNorm1d,
         2: nn.BatchNorm2d,
@@ -176,7 +179,7 @@ def recurrent(
     as_kwarg: bool = False,
     length: int = 3,
 ) -> Setting:
-    kind = RECURRENT[mode]
+    kind: Any = RECURRENT[mode]  # (typed as RNNBase, whose first argument is the mode)
     hidden, features = 4, 3
     options: dict[str, Any] = dict(
         num_layers=layers,
@@ -274,7 +277,13 @@ def attention(
         return (q, k, v), kwargs
 
     batch = 0 if batch_first else 1
-    in_dims = (batch, batch, batch, *((0,) if padding_mask else ()), *((None,) if attn_mask else ()))
+    in_dims = (
+        batch,
+        batch,
+        batch,
+        *((0,) if padding_mask else ()),
+        *((None,) if attn_mask else ()),
+    )
     out_dims = (batch, 0) if need_weights else (batch,)
     refusal = "random" if train and dropout > 0 else None
     return Setting(
@@ -511,8 +520,12 @@ def norm_settings(draw: st.DrawFn) -> Setting:
     channels = groups * draw(st.integers(1, 2))
     spatial = tuple(draw(st.lists(st.integers(1, 3), max_size=3)))
     if kind == "group":
-        return norm(nn.GroupNorm, f"drawn_groupnorm_{groups}_{channels}_{spatial}_eps{eps}",
-                    lambda: nn.GroupNorm(groups, channels, eps=eps), (channels, *spatial))
+        return norm(
+            nn.GroupNorm,
+            f"drawn_groupnorm_{groups}_{channels}_{spatial}_eps{eps}",
+            lambda: nn.GroupNorm(groups, channels, eps=eps),
+            (channels, *spatial),
+        )
     dims = max(1, len(spatial))  # [B, C] and [B, C, L]: BatchNorm1d
     shape = (channels, *spatial)
     key = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]

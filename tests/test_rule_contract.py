@@ -3,7 +3,8 @@
 per loss): per-sample gradients, Gramian and summed gradients of the rule called directly (one
 call and a reused layer's two calls), and the whole step (Gramian, weights, ``.grad``).
 
-A registered type without an entry in the table fails :func:`test_every_registered_type_has_settings`:
+A registered type without an entry in the table fails
+:func:`test_every_registered_type_has_settings`:
 a new rule gets the harness by registering and adding its settings.
 """
 
@@ -17,11 +18,11 @@ import pytest
 import torch
 from case import Case, mse
 from hypothesis import HealthCheck, given, settings
-from oracle import errors_against_oracle, oracle_jacobian, relative_error
+from oracle import errors_against_oracle, oracle_jacobian
 from rule_settings import (
-    B,
     F64,
     SETTINGS,
+    B,
     Setting,
     attention_settings,
     conv_settings,
@@ -38,10 +39,11 @@ from pjd_optim.gramian import batch_dim, rule_for
 from pjd_optim.gramian._registry import _RULES, _RULES_BY_NAME
 from pjd_optim.gramian.conv import ConvRule
 from pjd_optim.gramian.generic import GenericRule
-from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule
+from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule, Mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+MODES: list[Mode] = ["ghost", "materialize"]
 TOLERANCE = 1e-9  # float64 throughout: exact up to round-off
 IDS = [s.name for s in SETTINGS]
 
@@ -68,7 +70,9 @@ def params_of(module: nn.Module, rule: GramianRule) -> dict[str, nn.Parameter]:
 
 def per_sample_losses(outputs: list[Tensor], dims: tuple[int, ...]) -> Tensor:
     """``mse`` of every tapped output, the batch on dim 0 as the setting declares."""
-    features = torch.cat([y.movedim(d, 0).flatten(1) for y, d in zip(outputs, dims, strict=True)], 1)
+    features = torch.cat(
+        [y.movedim(d, 0).flatten(1) for y, d in zip(outputs, dims, strict=True)], 1
+    )
     return mse(features)
 
 
@@ -133,10 +137,8 @@ def error(actual: Tensor, expected: Tensor, floor: float) -> float:
 
 def split(jacobian: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     sizes = [p.numel() for p in params.values()]
-    chunks = jacobian.split(sizes, dim=1)
-    return {
-        n: c.reshape(-1, *p.shape) for (n, p), c in zip(params.items(), chunks, strict=True)
-    }
+    chunks = torch.split(jacobian, sizes, dim=1)
+    return {n: c.reshape(-1, *p.shape) for (n, p), c in zip(params.items(), chunks, strict=True)}
 
 
 def check_rule(setting: Setting, calls: int = 1, rule: GramianRule | None = None) -> None:
@@ -212,9 +214,7 @@ class Host(nn.Module):
         leaves = [y for y in tree_flatten(out)[0] if isinstance(y, Tensor)]
         dims = self.setting.out_dims
         features = [
-            y.movedim(d, 0).flatten(1)
-            for y, d in zip(leaves, dims, strict=True)
-            if y.requires_grad
+            y.movedim(d, 0).flatten(1) for y, d in zip(leaves, dims, strict=True) if y.requires_grad
         ]
         return torch.cat(features, dim=1)
 
@@ -283,10 +283,10 @@ def test_step_matches_the_per_sample_oracle(setting: Setting) -> None:
 GROUPED = [s for s in SETTINGS if isinstance(registry_key(s.key), GroupedLinearRule)]
 
 
-@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("setting", GROUPED, ids=[s.name for s in GROUPED])
-def test_both_branches_of_the_grouped_linear_cost_model(setting: Setting, mode: str) -> None:
-    rule = LinearRule(mode) if setting.key is nn.Linear else ConvRule(mode)  # type: ignore[arg-type]
+def test_both_branches_of_the_grouped_linear_cost_model(setting: Setting, mode: Mode) -> None:
+    rule = LinearRule(mode) if setting.key is nn.Linear else ConvRule(mode)
     check_rule(setting, calls=2, rule=rule)
 
 
@@ -305,8 +305,8 @@ SWEEP = settings(
 @given(conv_settings())
 def test_drawn_convolutions(setting: Setting) -> None:
     check_rule(setting)
-    for mode in ("ghost", "materialize"):
-        check_rule(setting, rule=ConvRule(mode))  # type: ignore[arg-type]
+    for mode in MODES:
+        check_rule(setting, rule=ConvRule(mode))
     check_step(setting)
 
 

@@ -4,6 +4,8 @@ ill-conditioned row is held to its own scale, not to the largest row's)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from qp import F64, quadprog_rows, random_gramian, regularised
 from torch import Tensor
 
-from pjd_optim import MGDA, DualProj, UPGrad
+from pjd_optim import MGDA, DualProj, UPGrad, Weighting
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,7 +35,9 @@ def assert_rows_kkt(G: Tensor, U: Tensor, V: Tensor, rtol: float = KKT_RTOL) -> 
         gap = v - u
         assert float(gap.min()) >= -rtol * scale_v, f"row {i}: primal feasibility v >= u"
         assert bool((y >= -rtol * scale_y).all()), f"row {i}: dual feasibility Gv >= 0"
-        assert bool(((gap * y).abs() <= rtol * scale_v * scale_y).all()), f"row {i}: complementarity"
+        assert bool(((gap * y).abs() <= rtol * scale_v * scale_y).all()), (
+            f"row {i}: complementarity"
+        )
 
 
 def assert_rows_close(actual: Tensor, expected: Tensor, rtol: float = QUADPROG_RTOL) -> None:
@@ -149,11 +153,12 @@ def test_options_change_the_weights_where_they_should(weighting: str) -> None:
     G = random_gramian(6, 3, "uneven", seed=3)
     m = G.shape[0]
     pref = torch.linspace(0.2, 1.2, m, dtype=F64)
-    make = {
+    makers: dict[str, Callable[..., Weighting]] = {
         "UPGrad": lambda **kw: UPGrad(pref, **kw),
         "DualProj": lambda **kw: DualProj(pref, **kw),
         "MGDA": lambda **kw: MGDA(**kw),
-    }[weighting]
+    }
+    make = makers[weighting]
     target = torch.full((m,), 1.0 / m, dtype=F64) if weighting == "MGDA" else pref
     trace = float(G.trace())
     flat = make(norm_eps=2 * trace, reg_eps=0.1)(G)
