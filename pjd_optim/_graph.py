@@ -73,18 +73,30 @@ def independent(nodes: set[Node]) -> bool:
     return latest_first((edge for node in nodes for edge in children(node)), follow)
 
 
+def through_views(node: Node) -> Tensor | None:
+    """The leaf that ``node`` is, or reaches through nodes of one input each (a transpose, a
+    view: how ``F.linear`` takes its weight), else ``None``."""
+    while leaf(node) is None:
+        edges = children(node)
+        if len(edges) != 1:
+            return None
+        node = edges[0][0]
+    return leaf(node)
+
+
 def leaves_and_uses(roots: Iterable[Node], used: set[int]) -> tuple[dict[int, None], list[Edge]]:
     """Ids of the leaves reachable from ``roots`` (in the order first seen), and the other inputs
-    of the nodes that take a leaf whose id is in ``used``."""
+    of the nodes that take a leaf whose id is in ``used`` (directly or through views), leaves
+    (the op's other parameters) apart."""
     leaves: dict[int, None] = {}
     inputs: list[Edge] = []
 
     def follow(node: Node, _: set[int]) -> list[Edge]:
         edges = children(node)
-        ids = [id(leaf(child)) if leaf(child) is not None else None for child, _ in edges]
+        ids = [id(v) if (v := through_views(child)) is not None else None for child, _ in edges]
         leaves.update((i, None) for i in ids if i is not None)
-        if any(i in used for i in ids):
-            inputs.extend(edge for edge, i in zip(edges, ids, strict=True) if i not in used)
+        if any(i in used for i in ids):  # (the op's own parameters, e.g. a bias, are not inputs)
+            inputs.extend(edge for edge, i in zip(edges, ids, strict=True) if i is None)
         return edges
 
     nodes = [root for root in roots if root is not None]

@@ -369,7 +369,8 @@ class PartialJDOptimizer(WrappedOptimizer):
             )
         if self._jd_backward(losses, stop_on_nonfinite=True) is not None:
             self._status.pending = False
-            self.base.step()
+            if self._finite_or_refused():  # (an earlier backward(losses) may have overflowed)
+                self.base.step()
         return losses
 
     def _plain_step(self) -> None:
@@ -379,19 +380,8 @@ class PartialJDOptimizer(WrappedOptimizer):
         if status.weighted_nonfinite:  # the caller's backward of a non-finite weighted_loss
             status.nonfinite_grad = self._a_gradient()
             status.weighted = status.weighted_nonfinite = False
-        if status.nonfinite_grad is not None:
-            param, grad = status.nonfinite_grad
-            if param.grad is grad and not bool(torch.isfinite(grad).all()):
-                if self.nonfinite == "skip":
-                    status.skipped_steps += 1
-                    return
-                raise ValueError(
-                    "The gradients are not finite (the last backward(losses) had NaN or inf "
-                    "losses or Gramian): nothing was changed. Call zero_grad() and skip this "
-                    "batch, step through a GradScaler (it skips such steps), or pass "
-                    "nonfinite='skip'."
-                )
-            status.nonfinite_grad = None
+        if not self._finite_or_refused():
+            return
         if status.cleared:
             warnings.warn(
                 "PartialJDOptimizer.step(): the Jacobian-descent gradient computed by "
@@ -418,6 +408,26 @@ class PartialJDOptimizer(WrappedOptimizer):
             )
         status.pending = status.cleared = status.weighted = False
         self.base.step()
+
+    def _finite_or_refused(self) -> bool:
+        """Whether the gradients are free of what a non-finite ``backward(losses)`` left in them;
+        if not, raise, or skip the step (``False``), as ``nonfinite`` says."""
+        status = self._status
+        if status.nonfinite_grad is None:
+            return True
+        param, grad = status.nonfinite_grad
+        if param.grad is grad and not bool(torch.isfinite(grad).all()):
+            if self.nonfinite == "skip":
+                status.skipped_steps += 1
+                return False
+            raise ValueError(
+                "The gradients are not finite (the last backward(losses) had NaN or inf "
+                "losses or Gramian): nothing was changed. Call zero_grad() and skip this "
+                "batch, step through a GradScaler (it skips such steps), or pass "
+                "nonfinite='skip'."
+            )
+        status.nonfinite_grad = None
+        return True
 
     def _has_gradient(self) -> bool:
         """Whether some optimized parameter has a nonzero ``.grad`` (one host-device

@@ -35,8 +35,7 @@ from torch.optim import SGD
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pjd_optim import Call, GramianRule, PartialJDOptimizer
-from pjd_optim.gramian import batch_dim, rule_for
-from pjd_optim.gramian._registry import _RULES, _RULES_BY_NAME
+from pjd_optim.gramian._registry import _RULES, _RULES_BY_NAME, batch_dim, rule_for
 from pjd_optim.gramian.conv import ConvRule
 from pjd_optim.gramian.generic import GenericRule
 from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule, Mode

@@ -468,11 +468,6 @@ def test_a_none_returning_closure_after_a_non_finite_backward_raises_or_skips(
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: step(losses) after a non-finite backward(losses) steps on the non-finite "
-    "accumulated gradient (pjd_optim/optimizer.py, step)",
-)
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 def test_a_jd_step_after_a_non_finite_backward_never_steps_on_inf(nonfinite: str) -> None:
     """Gradient accumulation whose last micro-batch goes through ``step(losses)``: an earlier
@@ -566,16 +561,7 @@ def task_losses(model: TiedLM, ids: Tensor, targets: Tensor) -> list[Tensor]:
     return [lm, aux.pow(2).mean()]
 
 
-HEADS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="reported: _tasks.heads misses a considered parameter used through a view node (the "
-    "transposition of a tied or bias-free Linear weight): the layers below it count as heads",
-)
-
-
-@pytest.mark.parametrize(
-    "considered", [pytest.param("embed", marks=HEADS_BUG), "out", "embed_and_mix"]
-)
+@pytest.mark.parametrize("considered", ["embed", "out", "embed_and_mix"])
 def test_task_objectives_with_a_weight_tied_across_modules_match_the_oracle(
     considered: str,
 ) -> None:
@@ -656,7 +642,7 @@ class TwoHeads(nn.Module):
         return [self.head1(features).pow(2).mean(), self.head2(features).exp().mean()]
 
 
-@pytest.mark.parametrize("bias", [True, pytest.param(False, marks=HEADS_BUG)])
+@pytest.mark.parametrize("bias", [True, False])
 def test_task_objectives_below_a_considered_linear_with_or_without_bias(bias: bool) -> None:
     """The trunk below the considered layer gets the weighted sum, whether that layer has a bias
     (its weight and bias used by one node) or not (its weight reached through a transposition)."""
