@@ -25,4 +25,4 @@ def test_the_api_reference_examples_run_in_order() -> None:
     assert len(blocks) >= 10
     namespace: dict[str, object] = {}
     for block in blocks:
-        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "docs/api.md", "exec"), namespace)

@@ -30,7 +30,7 @@ def ratios(model: nn.Module, considered: nn.Module, batches: list[tuple[Tensor, 
     norms, sums = [], []
     for x, y in batches:
         losses = F.cross_entropy(model(x), y, reduction="none")
-        losses.mean().backward(retain_graph=True)
+        torch.autograd.backward(losses.mean(), retain_graph=True)
         mean_norm = grad_norm(model)
         optimizer.zero_grad()
         weights = optimizer.backward(losses)
