@@ -26,3 +26,44 @@ def test_the_api_reference_examples_run_in_order() -> None:
     namespace: dict[str, object] = {}
     for block in blocks:
         exec(compile(block, "docs/api.md", "exec"), namespace)
+
+
+def test_the_optimizer_repr_shows_the_base_groups_the_options_and_the_considered_modules() -> None:
+    import torch
+    from torch import nn
+
+    from pjd_optim import MGDA, PartialJDOptimizer
+
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    )
+    base = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.05)
+    optimizer = PartialJDOptimizer(
+        base, model, considered=[model[2], model[0].bias], weighting=MGDA(reg_eps=0.01)
+    )
+    text = repr(optimizer)
+    assert repr(base) in text  # torch's own listing of every group's options
+    assert "lr: 0.003" in text and "weight_decay: 0.05" in text
+    assert "considered: 2, 0.bias" in text
+    assert "MGDA(norm_eps=0.0001, reg_eps=0.01)" in text
+    assert "gramian_mode: 'hooks'" in text and "nonfinite: 'raise'" in text
+
+
+def test_step_info_prints_a_summary_not_the_gramian() -> None:
+    import torch
+    from torch import nn
+
+    from pjd_optim import PartialJDOptimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, considered=model[2]
+    )
+    optimizer.step(model(torch.randn(40, 3)).pow(2).sum(dim=1))
+    info = optimizer.last_step
+    assert info is not None
+    text = repr(info)
+    assert text.startswith("StepInfo(m=40, weights sum ")
+    assert f"{info.conflict:.1%}" in text and "resumed=" in text
+    assert "tensor" not in text and len(text) < 250
