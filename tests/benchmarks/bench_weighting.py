@@ -101,7 +101,7 @@ def main() -> None:
     ref_name, reference = reference_weighting()
     ours = UPGrad()
     paths = {  # on an accelerator, each path forced, beside the default choice
-        "lock-step": UPGrad(solver=SolverOptions(lockstep=True)),
+        "lock-step": UPGrad(solver=SolverOptions(path="lockstep")),
         "host": UPGrad(solver=SolverOptions(host_max_m=1 << 30)),
     }
     paths = paths if accelerator else {}
