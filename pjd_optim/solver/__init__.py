@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from . import lockstep as lockstep_path
-from . import numpy_path, pivoting
+from . import compiled, numpy_path, pivoting
 from ._common import (
     DAQP_MAX_M,
     HOST_PATHS,
@@ -129,7 +129,8 @@ def _on_host(M: Array, Q: Array, P: Array | None, path: str, options: SolverOpti
     """A host path (``"daqp"`` or ``"numpy"``) on float64 arrays; the rows it leaves unsolved
     (declined: large systems, ill-conditioning; unfinished) finish on the pivoting path."""
     tol, iters = options.tolerance(torch.float64), options.iterations(M.shape[0])
-    X, unsolved = numpy_path.solve(M, Q, P, tol, iters, start=path)
+    host = compiled.solve if path == "daqp" else numpy_path.solve
+    X, unsolved = host(M, Q, P, tol, iters)
     if unsolved.any():
         left = unsolved.nonzero()[0]
         P_left = None if P is None else torch.from_numpy(P[left])

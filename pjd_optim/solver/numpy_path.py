@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from . import compiled
 from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE, Inverse
 from .active_set import active_set
 
@@ -64,7 +63,7 @@ def _batched_solve(A: Array, B: Array) -> Array:
 
 
 def solve(
-    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, start: str = "numpy"
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, start: Mask | None = None
 ) -> tuple[Array, Mask]:
     """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[k, m]``); ``M`` SPD.
 
@@ -73,8 +72,8 @@ def solve(
     ``x = 0``). Returns ``X`` and the mask of rows left unsolved (their ``X`` rows are zero):
     all conflicting rows if ``M`` is not numerically positive definite, too ill-conditioned or
     its systems too large for this path. At most ``max_iter`` steps (pivoting, then the
-    active-set method), as the pivoting path. ``start``: the first active sets, ``"numpy"``
-    (``q_j ≥ 0``) or ``"daqp"`` (:mod:`.compiled`: its first step verifies and polishes them).
+    active-set method), as the pivoting path. ``start``: the first active sets (default: the
+    sign guess ``q_j ≥ 0``; :mod:`.compiled` passes DAQP's, which the first step polishes).
     """
     diag = M.diagonal()
     d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
@@ -85,24 +84,22 @@ def solve(
     unsolved = np.zeros(Q.shape[0], dtype=bool)
     if rows.size:
         P = None if P is None else P[rows] / d
-        X_rows, unsolved[rows] = _conflicting(M, Q[rows], P, tol, max_iter, start)
+        active = Q[rows] >= 0 if start is None else start[rows]
+        X_rows, unsolved[rows] = _conflicting(M, Q[rows], P, tol, max_iter, active)
         X[rows] = X_rows * d
     return X, unsolved
 
 
 def _conflicting(
-    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, start: str
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, active: Mask
 ) -> tuple[Array, Mask]:
-    """:func:`solve` on Jacobi-scaled ``M`` (unit diagonal) and rows that all conflict."""
+    """:func:`solve` on Jacobi-scaled ``M`` (unit diagonal) and rows that all conflict, from
+    the active sets ``active``."""
     b, m = Q.shape
     X = np.zeros((b, m))
     unsolved = np.ones(b, dtype=bool)
-    n_active = (Q >= 0).sum(axis=1)  # the sign guess
-    if (
-        start != "daqp"
-        and m > _DENSE_MAX_M
-        and min(n_active.max(), m - n_active.min()) > _MAX_BLOCK
-    ):
+    n_active = active.sum(axis=1)
+    if m > _DENSE_MAX_M and min(n_active.max(), m - n_active.min()) > _MAX_BLOCK:
         return X, unsolved  # large systems: the batched torch solver is faster
     try:
         system = _Systems(M)
@@ -113,21 +110,11 @@ def _conflicting(
     eps = float(np.finfo(np.float64).eps)
     rel = max(tol, 10 * eps * system.kappa)  # round-off bound of x and y, relative to scale
     q_scale = np.abs(Q).max(axis=1, keepdims=True)
-    rows, active = np.arange(b), Q >= 0
-    if start == "daqp":  # rows whose DAQP answer verifies are done; the others start from it
-        x, active, verified = compiled.solve(M, Q, q_scale, rel)
-        X[verified], unsolved[verified] = x[verified], False
-        rows, active = (~verified).nonzero()[0], active[~verified]
-        n_active = active.sum(axis=1)
-        if rows.size == 0 or (
-            m > _DENSE_MAX_M and min(n_active.max(), m - n_active.min()) > _MAX_BLOCK
-        ):
-            return X, unsolved
     P = None if system.dense else -_matmul(Q, system.H) if P is None else P
     steps = min(max_iter, BPP_STEPS, _DENSE_STEPS if system.dense else BPP_STEPS)
-    # Block pivoting from the start's active sets (its first step polishes DAQP's exactly).
+    # Block pivoting from the given active sets (the first step polishes DAQP's exactly).
     pivoting = _BlockPivoting(system, Q, P, q_scale, rel)
-    done, x_done, left, x_left = pivoting.run(rows, active, steps)
+    done, x_done, left, x_left = pivoting.run(np.arange(b), active, steps)
     X[done], unsolved[done] = x_done, False
     if left.size and system.dense:  # stalled rows: single principal pivots, one verifying step
         guess = principal_pivoting(M, Q[left], rel * q_scale[left], _PIVOTS_PER_INDEX * m)
