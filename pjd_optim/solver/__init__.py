@@ -30,8 +30,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from . import lockstep as lockstep_path
 from . import compiled, numpy_path, pivoting
+from . import lockstep as lockstep_path
 from ._common import (
     DAQP_MAX_M,
     HOST_PATHS,

@@ -14,6 +14,7 @@ the busy/quiet ratios. torch's default thread count. No assertion on time.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ def main() -> None:
     }
     steps, _ = variants(seed(), "upgrad", "cpu")
     jobs: dict[str, Callable[[], object]] = {
-        f"UPGrad m={args.m} {kind}": (lambda G=G: weighting(G)) for kind, G in gramians.items()
+        f"UPGrad m={args.m} {kind}": functools.partial(weighting, G) for kind, G in gramians.items()
     }
     jobs.update({"seed plain step": steps["plain"], "seed step (ours)": steps["ours"]})
     for job in jobs.values():  # warm-up

@@ -22,6 +22,7 @@ class Model:
         self,
         H: NDArray[np.float64] | None = None,
         f: NDArray[np.float64] | None = None,
+        blower: NDArray[np.float64] | None = None,
         sense: NDArray[np.int32] | None = None,
     ) -> int: ...
     def solve(self) -> tuple[NDArray[np.float64], float, int, dict[str, Any]]: ...
