@@ -46,8 +46,7 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
         L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
     except np.linalg.LinAlgError:
         return numpy_path.solve(M, Q, P, tol, max_iter)
-    L_diag = L.diagonal()
-    kappa = float((L_diag.max() / L_diag.min()) ** 2)  # a lower estimate of κ₂(M)
+    kappa = condition_estimate(L)
     if not kappa <= MAX_KAPPA:
         return numpy_path.solve(M, Q, P, tol, max_iter)
     rel = max(tol, 10 * float(np.finfo(np.float64).eps) * kappa)  # as the NumPy loop's
@@ -66,6 +65,13 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
         X_left, unsolved_left = numpy_path.solve(M, Q[left], P_left, tol, max_iter, start)
         X[left], unsolved[left] = X_left, unsolved_left
     return X, unsolved
+
+
+def condition_estimate(L: Array) -> float:
+    """``(max Lᵢᵢ / min Lᵢᵢ)²`` from the Cholesky factor ``L`` of ``M``: a lower estimate of
+    κ₂(M) (each ``Lᵢᵢ²`` is a diagonal entry of a Schur complement, between λ_min and λ_max)."""
+    diag = L.diagonal()
+    return float((diag.max() / diag.min()) ** 2)
 
 
 def _rows(M: Array, Q: Array, q_scale: Array, rel: float) -> tuple[Array, Mask, Mask]:

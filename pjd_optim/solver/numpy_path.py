@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from . import compiled
 from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE, Inverse
 from .active_set import active_set
 
@@ -231,7 +232,7 @@ class _Systems:
         if self.dense:
             L = np.linalg.cholesky(M)  # unblocked LAPACK, single-threaded (raises LinAlgError)
             self.eye = np.eye(m, dtype=bool)
-            self.kappa = float((L.diagonal().max() / L.diagonal().min()) ** 2)
+            self.kappa = compiled.condition_estimate(L)
             return
         if m <= _LAPACK_MAX_M:  # NumPy's LAPACK: single-threaded at this size
             np.linalg.cholesky(M)  # raises LinAlgError if not positive definite
