@@ -97,9 +97,9 @@ def assert_kkt(G: Tensor, U: Tensor, V: Tensor, rtol: float = 1e-9) -> None:
     Y = V @ G
     slack_v, slack_y = rtol * scale_v.unsqueeze(1), rtol * scale_y.unsqueeze(1)
     rows = torch.arange(V.shape[0])
-    bad = rows[((V - U) < -slack_v).any(dim=1)].tolist()
+    bad = rows[(-slack_v > (V - U)).any(dim=1)].tolist()
     assert not bad, f"primal feasibility v >= u fails on rows {bad}"
-    bad = rows[(Y < -slack_y).any(dim=1)].tolist()
+    bad = rows[(-slack_y > Y).any(dim=1)].tolist()
     assert not bad, f"dual feasibility Gv >= 0 fails on rows {bad}"
     bad = rows[((V - U) * Y).abs().gt(slack_v * slack_y / rtol).any(dim=1)].tolist()
     assert not bad, f"complementarity fails on rows {bad}"

@@ -14,6 +14,7 @@ DAQP's absolute tolerances are relative ones).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import daqp  # type: ignore[import-not-found, unused-ignore]  # stubs: typings/daqp
 import numpy as np
@@ -67,7 +68,7 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     return X, unsolved
 
 
-def condition_estimate(L: Array) -> float:
+def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     """``(max Lᵢᵢ / min Lᵢᵢ)²`` from the Cholesky factor ``L`` of ``M``: a lower estimate of
     κ₂(M) (each ``Lᵢᵢ²`` is a diagonal entry of a Schur complement, between λ_min and λ_max)."""
     diag = L.diagonal()
