@@ -8,7 +8,8 @@ a round the measurements are interleaved (UPGrad on each Gramian kind, a plain s
 step with UPGrad). Prints, per condition, the medians over all repetitions: UPGrad's time at
 ``m`` on a random rank-m/2 and a classifier Gramian (as ``bench_weighting.py`` builds them), the
 seed workload's plain and partial-JD steps (``bench_step.py``'s ``seed``) and their ratio, and
-the busy/quiet ratios. torch's default thread count. No assertion on time.
+the busy/quiet ratios; and the seed step's Gramian and weighting stages (``StepInfo``).
+torch's default thread count. No assertion on time.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def main() -> None:
         kind: make_gramian(args.m, kind, torch.device("cpu"), seed=args.m)
         for kind in ("rank m/2", "classifier")
     }
-    steps, _ = variants(seed(), "upgrad", "cpu")
+    steps, optimizer = variants(seed(), "upgrad", "cpu")
     jobs: dict[str, Callable[[], object]] = {
         f"UPGrad m={args.m} {kind}": functools.partial(weighting, G) for kind, G in gramians.items()
     }
     jobs.update({"seed plain step": steps["plain"], "seed step (ours)": steps["ours"]})
+    stages = {"gramian": "gramian_seconds", "weighting": "weighting_seconds"}
     for job in jobs.values():  # warm-up
         job()
     times: dict[str, dict[str, list[float]]] = {
@@ -82,6 +84,11 @@ def main() -> None:
             for _ in range(args.reps):
                 for name, job in jobs.items():
                     times[condition][name].append(timed(job))
+                info = optimizer.last_step  # the seed step's stages (host-side times)
+                for stage, field in stages.items():
+                    seconds = getattr(info, field, None) if info is not None else None
+                    if seconds is not None:
+                        times[condition].setdefault(f"  its {stage} stage", []).append(seconds)
         finally:
             stop(processes)
     print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()} m={args.m}")
@@ -89,7 +96,9 @@ def main() -> None:
     print("| measurement | quiet | busy | busy / quiet |")
     print("| --- | --- | --- | --- |")
     medians = {c: {n: statistics.median(t) for n, t in d.items()} for c, d in times.items()}
-    for name in jobs:
+    for name in times["quiet"]:
+        if name not in times["busy"]:
+            continue
         quiet, busy = medians["quiet"][name], medians["busy"][name]
         print(f"| {name} | {1e3 * quiet:.2f} ms | {1e3 * busy:.2f} ms | {busy / quiet:.2f}x |")
     ratio = {c: medians[c]["seed step (ours)"] / medians[c]["seed plain step"] for c in medians}

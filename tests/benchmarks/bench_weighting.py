@@ -129,11 +129,10 @@ def main() -> None:
     sizes = args.sizes or ([16, 128, 1024, 4096] if accelerator else [16, 64, 256, 1024])
     ref_name, reference = reference_weighting()
     ours = UPGrad()
-    paths = {  # on an accelerator, each path forced, beside the default choice
-        "lock-step": UPGrad(solver=SolverOptions(path="lockstep")),
-        "host": UPGrad(solver=SolverOptions(host_max_m=1 << 30)),
-    }
-    paths = paths if accelerator else {}
+    paths = {}
+    if accelerator:  # each path forced, beside the default choice
+        paths["lock-step"] = UPGrad(solver=SolverOptions(path="lockstep"))
+        paths["host"] = UPGrad(solver=SolverOptions(host_max_m=1 << 30))
     paths.update({name: UPGrad(solver=SolverOptions(path=name)) for name in args.paths})
     print(f"device={device} threads={torch.get_num_threads()} reference={ref_name}\n")
     extra = "".join(f" {name} (ms) |" for name in paths)
