@@ -7,7 +7,8 @@ each bounded in time and killed at the end of its round. Rounds alternate quiet 
 a round the measurements are interleaved (UPGrad on each Gramian kind, a plain step, the seed
 step with UPGrad). Prints, per condition, the medians over all repetitions: UPGrad's time at
 ``m`` on a random rank-m/2 and a classifier Gramian (as ``bench_weighting.py`` builds them), the
-seed workload's plain and partial-JD steps (``bench_step.py``'s ``seed``) and their ratio, and
+seed workload's plain and partial-JD steps (and, for scale, DAQP's bare per-row loop and UPGrad
+at m = 16) (``bench_step.py``'s ``seed``) and their ratio, and
 the busy/quiet ratios; and the seed step's Gramian and weighting stages (``StepInfo``).
 torch's default thread count. No assertion on time.
 """
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 from bench_step import seed, variants
-from bench_weighting import make_gramian
+from bench_weighting import daqp_per_row, make_gramian
 
 from pjd_optim import UPGrad
 
@@ -68,6 +69,12 @@ def main() -> None:
     jobs: dict[str, Callable[[], object]] = {
         f"UPGrad m={args.m} {kind}": functools.partial(weighting, G) for kind, G in gramians.items()
     }
+    jobs[f"DAQP bare loop m={args.m} rank m/2"] = functools.partial(
+        daqp_per_row, gramians["rank m/2"]
+    )
+    small = make_gramian(16, "rank m/2", torch.device("cpu"), seed=16)
+    jobs["UPGrad m=16 rank m/2"] = functools.partial(weighting, small)
+    jobs["DAQP bare loop m=16 rank m/2"] = functools.partial(daqp_per_row, small)
     jobs.update({"seed plain step": steps["plain"], "seed step (ours)": steps["ours"]})
     stages = {"gramian": "gramian_seconds", "weighting": "weighting_seconds"}
     for job in jobs.values():  # warm-up
