@@ -10,17 +10,21 @@ With ``x = v − u`` and ``q = G u`` this is the linear complementarity problem 
 
 All ``k`` rows share ``G`` and are solved together, after a Jacobi scaling (unit diagonal). Every
 path is exact: it returns rows whose KKT conditions hold to a tolerance set by the dtype and the
-conditioning of the free blocks, or raises. The paths (tuned by :class:`SolverOptions`):
+conditioning of the free blocks, or raises. :func:`plan` picks the path (or
+``SolverOptions(path=...)`` forces one):
 
-- CPU, float64, ``m ≤ numpy_max_m``: block pivoting in NumPy (:mod:`.numpy_path`), for its low
-  per-operation overhead, then the active-set method for rows that stall; problems it declines
-  go to the pivoting path.
-- CPU otherwise: block pivoting in torch, warm-started by FISTA, with Murty's backup and a
-  monotone active-set method for stalling rows (:mod:`.pivoting`; host-synchronising).
-- Accelerators: problems with ``m ≤ host_max_m`` are copied to the host (one copy each way);
-  larger ones take the lock-step path (:mod:`.lockstep`: at most ``2 + checks`` host
-  synchronisations, whatever the number of iterations), whose unfinished rows, if any, the
-  pivoting path finishes.
+- ``"daqp"`` (float64, ``m ≤ DAQP_MAX_M``, on the host): each row's active set from DAQP, a
+  compiled single-threaded QP solver (:mod:`.compiled`); answers verified per row against the
+  KKT conditions; rows that fail go on to the NumPy loop from DAQP's active sets.
+- ``"numpy"`` (float64, ``m ≤ NUMPY_MAX_M``, on the host): block pivoting in NumPy
+  (:mod:`.numpy_path`), for its low per-operation overhead, then the active-set method for
+  rows that stall; problems it declines go to the pivoting path.
+- ``"pivoting"`` (the CPU otherwise): block pivoting in torch, warm-started by FISTA, with
+  Murty's backup and a monotone active-set method for stalling rows (:mod:`.pivoting`;
+  host-synchronising).
+- ``"lockstep"`` (accelerators, ``m > host_max_m``; smaller problems are copied to the host):
+  at most ``2 + checks`` host synchronisations, whatever the number of iterations
+  (:mod:`.lockstep`); its unfinished rows, if any, the pivoting path finishes.
 """
 
 from __future__ import annotations

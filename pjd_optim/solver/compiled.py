@@ -1,14 +1,15 @@
-r"""The start of small CPU problems: each row's active set from DAQP, a compiled dual active-set
-QP solver (Arnström, Bemporad & Axehill 2022; PyPI ``daqp``), one row at a time.
+r"""The DAQP path of small float64 problems on the host: each row by DAQP, a compiled dual
+active-set QP solver (Arnström, Bemporad & Axehill 2022; PyPI ``daqp``), one row at a time.
 
-DAQP's answer is accurate to its tolerances only; it gives the *active sets*, which the caller
-verifies and polishes with one exact solve of their free systems (:mod:`.numpy_path`), rows
-that fail to verify continuing on the exact pivoting loop. DAQP is single-threaded C (no
-OpenMP), a few microseconds per row at ``m = 16``: small problems stay steady on a busy CPU.
+DAQP's answer is accurate to its tolerances only, so each row is verified against the KKT
+conditions (stationarity included) to the exact paths' bound; rows that fail go on to the exact
+NumPy loop (:mod:`.numpy_path`) from DAQP's active sets, whose first step solves their free
+systems exactly (the polish). DAQP is single-threaded C (no OpenMP), a few microseconds per row
+at ``m = 16``: small problems stay steady on a busy CPU.
 
 Each row of LCP(q, M) is the QP ``min ½xᵀMx + qᵀx`` s.t. ``x ≥ 0``; ``M`` is factorised once
-(:meth:`daqp.Model.setup`), and each row changes only ``q`` (scaled to unit largest entry, so
-DAQP's absolute tolerances are relative ones).
+per call (:meth:`daqp.Model.setup` or ``update``), and each row changes only ``q`` (scaled to
+unit largest entry, so DAQP's absolute tolerances are relative ones).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ Mask = NDArray[np.bool_]
 
 # DAQP's tolerances on rows scaled to unit largest |q| (defaults: primal 1e-6, dual 1e-12): a
 # constraint violated by more than PRIMAL_TOL is still added, so the active set is the exact one
-# on every well-conditioned row (the polish then makes x exact to round-off).
+# on well-conditioned rows (measured: all 2304 rows of bench_weighting's Gramians, m = 16–96,
+# three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
 _cache = threading.local()  # this thread's DAQP model (see _model)
 
