@@ -89,13 +89,20 @@ def brute_force(G: Tensor, u: Tensor) -> Tensor:
 
 
 def assert_kkt(G: Tensor, U: Tensor, V: Tensor, rtol: float = 1e-9) -> None:
-    """Per row: ``v ≥ u``, ``Gv ≥ 0`` and ``(v − u) ⊙ Gv = 0``, tolerances relative to scale."""
-    scale_v = max(V.abs().max().item(), U.abs().max().item(), 1e-300)
-    scale_y = scale_v * G.abs().max().item()
+    """Per row: ``v ≥ u``, ``Gv ≥ 0`` and ``(v − u) ⊙ Gv = 0``, each to ``rtol`` relative to
+    that row's own scale (``max(|v|, |u|)``, times ``max|G|`` for ``Gv``): a small row is held
+    to its own size, not to the largest row's."""
+    scale_v = torch.maximum(V.abs().amax(dim=1), U.abs().amax(dim=1)).clamp_min(1e-300)
+    scale_y = scale_v * G.abs().max()
     Y = V @ G
-    assert (V - U).min().item() >= -rtol * scale_v, "primal feasibility v >= u"
-    assert Y.min().item() >= -rtol * scale_y, "dual feasibility Gv >= 0"
-    assert ((V - U) * Y).abs().max().item() <= rtol * scale_v * scale_y, "complementarity"
+    slack_v, slack_y = rtol * scale_v.unsqueeze(1), rtol * scale_y.unsqueeze(1)
+    rows = torch.arange(V.shape[0])
+    bad = rows[(-slack_v > (V - U)).any(dim=1)].tolist()
+    assert not bad, f"primal feasibility v >= u fails on rows {bad}"
+    bad = rows[(-slack_y > Y).any(dim=1)].tolist()
+    assert not bad, f"dual feasibility Gv >= 0 fails on rows {bad}"
+    bad = rows[((V - U) * Y).abs().gt(slack_v * slack_y / rtol).any(dim=1)].tolist()
+    assert not bad, f"complementarity fails on rows {bad}"
 
 
 def forbid(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:

@@ -83,7 +83,7 @@ def test_lockstep_path_syncs_at_most_once_per_check_plus_two(
 ) -> None:
     G = normalised_gramian(m, rank, kind, seed=m)
     U = upgrad_rows(m)
-    options = SolverOptions(lockstep=True, checks=checks, steps_per_check=24 // checks)
+    options = SolverOptions(path="lockstep", checks=checks, steps_per_check=24 // checks)
     with counting_syncs() as calls:
         V = project_dual_cone(G, U, options)
     assert len(calls) <= 2 + checks, calls
@@ -103,7 +103,7 @@ def test_lockstep_path_from_the_sign_guess_syncs_at_most_once_per_check_plus_one
     m, checks = 160, 3
     G = cross_entropy_gramian(m, 50, seed=4)
     U = upgrad_rows(m)
-    options = SolverOptions(lockstep=True, checks=checks, steps_per_check=8)
+    options = SolverOptions(path="lockstep", checks=checks, steps_per_check=8)
     with counting_syncs() as calls:
         V = project_dual_cone(G, U, options)
     assert len(calls) <= 1 + checks, calls
@@ -126,7 +126,7 @@ def test_lockstep_path_restarts_a_sign_guess_far_off_from_fista() -> None:
         fista_rows.append(Q.shape[0])
         return fista(M, Q, *rest)
 
-    options = SolverOptions(lockstep=True, checks=checks, steps_per_check=2)
+    options = SolverOptions(path="lockstep", checks=checks, steps_per_check=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lockstep, "fista", counting)
         with counting_syncs() as calls:
@@ -144,7 +144,7 @@ def test_the_sync_count_does_not_grow_with_iterations() -> None:
     counts = []
     for steps in (4, 40):
         with counting_syncs() as calls:
-            project_dual_cone(G, U, SolverOptions(lockstep=True, checks=2, steps_per_check=steps))
+            project_dual_cone(G, U, SolverOptions(path="lockstep", checks=2, steps_per_check=steps))
         counts.append(len(calls))
     assert counts[1] <= counts[0] <= 4
 

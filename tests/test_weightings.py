@@ -258,7 +258,7 @@ def test_upgrad_numpy_path_matches_torch_path_and_quadprog(m: int, rank: int, pr
     p = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=F64) + 0.1 if pref else None
     fast = UPGrad(p)(G)
     fast32 = UPGrad(p)(G.float())
-    slow = UPGrad(p, solver=SolverOptions(numpy_max_m=0))(G)
+    slow = UPGrad(p, solver=SolverOptions(path="pivoting"))(G)
     U = torch.diag(p) if p is not None else upgrad_rows(m)
     expected = quadprog_rows(regularised(G), U).sum(dim=0)
     assert rel_err(fast, slow) <= 1e-12

@@ -10,31 +10,47 @@ With ``x = v − u`` and ``q = G u`` this is the linear complementarity problem 
 
 All ``k`` rows share ``G`` and are solved together, after a Jacobi scaling (unit diagonal). Every
 path is exact: it returns rows whose KKT conditions hold to a tolerance set by the dtype and the
-conditioning of the free blocks, or raises. The paths (tuned by :class:`SolverOptions`):
+conditioning of the free blocks, or raises. :func:`plan` picks the path (or
+``SolverOptions(path=...)`` forces one):
 
-- CPU, float64, ``m ≤ numpy_max_m``: block pivoting in NumPy (:mod:`.numpy_path`), for its low
-  per-operation overhead, then the active-set method for rows that stall; problems it declines
-  go to the pivoting path.
-- CPU otherwise: block pivoting in torch, warm-started by FISTA, with Murty's backup and a
-  monotone active-set method for stalling rows (:mod:`.pivoting`; host-synchronising).
-- Accelerators: problems with ``m ≤ host_max_m`` are copied to the host (one copy each way);
-  larger ones take the lock-step path (:mod:`.lockstep`: at most ``2 + checks`` host
-  synchronisations, whatever the number of iterations), whose unfinished rows, if any, the
-  pivoting path finishes.
+- ``"daqp"`` (float64, ``m ≤ DAQP_MAX_M``, on the host): each row's active set from DAQP, a
+  compiled single-threaded QP solver (:mod:`.compiled`); answers verified per row against the
+  KKT conditions; rows that fail go on to the NumPy loop from DAQP's active sets.
+- ``"numpy"`` (float64, ``m ≤ NUMPY_MAX_M``, on the host): block pivoting in NumPy
+  (:mod:`.numpy_path`), for its low per-operation overhead, then the active-set method for
+  rows that stall; problems it declines go to the pivoting path.
+- ``"pivoting"`` (the CPU otherwise): block pivoting in torch, warm-started by FISTA, with
+  Murty's backup and a monotone active-set method for stalling rows (:mod:`.pivoting`;
+  host-synchronising).
+- ``"lockstep"`` (accelerators, ``m > host_max_m``; smaller problems are copied to the host):
+  at most ``2 + checks`` host synchronisations, whatever the number of iterations
+  (:mod:`.lockstep`); its unfinished rows, if any, the pivoting path finishes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
-from . import lockstep, numpy_path, pivoting
-from ._common import SolverOptions, low_dtype, sign_guess_close
+from . import compiled, numpy_path, pivoting
+from . import lockstep as lockstep_path
+from ._common import (
+    DAQP_MAX_M,
+    HOST_PATHS,
+    NUMPY_MAX_M,
+    PATHS,
+    SolverOptions,
+    low_dtype,
+    sign_guess_close,
+)
 from .first_order import fista, free_guess, max_eigenvalue
 
-__all__ = ["SolverOptions", "project_dual_cone", "solve_lcp"]
+__all__ = ["SolverOptions", "plan", "project_dual_cone", "project_on_host", "solve_lcp"]
 
 _DEFAULT = SolverOptions()
+Array = NDArray[np.float64]
 
 
 def project_dual_cone(
@@ -49,9 +65,16 @@ def project_dual_cone(
     """
     options = options or _DEFAULT
     _check_shapes(gramian, lower, "lower")
+    k, m = lower.shape
+    path = plan(gramian.device, options.dtype, m, options)
+    if path in HOST_PATHS and k and m:  # all in NumPy: a microsecond per operation
+        G_np = gramian.detach().to("cpu", options.dtype).numpy()
+        U_np = lower.detach().to("cpu", options.dtype).numpy()
+        V = project_on_host(G_np, U_np, path, options)
+        return torch.from_numpy(V).to(gramian.device, gramian.dtype, non_blocking=True)
     G = gramian.detach().to(options.dtype)
     U = lower.detach().to(device=gramian.device, dtype=options.dtype)
-    X = _solve(G, U @ G, -U, options)  # rows of (G Uᵀ)ᵀ; the unconstrained minimiser is −U
+    X = _solve(G, U @ G, -U, options)
     return (U + X).to(gramian.dtype)
 
 
@@ -66,30 +89,68 @@ def solve_lcp(matrix: Tensor, q: Tensor, options: SolverOptions | None = None) -
     return _solve(matrix.detach(), q.detach().to(matrix.dtype), None, options or _DEFAULT)
 
 
+def plan(device: torch.device, dtype: torch.dtype, m: int, options: SolverOptions) -> str:
+    """The path of a problem of size ``m`` in ``dtype`` on ``device``: ``options.path`` if set
+    (the host paths, ``"daqp"`` and ``"numpy"``, compute in float64 only: other dtypes take the
+    pivoting path), else by the measured crossovers of :mod:`._common` (docs/solver.md)."""
+    host = device.type == "cpu" or m <= options.host_max_m
+    path = options.path
+    if path is None:
+        if not host:
+            return "lockstep"
+        path = "daqp" if m <= DAQP_MAX_M else "numpy"
+        path = path if m <= NUMPY_MAX_M else "pivoting"
+    if path not in PATHS:
+        raise ValueError(f"Unknown solver path {path!r}; expected one of {PATHS}.")
+    if path in HOST_PATHS and dtype != torch.float64:
+        return "pivoting"
+    return path
+
+
 def _solve(M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions) -> Tensor:
-    """Pick the path: the NumPy path for small float64 problems on the host (accelerator ones
-    with ``m ≤ host_max_m`` are copied there, one copy each way), else the torch paths."""
+    """Run the planned path. The host paths on an accelerator's problem copy it to the host
+    (one copy each way); rows they leave unsolved finish on the pivoting path."""
     k, m = Q.shape
     if k == 0 or m == 0:
         return torch.zeros_like(Q)
     device = M.device
-    if device.type != "cpu" and options.lockstep is None and m <= options.host_max_m:
-        M, Q, P = M.cpu(), Q.cpu(), None if P is None else P.cpu()
-    host = M.device.type == "cpu" and M.dtype == torch.float64 and not options.lockstep
-    if not host or m > options.numpy_max_m:
-        return _scaled(M, Q, P, options).to(device, non_blocking=True)
-    P_np = None if P is None else P.numpy()
-    tol, iters = options.tolerance(M.dtype), options.iterations(m)
-    X_np, unsolved = numpy_path.solve(M.numpy(), Q.numpy(), P_np, tol, iters)
-    X = torch.from_numpy(X_np)
-    if unsolved.any():  # declined (large systems, ill-conditioning) or unfinished rows
-        left = torch.from_numpy(unsolved.nonzero()[0])
-        X[left] = _scaled(M, Q[left], None if P is None else P[left], options, conflicts=True)
-    return X.to(device, non_blocking=True)
+    path = plan(device, M.dtype, m, options)
+    if path == "lockstep" or path == "pivoting":
+        return _scaled(M, Q, P, options, lockstep=path == "lockstep")
+    P_np = None if P is None else P.cpu().numpy()
+    X = _on_host(M.cpu().numpy(), Q.cpu().numpy(), P_np, path, options)
+    return torch.from_numpy(X).to(device, non_blocking=True)
+
+
+def project_on_host(G: Array, U: Array, path: str, options: SolverOptions) -> Array:
+    """:func:`project_dual_cone` on float64 host arrays by a host path (``"daqp"`` or
+    ``"numpy"``, see :func:`plan`); the weightings call it directly on small CPU problems, where
+    each torch operation would cost more than the solve."""
+    return U + _on_host(G, U @ G, -U, path, options)  # the unconstrained minimiser is −U
+
+
+def _on_host(M: Array, Q: Array, P: Array | None, path: str, options: SolverOptions) -> Array:
+    """A host path (``"daqp"`` or ``"numpy"``) on float64 arrays; the rows it leaves unsolved
+    (declined: large systems, ill-conditioning; unfinished) finish on the pivoting path."""
+    tol, iters = options.tolerance(torch.float64), options.iterations(M.shape[0])
+    host = compiled.solve if path == "daqp" else numpy_path.solve
+    X, unsolved = host(M, Q, P, tol, iters)
+    if unsolved.any():
+        left = unsolved.nonzero()[0]
+        P_left = None if P is None else torch.from_numpy(P[left])
+        M_t, Q_left = torch.from_numpy(M), torch.from_numpy(Q[left])
+        X_left = _scaled(M_t, Q_left, P_left, options, lockstep=False, conflicts=True)
+        X[left] = X_left.numpy()
+    return X
 
 
 def _scaled(
-    M: Tensor, Q: Tensor, P: Tensor | None, options: SolverOptions, conflicts: bool = False
+    M: Tensor,
+    Q: Tensor,
+    P: Tensor | None,
+    options: SolverOptions,
+    lockstep: bool,
+    conflicts: bool = False,
 ) -> Tensor:
     """The torch paths after a Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``, ``x = Dx̃``
     (``D = diag(M)^-½``). ``conflicts``: every row of ``Q`` is known to have a conflict."""
@@ -97,9 +158,9 @@ def _scaled(
     d = torch.where(diag > 0, diag.rsqrt(), 1.0)
     M, Q = M * d.unsqueeze(1) * d.unsqueeze(0), Q * d
     P = None if P is None else P / d
-    if options.lockstep or (options.lockstep is None and M.device.type != "cpu"):
+    if lockstep:
         lam = max_eigenvalue(M)
-        X, done, n_left = lockstep.solve(M, Q, P, lam, options)
+        X, done, n_left = lockstep_path.solve(M, Q, P, lam, options)
         if n_left:  # rows the lock-step path could not finish: the exact pivoting path
             left = (~done).nonzero().squeeze(1)
             X[left] = _pivot(M, Q[left], None if P is None else P[left], options, lam)

@@ -14,6 +14,10 @@ BPP_STEPS = 12  # pivoting steps before the remaining rows go to the primal acti
 MIXED_MIN_SIZE = 192  # system size from which float64 systems are factorised in float32
 REFINE_STEPS = 3  # refinement steps of a float32 factorisation (to float64 accuracy)
 MAX_KAPPA = 1e7  # 1-norm condition number above which an explicit inverse is not trusted
+DAQP_MAX_M = 96  # float64 CPU problems up to this m: DAQP (measured crossover, docs/solver.md)
+NUMPY_MAX_M = 160  # up to this m the NumPy loop's low per-operation overhead beats torch's
+PATHS = ("daqp", "numpy", "pivoting", "lockstep")
+HOST_PATHS = ("daqp", "numpy")  # float64 NumPy arrays on the host
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,15 @@ class SolverOptions:
             accelerators, from a system size of 192; off on the CPU, where it measured no
             faster).
         max_chunk_bytes: memory bound of one batch of ``[chunk, s, s]`` systems.
-        numpy_max_m: float64 problems on the CPU up to this size use the NumPy path.
-        host_max_m: problems on an accelerator up to this size are copied to the host and solved
-            there (one copy each way) instead of by the lock-step path.
-        lockstep: ``None``: the lock-step path on accelerators only; ``True``/``False`` force it
-            on or off on any device.
+        path: the path, on any device (default ``None``: :func:`pjd_optim.solver.plan` picks
+            by size, dtype and device). ``"daqp"``: DAQP's active sets, verified and polished by
+            one exact step of the NumPy loop (rows that fail continue on it); ``"numpy"``: the
+            NumPy loop from the sign guess; ``"pivoting"``: the torch loop (host-synchronising);
+            ``"lockstep"``: the torch loop with a bounded number of host syncs (accelerators).
+            The first two compute in float64 on the host (other dtypes take ``"pivoting"``);
+            their unsolved rows finish on ``"pivoting"``.
+        host_max_m: by default, problems on an accelerator up to this size are copied to the
+            host and solved there (one copy each way) instead of by the lock-step path.
         checks: lock-step path: convergence checks (host synchronisations) at most, after which
             the rows left are finished by the exact pivoting path.
         steps_per_check: lock-step path: pivoting steps between two checks.
@@ -49,9 +57,8 @@ class SolverOptions:
     warm_start_iter: int | None = None
     mixed_precision: bool | None = None
     max_chunk_bytes: int | None = None
-    numpy_max_m: int = 160
+    path: str | None = None
     host_max_m: int = 64
-    lockstep: bool | None = None
     checks: int = 3
     steps_per_check: int = 3
 

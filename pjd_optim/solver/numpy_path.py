@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from . import compiled
 from ._common import BPP_STEPS, MAX_KAPPA, MURTY_PATIENCE, Inverse
 from .active_set import active_set
 
@@ -34,6 +35,7 @@ Mask = NDArray[np.bool_]
 _DENSE_MAX_M = 32  # up to this m, masked [b, m, m] systems beat gathering blocks
 _PIVOTS_PER_INDEX = 4  # budget of single principal pivots (small problems), per index
 _DENSE_STEPS = 9  # block-pivoting steps (small m) before the rows left pivot singly
+_LAPACK_MAX_M = 96  # OpenBLAS factorises single-threaded below m·n = 10⁴
 _MAX_BLOCK = 48  # larger gathered systems (UPGrad rows without a clear majority) go to torch
 
 
@@ -61,7 +63,9 @@ def _batched_solve(A: Array, B: Array) -> Array:
     return out
 
 
-def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tuple[Array, Mask]:
+def solve(
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, start: Mask | None = None
+) -> tuple[Array, Mask]:
     """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[k, m]``); ``M`` SPD.
 
     ``P`` (optional) is ``−M⁻¹Q`` if known exactly (UPGrad: ``−U``). Jacobi-scales the problem
@@ -69,7 +73,8 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     ``x = 0``). Returns ``X`` and the mask of rows left unsolved (their ``X`` rows are zero):
     all conflicting rows if ``M`` is not numerically positive definite, too ill-conditioned or
     its systems too large for this path. At most ``max_iter`` steps (pivoting, then the
-    active-set method), as the pivoting path.
+    active-set method), as the pivoting path. ``start``: the first active sets (default: the
+    sign guess ``q_j ≥ 0``; :mod:`.compiled` passes DAQP's, which the first step polishes).
     """
     diag = M.diagonal()
     d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
@@ -80,20 +85,22 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     unsolved = np.zeros(Q.shape[0], dtype=bool)
     if rows.size:
         P = None if P is None else P[rows] / d
-        X_rows, unsolved[rows] = _conflicting(M, Q[rows], P, tol, max_iter)
+        active = Q[rows] >= 0 if start is None else start[rows]
+        X_rows, unsolved[rows] = _conflicting(M, Q[rows], P, tol, max_iter, active)
         X[rows] = X_rows * d
     return X, unsolved
 
 
 def _conflicting(
-    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, active: Mask
 ) -> tuple[Array, Mask]:
-    """:func:`solve` on Jacobi-scaled ``M`` (unit diagonal) and rows that all conflict."""
+    """:func:`solve` on Jacobi-scaled ``M`` (unit diagonal) and rows that all conflict, from
+    the active sets ``active``."""
     b, m = Q.shape
     X = np.zeros((b, m))
     unsolved = np.ones(b, dtype=bool)
-    n_active = (Q >= 0).sum(axis=1)  # sign guess, below
-    if m > _DENSE_MAX_M and min(int(n_active.max()), m - int(n_active.min())) > _MAX_BLOCK:
+    n_active = active.sum(axis=1)
+    if m > _DENSE_MAX_M and min(n_active.max(), m - n_active.min()) > _MAX_BLOCK:
         return X, unsolved  # large systems: the batched torch solver is faster
     try:
         system = _Systems(M)
@@ -106,13 +113,13 @@ def _conflicting(
     q_scale = np.abs(Q).max(axis=1, keepdims=True)
     P = None if system.dense else -_matmul(Q, system.H) if P is None else P
     steps = min(max_iter, BPP_STEPS, _DENSE_STEPS if system.dense else BPP_STEPS)
-    # Block pivoting from the sign guess (indices of non-conflicting rows stay at x = 0).
+    # Block pivoting from the given active sets (the first step polishes DAQP's exactly).
     pivoting = _BlockPivoting(system, Q, P, q_scale, rel)
-    done, x_done, left, start = pivoting.run(np.arange(b), Q >= 0, steps)
+    done, x_done, left, x_left = pivoting.run(np.arange(b), active, steps)
     X[done], unsolved[done] = x_done, False
     if left.size and system.dense:  # stalled rows: single principal pivots, one verifying step
         guess = principal_pivoting(M, Q[left], rel * q_scale[left], _PIVOTS_PER_INDEX * m)
-        done, x_done, left, start = pivoting.run(left, ~guess, 1)
+        done, x_done, left, x_left = pivoting.run(left, ~guess, 1)
         X[done], unsolved[done] = x_done, False
     if left.size:  # the monotone active-set method, from where the rows stopped
 
@@ -121,7 +128,7 @@ def _conflicting(
             return system.solve(Q[picked], None if P is None else P[picked], ~passive), rel
 
         X_left, not_done = active_set(
-            solve_passive, _matmul, np.arange, M, Q[left], start, max_iter - steps, np
+            solve_passive, _matmul, np.arange, M, Q[left], x_left, max_iter - steps, np
         )
         X[left] = X_left
         unsolved[left] = not_done
@@ -223,17 +230,20 @@ class _Systems:
         self.M = M
         self.dense = m <= _DENSE_MAX_M
         if self.dense:
-            factor, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
-            if int(info):
-                raise np.linalg.LinAlgError("not positive definite")
-            L = factor.numpy()
+            L = np.linalg.cholesky(M)  # unblocked LAPACK, single-threaded (raises LinAlgError)
             self.eye = np.eye(m, dtype=bool)
-            self.kappa = float((L.diagonal().max() / L.diagonal().min()) ** 2)
+            self.kappa = compiled.condition_estimate(L)
             return
-        inverse = Inverse(torch.from_numpy(M), None)
-        if not bool(inverse.trusted):
-            raise np.linalg.LinAlgError("not positive definite, or κ₁ above MAX_KAPPA")
-        self.H, self.kappa = inverse.H.numpy(), float(inverse.kappa)
+        if m <= _LAPACK_MAX_M:  # NumPy's LAPACK: single-threaded at this size
+            np.linalg.cholesky(M)  # raises LinAlgError if not positive definite
+            H = np.linalg.inv(M)
+            self.H = 0.5 * (H + H.T)
+            self.kappa = float(np.abs(M).sum(axis=0).max() * np.abs(self.H).sum(axis=0).max())
+        else:
+            inverse = Inverse(torch.from_numpy(M), None)
+            self.H, self.kappa = inverse.H.numpy(), float(inverse.kappa)
+        if not self.kappa <= MAX_KAPPA:
+            raise np.linalg.LinAlgError("κ₁ above MAX_KAPPA: the explicit inverse is not trusted")
         self.M_pad = np.zeros((m + 1, m + 1))  # padded copies: index m is a zero row/column
         self.M_pad[:m, :m] = M
         self.H_pad = np.zeros((m + 1, m + 1))

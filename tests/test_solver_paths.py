@@ -1,0 +1,164 @@
+"""The solver's paths through its public options: the plan, the compiled (DAQP) path's
+verification and its fall-back to the exact NumPy loop, and the condition-number estimates.
+
+Oracles: quadprog per row, the KKT conditions (per row), ``numpy.linalg.cond``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from oracle import relative_error
+from qp import (
+    F64,
+    assert_kkt,
+    cross_entropy_gramian,
+    forbid,
+    normalised_gramian,
+    quadprog_rows,
+    random_gramian,
+    regularised,
+    upgrad_rows,
+)
+
+from pjd_optim import DualProj, UPGrad
+from pjd_optim.solver import SolverOptions, _common, compiled, numpy_path, plan, project_dual_cone
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CPU = torch.device("cpu")
+
+
+def test_the_plan() -> None:
+    """Defaults by size, dtype and device; a forced path wins; the host paths need float64."""
+    default = SolverOptions()
+    assert plan(CPU, F64, _common.DAQP_MAX_M, default) == "daqp"
+    assert plan(CPU, F64, _common.DAQP_MAX_M + 1, default) == "numpy"
+    assert plan(CPU, F64, _common.NUMPY_MAX_M + 1, default) == "pivoting"
+    assert plan(CPU, torch.float32, 8, default) == "pivoting"
+    cuda = torch.device("cuda")
+    assert plan(cuda, F64, default.host_max_m, default) == "daqp"
+    assert plan(cuda, F64, default.host_max_m + 1, default) == "lockstep"
+    for path in _common.PATHS:
+        assert plan(CPU, F64, 1000, SolverOptions(path=path)) == path
+    assert plan(CPU, torch.float32, 8, SolverOptions(path="daqp")) == "pivoting"
+    with pytest.raises(ValueError, match="Unknown solver path"):
+        plan(CPU, F64, 8, SolverOptions(path="simplex"))
+
+
+def counting_fallback(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows that the DAQP path hands to the exact NumPy loop, one entry per call."""
+    calls: list[int] = []
+    solve = numpy_path.solve
+
+    def counting(M: Any, Q: Any, *rest: Any) -> Any:
+        calls.append(Q.shape[0])
+        return solve(M, Q, *rest)
+
+    monkeypatch.setattr(numpy_path, "solve", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "G",
+    [normalised_gramian(16, 8, seed=1), cross_entropy_gramian(40, 10, seed=2)],
+    ids=["random", "classifier"],
+)
+def test_the_daqp_path_alone_is_exact(G: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DAQP's answers verify on every row (no fall-back) and match quadprog."""
+    calls = counting_fallback(monkeypatch)
+    U = upgrad_rows(G.shape[0])
+    V = project_dual_cone(G, U, SolverOptions(path="daqp"))
+    assert calls == []
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+@pytest.mark.parametrize("m", [12, 48])
+def test_daqp_answers_that_fail_verification_finish_on_the_exact_loop(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loose DAQP tolerance gives wrong active sets: those rows fail the KKT check and the
+    NumPy loop finishes them from DAQP's active sets (its first step polishes); exact."""
+    calls = counting_fallback(monkeypatch)
+    monkeypatch.setattr(compiled, "PRIMAL_TOL", 0.3)
+    G = normalised_gramian(m, m // 2, seed=m)
+    U = upgrad_rows(m)
+    V = project_dual_cone(G, U, SolverOptions(path="daqp"))
+    assert len(calls) == 1 and 0 < calls[0] <= m, calls
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+def test_rows_daqp_fails_on_start_from_the_sign_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DAQP failing outright (no model) leaves every row to the exact loop; exact."""
+    calls = counting_fallback(monkeypatch)
+    monkeypatch.setattr(compiled, "_model", lambda M, q: None)
+    G = normalised_gramian(20, 10, seed=3)
+    U = upgrad_rows(20)
+    V = project_dual_cone(G, U, SolverOptions(path="daqp"))
+    assert calls == [20]
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+def test_ill_conditioned_problems_skip_daqp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """κ above MAX_KAPPA: DAQP is not asked, the exact paths solve the problem."""
+    forbid(monkeypatch, compiled, "_rows")
+    ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9)
+    U = upgrad_rows(20)
+    V = project_dual_cone(ill, U, SolverOptions(path="daqp"))
+    assert_kkt(ill, U, V, rtol=1e-6)  # κ ≈ 1e9: round-off eps·κ ≈ 2e-7 of a row's scale
+
+
+def test_the_daqp_path_does_not_depend_on_earlier_calls() -> None:
+    """One DAQP model per thread is reused: its working set is reset at each call."""
+    G, other = normalised_gramian(16, 8, seed=4), normalised_gramian(16, 4, seed=5)
+    U = upgrad_rows(16)
+    options = SolverOptions(path="daqp")
+    first = project_dual_cone(G, U, options)
+    project_dual_cone(other, U, options)
+    assert torch.equal(project_dual_cone(G, U, options), first)
+
+
+@pytest.mark.parametrize("m", [5, 16, 64])
+def test_weightings_on_the_host_path_match_the_torch_path(m: int) -> None:
+    """UPGrad and DualProj run small CPU problems in NumPy end to end: same weights as through
+    project_dual_cone on the pivoting path, and as quadprog."""
+    G = random_gramian(m, max(1, m // 2), seed=m)
+    pref = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=F64) + 0.1
+    for p in (None, pref):
+        fast = UPGrad(p)(G)
+        slow = UPGrad(p, solver=SolverOptions(path="pivoting"))(G)
+        assert relative_error(fast, slow) <= 1e-12
+        fast_dp = DualProj(p)(G)
+        slow_dp = DualProj(p, solver=SolverOptions(path="pivoting"))(G)
+        assert relative_error(fast_dp, slow_dp) <= 1e-12
+    expected = quadprog_rows(regularised(G), upgrad_rows(m)).sum(dim=0)
+    assert relative_error(UPGrad()(G), expected) <= 1e-8
+
+
+GRAMIANS = {
+    "random": lambda: normalised_gramian(30, 15, seed=6),
+    "classifier": lambda: cross_entropy_gramian(50, 10, seed=7),
+    "ill": lambda: regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9),
+    "identity": lambda: torch.eye(8, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAMIANS))
+def test_condition_estimates_against_numpy_cond(name: str) -> None:
+    """The Cholesky estimate (``(max Lᵢᵢ / min Lᵢᵢ)²``, the DAQP and dense NumPy paths) is a
+    lower bound of κ₂ of the Jacobi-scaled matrix, within a factor m² of it here; the inverse's
+    1-norm κ (the gathered NumPy and torch paths) is κ₁."""
+    G = GRAMIANS[name]().numpy()
+    d = 1.0 / np.sqrt(G.diagonal())
+    M = G * d[:, None] * d
+    exact = float(np.linalg.cond(M, 2))
+    estimate = compiled.condition_estimate(np.linalg.cholesky(M))
+    assert estimate <= exact * (1 + 1e-10)
+    assert estimate >= exact / M.shape[0] ** 2
+    inverse = _common.Inverse(torch.from_numpy(M), None)
+    assert float(inverse.kappa) == pytest.approx(float(np.linalg.cond(M, 1)), rel=1e-6)
