@@ -1,7 +1,8 @@
 r"""The NumPy path of the solver, for small float64 problems on the CPU.
 
 Solves the same rows of LCP(q, M) as the pivoting path (``M`` Jacobi-scaled, symmetric positive
-definite) by block principal pivoting with Murty's backup. A NumPy operation costs about a
+definite) by block principal pivoting; rows that stall stop there (no Murty step inside the
+block loop) and finish as described below. A NumPy operation costs about a
 microsecond, a torch operator 5–10 µs: small problems are dominated by that overhead.
 
 Each step solves, for every remaining row, the system of its free set F. ``m ≤ 32``: one
@@ -136,7 +137,8 @@ def _conflicting(
 
 
 class _BlockPivoting:
-    """Block principal pivoting of rows of one problem, with Murty-style patience."""
+    """Block principal pivoting of rows of one problem; a row stops after ``MURTY_PATIENCE``
+    steps without fewer infeasible indices (the name of the patience, not Murty's rule here)."""
 
     def __init__(self, system: _Systems, Q: Array, P: Array | None, q_scale: Array, rel: float):
         self.system, self.Q, self.P, self.q_scale, self.rel = system, Q, P, q_scale, rel
