@@ -24,8 +24,14 @@ def test_the_api_reference_examples_run_in_order() -> None:
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert len(blocks) >= 10
     namespace: dict[str, object] = {}
-    for block in blocks:
-        exec(compile(block, "docs/api.md", "exec"), namespace)
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/api.md", "exec"), namespace)
+    finally:  # the example's rule is registered globally: take it back, and its namespace
+        from pjd_optim.gramian._registry import _RULES
+
+        _RULES.pop(namespace.get("Scale"), None)  # type: ignore[call-overload]
+        namespace.clear()
 
 
 def test_the_optimizer_repr_shows_the_base_groups_the_options_and_the_considered_modules() -> None:
