@@ -24,7 +24,7 @@ one row per loss, or a considered module whose rule does not book-keep.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch.autograd.function import FunctionCtx
 from ._graph import Edge, Node, children, independent, latest_first, leaf
 from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian._registry import rule_for
+from .gramian._sharded import is_sharded
 
 # Resuming saves a backward through the considered part, about 2·B·(considered parameters) flops
 # for linear layers, and costs a Python walk of the graph (≈0.1 ms). Below this many saved flops
@@ -92,7 +93,7 @@ def find(
             out = out[1:]  # the first edge goes to the tap's anchor
             if ours:
                 call: ModuleCall = node.call
-                if not _bookkept(call, batch):
+                if not _bookkept(call, batch, plan[call.module].values()):
                     return None
                 covered.update(id(p) for p in plan[call.module].values())
                 candidates.update(((t.grad_fn, t.output_nr), t) for t in call.sources if t.grad_fn)
@@ -116,11 +117,15 @@ def find(
     return Resume(tensors, skips=skips)
 
 
-def _bookkept(call: ModuleCall, batch: int) -> bool:
+def _bookkept(call: ModuleCall, batch: int, params: Iterable[Tensor]) -> bool:
     """Whether ``summed_grads`` of ``call``'s rule can give its gradients (``batch`` rows), and
-    the walk can order its nodes (created in this thread, not e.g. a ``DataParallel`` replica's)."""
+    the walk can order its nodes (created in this thread, not e.g. a ``DataParallel`` replica's).
+    Not for sharded (FSDP2 ``DTensor``) parameters ``params``: the book-kept gradients are whole
+    plain tensors, and FSDP2 reduce-scatters the gradients of its own unsharded parameters, so
+    ``losses.backward(w)`` runs instead."""
     return (
-        rule_for(call.module).bookkeeps(call.module)
+        not any(is_sharded(p) for p in params)
+        and rule_for(call.module).bookkeeps(call.module)
         and all(r == batch for r in call.rows)
         and call.thread == threading.get_ident()
     )

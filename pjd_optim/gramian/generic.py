@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
+from ._sharded import call_forward, replay_parameters
 
 # Relative agreement required between the re-run and the recorded outputs, by the outputs' dtype
 # (batched and per-sample kernels round differently; under autocast the forward ran in 16 bits).
@@ -36,13 +37,17 @@ class ReplayMismatch(ValueError):
 
 
 def per_sample_vjp(
-    module: nn.Module, call: Call, params: Mapping[str, nn.Parameter]
+    module: nn.Module,
+    call: Call,
+    params: Mapping[str, nn.Parameter],
+    replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """``{name: P}``, ``P[i]`` the gradient of ``call``'s objective ``i`` w.r.t. ``params``.
 
     The per-sample inputs (``call.per_sample()``) are vmapped; each sample is put back at the
     batch dim the module expects (``call.sample_dims``), and the outputs are checked against
-    ``call.outputs`` when recorded."""
+    ``call.outputs`` when recorded. ``replay``: ``replay_parameters(module, params)`` when
+    already gathered (FSDP2-sharded parameters are gathered once per module, not per call)."""
     leaves, spec = tree_flatten((call.args, dict(call.kwargs)))
     flags = iter(call.per_sample())
     dims = iter(call.sample_dims or ())
@@ -55,7 +60,7 @@ def per_sample_vjp(
             batched.append(None)
     samples = [x for x, d in zip(leaves, batched, strict=True) if d is not None]
     out_dims = call.output_dims or (0,) * len(call.output_grads)
-    values = {name: p.detach() for name, p in params.items()}
+    values, constants = replay if replay is not None else replay_parameters(module, params)
 
     def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
         it = iter(xs)
@@ -65,7 +70,8 @@ def per_sample_vjp(
         args, kwargs = tree_unflatten(filled, spec)
 
         def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            out = tree_flatten(functional_call(module, theta, tuple(args), kwargs))[0]
+            out = call_forward(module, {**constants, **theta}, tuple(args), kwargs)
+            out = tree_flatten(out)[0]
             return tuple(out[k] for k in call.output_positions)
 
         outputs, pullback = vjp(forward, theta)[:2]
@@ -75,7 +81,7 @@ def per_sample_vjp(
 
     try:
         grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
-            values, samples, call.output_grads
+            dict(values), samples, call.output_grads
         )
     except RuntimeError as error:
         if "random" in str(error):
@@ -124,17 +130,22 @@ class GenericRule(GramianRule):
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
-        return summed_over_calls(calls, lambda call: self._checked(module, call, params))
+        replay = replay_parameters(module, params)  # (gathered once: a collective if sharded)
+        return summed_over_calls(calls, lambda call: self._checked(module, call, params, replay))
 
     def _checked(
-        self, module: nn.Module, call: Call, params: Mapping[str, nn.Parameter]
+        self,
+        module: nn.Module,
+        call: Call,
+        params: Mapping[str, nn.Parameter],
+        replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
     ) -> dict[str, Tensor]:
         """The per-sample gradients of the first reading of ``call``'s inputs whose re-run
         reproduces the forward; a clear error if none does."""
         mismatch: ReplayMismatch | None = None
         for candidate in shared_alternatives(call):
             try:
-                return per_sample_vjp(module, candidate, params)
+                return per_sample_vjp(module, candidate, params, replay)
             except ReplayMismatch as error:
                 mismatch = error
         raise ValueError(

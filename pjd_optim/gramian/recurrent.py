@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
+from ._sharded import replay_parameters
 
 
 @register_gramian_rule(nn.RNN, nn.LSTM, nn.GRU)
@@ -42,11 +43,12 @@ class RecurrentRule(GramianRule):
                 f"{type(module).__name__} with dropout={module.dropout} in train mode is random: "
                 "its per-sample gradients cannot be recomputed. Use dropout=0 (or eval mode)."
             )
-        return summed_over_calls(calls, lambda call: _per_sample(module, call, params))
+        replay = replay_parameters(module, params)  # (gathered once: a collective if sharded)
+        return summed_over_calls(calls, lambda call: _per_sample(module, call, replay))
 
 
 def _per_sample(
-    module: nn.RNNBase, call: Call, params: Mapping[str, nn.Parameter]
+    module: nn.RNNBase, call: Call, replay: tuple[dict[str, Tensor], dict[str, Tensor]]
 ) -> dict[str, Tensor]:
     x = call.args[0]
     if not isinstance(x, Tensor) or x.ndim != 3:
@@ -56,12 +58,14 @@ def _per_sample(
         )
     hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
     states = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
-    values = {name: p.detach() for name, p in params.items()}
+    values, constants = replay
     n_states = len(states)
 
     def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
         def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            outs = run(module, _weights(module, theta), xs[0], xs[1:] if n_states else [])
+            outs = run(
+                module, _weights(module, {**constants, **theta}), xs[0], xs[1:] if n_states else []
+            )
             return tuple(outs[k] for k in call.output_positions)
 
         return vjp(forward, theta)[1](gys)[0]
