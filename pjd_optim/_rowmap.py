@@ -31,9 +31,9 @@ from .gramian import Call
 from .gramian._registry import map_rows
 
 # dtype -> (relative precision of a ratio of two gradients, widest log2 spread of the tags).
-# Precision: measured ratios were within 5e-3 (bfloat16), 6e-4 (float16) of their tag through
-# chains of autocast layers; doubled or more. Spread: tags scale gradients down by up to 2^spread
-# in the tagged pass only; float16 (GradScaler's range) keeps them within 2^8.
+# Precision: twice or more the error of such ratios through chains of autocast layers (figures:
+# docs/benchmarks.md). Spread: tags scale gradients down by up to 2^spread in the tagged pass
+# only; float16 (GradScaler's range) keeps them within 2^8.
 PRECISION: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-9, 60.0),
     torch.float32: (2e-5, 40.0),

@@ -169,8 +169,9 @@ def test_options_change_the_weights_where_they_should(weighting: str) -> None:
 
 
 def test_the_per_row_checker_holds_a_small_row_to_its_own_scale() -> None:
-    """A row 1000x smaller than the largest, off by 1e-7 of its own scale: the per-row check
-    fails it where a tolerance scaled by the largest row (``qp.assert_kkt``) lets it through."""
+    """A row 1000x smaller than the largest, off by 1e-7 of its own scale: the per-row checks
+    (this file's and ``qp.assert_kkt``) fail it, where a tolerance scaled by the largest row
+    would let it through."""
     from qp import assert_kkt
 
     G = regularised(random_gramian(5, 5, "gaussian", seed=1))
@@ -178,6 +179,7 @@ def test_the_per_row_checker_holds_a_small_row_to_its_own_scale() -> None:
     V = quadprog_rows(G, U)
     assert_rows_kkt(G, U, V, rtol=1e-8)
     V[1] = V[1] * (1 - 1e-7)  # primal infeasible by 1e-7 of its own row (v_1 < u_1)
-    assert_kkt(G, U, V, rtol=1e-8)
+    with pytest.raises(AssertionError, match=r"rows \[1\]"):
+        assert_kkt(G, U, V, rtol=1e-8)
     with pytest.raises(AssertionError, match="row 1"):
         assert_rows_kkt(G, U, V, rtol=1e-8)
