@@ -126,7 +126,8 @@ def project_on_host(G: Array, U: Array, path: str, options: SolverOptions) -> Ar
     """:func:`project_dual_cone` on float64 host arrays by a host path (``"daqp"`` or
     ``"numpy"``, see :func:`plan`); the weightings call it directly on small CPU problems, where
     each torch operation would cost more than the solve."""
-    return U + _on_host(G, U @ G, -U, path, options)  # the unconstrained minimiser is −U
+    # (the unconstrained minimiser is −U; a large U @ G goes to torch, see numpy_path._matmul)
+    return U + _on_host(G, numpy_path._matmul(U, G), -U, path, options)
 
 
 def _on_host(M: Array, Q: Array, P: Array | None, path: str, options: SolverOptions) -> Array:

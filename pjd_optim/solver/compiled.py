@@ -99,7 +99,7 @@ def _rows(M: Array, Q: Array, q_scale: Array, rel: float) -> tuple[Array, Mask, 
     x, lam = np.stack(xs), np.stack(lams)
     active = np.where(solved[:, None], lam != 0.0, Q >= 0)
     x = np.where(active, 0.0, x * q_scale)
-    y = x @ M + Q
+    y = numpy_path._matmul(x, M) + Q  # (in torch where large: OpenBLAS threads would spin)
     bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
     wrong = np.where(active, y < -bound, (x < -bound) | (np.abs(y) > bound))
     return x.clip(min=0.0), active, solved & ~wrong.any(axis=1)
