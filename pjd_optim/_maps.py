@@ -99,14 +99,30 @@ def expected(collected: Collected) -> tuple[list[Record], Tensor] | None:
     records: list[Record] = []
     checks: list[Tensor] = []
     for reached in collected.reached:
-        if reached.call.rows == m:
-            positions = False
-        elif reached.positions() and reached.positions() * reached.call.rows == m:
-            positions = True
+        rows, positions = reached.call.rows, reached.positions()
+        if rows == m:
+            call, g, h = rows_of(reached, positions=False)
+            checks.append(rowmap.in_order(g, h, tags))
+        elif positions and positions * rows == m:
+            call, g, h = rows_of(reached, positions=True)
+            checks.append(rowmap.in_order(g, h, tags))
+        elif positions and m % rows == 0 and m // rows < positions:
+            # Per-token losses on the first positions of each row (labels shifted by one):
+            # position (b, t) feeds loss b·T' + t for t < T', the others nothing.
+            call, g, h = rows_of(reached, positions=True)
+            kept = m // rows
+            t = torch.arange(positions, device=g.device)
+            first = (t < kept).repeat(rows)
+            sigma = torch.where(
+                first,
+                torch.arange(rows, device=g.device).repeat_interleave(positions) * kept
+                + t.repeat(rows),
+                -1,
+            )
+            checks.append(rowmap.matches(rowmap.ratios(g, h, tags.delta), tags, sigma).all())
+            call = rowmap.place(call, sigma, m, 1, positions=True)[0]
         else:
             return None
-        call, g, h = rows_of(reached, positions)
-        checks.append(rowmap.in_order(g, h, tags))
         records.append((reached.module, call))
     for plain, tagged in collected.boundary:
         if plain.ndim == 0 or plain.shape[0] != m:

@@ -141,9 +141,11 @@ def in_order(g: Tensor, h: Tensor, tags: Tags) -> Tensor:
 
 
 def matches(r: Ratios, tags: Tags, expected: Tensor) -> Tensor:
-    """Whether each row feeds the loss ``expected[row]`` alone (or nothing)."""
-    tau = tags.exact[expected].to(r.c.dtype)
-    return r.negligible | (r.clean & ((r.c / tau - 1).abs() <= tags.delta))
+    """Whether each row feeds the loss ``expected[row]`` alone, or is negligible (the only
+    match for ``expected[row] = −1``: no loss)."""
+    tau = tags.exact[expected.clamp_min(0)].to(r.c.dtype)
+    fed = r.clean & ((r.c / tau - 1).abs() <= tags.delta) & (expected >= 0)
+    return r.negligible | fed
 
 
 def identify(r: Ratios, tags: Tags, expected: Tensor | None = None) -> Tensor:

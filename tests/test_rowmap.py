@@ -73,6 +73,8 @@ EXACT: dict[str, tuple[Tensor, Losses]] = {
     "tokens_transposed": (X_SEQ, lambda m, x: per_token(m(x)).T),
     "tokens_sorted": (X_SEQ, lambda m, x: per_token(m(x)).flatten().sort().values),
     "tokens_shifted": (X_SEQ, lambda m, x: per_token(m(x)[:, :-1]).flatten()),
+    "tokens_shifted_other_way": (X_SEQ, lambda m, x: per_token(m(x)[:, 1:]).flatten()),
+    "tokens_shifted_b_t": (X_SEQ, lambda m, x: per_token(m(x)[:, :-1])),
     "per_sequence_mean": (X_SEQ, lambda m, x: per_token(m(x)).mean(dim=1)),
     "half_sequences": (X_SEQ, lambda m, x: per_token(m(x)).view(B, 2, T // 2).mean(dim=2)),
 }
