@@ -70,3 +70,21 @@ def check_disjoint(groups: Sequence[ParamGroup]) -> None:
                     "parameter must be in exactly one group."
                 )
             seen.add(id(p))
+
+
+def considered_names(model: nn.Module, considered: list[Tensor]) -> list[str]:
+    """The considered parameters as the model's names: a module whose parameters are all
+    considered by its name (``blocks.11``), others parameter by parameter."""
+    ids = {id(p) for p in considered}
+    names: list[str] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if params and all(id(p) in ids for p in params) and not covered >= {id(p) for p in params}:
+            names.append(name or type(module).__name__)
+            covered.update(id(p) for p in params)
+    for name, p in model.named_parameters():
+        if id(p) in ids and id(p) not in covered:
+            names.append(name)
+            covered.add(id(p))
+    return names

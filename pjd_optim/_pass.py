@@ -15,9 +15,11 @@ rank's objectives; :meth:`Pass.backward` applies this rank's share.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from ._checks import is_finite
 
@@ -93,3 +95,24 @@ class TaskPass(GramianPass):
             torch.autograd.backward(stacked, ones, inputs=self.heads, retain_graph=True)
         if self.shared:
             torch.autograd.backward(stacked, weights, inputs=self.shared)
+
+
+class WeightedMean(torch.autograd.Function):
+    """Value ``losses.mean()``; gradient ``grad · weights`` to the losses (weights detached)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, losses: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(weights)
+        ctx.shape = losses.shape  # type: ignore[attr-defined]
+        return losses.detach().mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        (weights,) = ctx.saved_tensors
+        return (grad * weights).view(ctx.shape), None
+
+
+def full_precision(losses: Tensor) -> torch.autocast:
+    """Autocast off for the Gramian and the weighting (a step called inside an autocast region
+    would otherwise run the rules' products and the solver in 16 bits)."""
+    return torch.autocast(losses.device.type, enabled=False)

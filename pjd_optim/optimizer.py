@@ -9,7 +9,6 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
 from torch.optim import Optimizer
 
 from ._autograd import AutogradGramian, ClosedGramian
@@ -21,9 +20,9 @@ from ._checks import (
     check_weights,
 )
 from ._engine import GramianSource, HookedGramian
-from ._groups import check_disjoint, check_optimized, considered_of
+from ._groups import check_disjoint, check_optimized, considered_names, considered_of
 from ._info import Status, StepInfo
-from ._pass import Pass
+from ._pass import Pass, WeightedMean, full_precision
 from ._wrapper import WrappedOptimizer
 from .weightings import UPGrad, Weighting
 
@@ -211,7 +210,7 @@ class PartialJDOptimizer(WrappedOptimizer):
             torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
         )
         start = time.perf_counter()
-        with _full_precision(losses):
+        with full_precision(losses):
             gramian, finite = self._scaled_gramian(jd, losses) if half else jd.gramian()
             middle = time.perf_counter()
             weights = self._weigh(gramian, finite, stop_on_nonfinite=False)
@@ -228,7 +227,7 @@ class PartialJDOptimizer(WrappedOptimizer):
         status.last_step = info if finite else None
         status.weighted = True
         status.weighted_nonfinite = status.weighted_nonfinite or not finite
-        loss: Tensor = _WeightedMean.apply(losses, jd.applied(weights))
+        loss: Tensor = WeightedMean.apply(losses, jd.applied(weights))
         return loss
 
     def _scaled_gramian(self, jd: Pass, losses: Tensor) -> tuple[Tensor, bool]:
@@ -247,7 +246,7 @@ class PartialJDOptimizer(WrappedOptimizer):
         Returns this rank's weights, or ``None`` when a non-finite step was skipped."""
         jd = self._begin(losses)  # (a clear error for bad losses; nothing has changed)
         start = time.perf_counter()
-        with _full_precision(jd.objectives):
+        with full_precision(jd.objectives):
             gramian, finite = jd.gramian()  # (refused here if the rows mix losses)
             middle = time.perf_counter()
             weights = self._weigh(gramian, finite, stop_on_nonfinite)
@@ -505,7 +504,7 @@ class PartialJDOptimizer(WrappedOptimizer):
     def __repr__(self) -> str:
         """As torch's optimizers (the base's groups and options), with what the wrapper adds:
         the weighting, the modes and the considered modules by name."""
-        names = _considered_names(self.model, self._considered)
+        names = considered_names(self.model, self._considered)
         lines = [
             f"PartialJDOptimizer over {self.base!r}",
             f"  weighting: {self.weighting!r}",
@@ -521,42 +520,3 @@ def _open_source(mode: GramianMode, model: nn.Module, considered: list[Tensor]) 
     if mode == "autograd":
         return AutogradGramian(considered)
     return HookedGramian(model, considered)  # (raises if a parameter is not in `model`)
-
-
-class _WeightedMean(torch.autograd.Function):
-    """Value ``losses.mean()``; gradient ``grad · weights`` to the losses (weights detached)."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, losses: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(weights)
-        ctx.shape = losses.shape  # type: ignore[attr-defined]
-        return losses.detach().mean()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Any:
-        (weights,) = ctx.saved_tensors
-        return (grad * weights).view(ctx.shape), None
-
-
-def _full_precision(losses: Tensor) -> torch.autocast:
-    """Autocast off for the Gramian and the weighting (a step called inside an autocast region
-    would otherwise run the rules' products and the solver in 16 bits)."""
-    return torch.autocast(losses.device.type, enabled=False)
-
-
-def _considered_names(model: nn.Module, considered: list[Tensor]) -> list[str]:
-    """The considered parameters as the model's names: a module whose parameters are all
-    considered by its name (``blocks.11``), others parameter by parameter."""
-    ids = {id(p) for p in considered}
-    names: list[str] = []
-    covered: set[int] = set()
-    for name, module in model.named_modules():
-        params = list(module.parameters())
-        if params and all(id(p) in ids for p in params) and not covered >= {id(p) for p in params}:
-            names.append(name or type(module).__name__)
-            covered.update(id(p) for p in params)
-    for name, p in model.named_parameters():
-        if id(p) in ids and id(p) not in covered:
-            names.append(name)
-            covered.add(id(p))
-    return names
