@@ -4,7 +4,9 @@ and the comparisons the tests share (parameters, "nothing changed" snapshots).""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from case import Case
@@ -146,3 +148,28 @@ def assert_unchanged(before: Snapshot, after: Snapshot) -> None:
         else:
             assert torch.equal(grad_a, grad_b)
     assert state_a == state_b
+
+
+def lightning_fit(module: Any, data: Sequence[Any], **trainer_options: Any) -> list[str]:
+    """One quiet CPU epoch of Lightning's ``Trainer`` over ``data`` (one batch per item); the
+    messages of the warnings it raised."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_options,
+    )
+    loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
+        data,  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_size=None,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return [str(w.message) for w in caught]

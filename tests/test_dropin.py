@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -14,6 +13,7 @@ import torch
 from oracle import (
     assert_same_parameters,
     assert_unchanged,
+    lightning_fit,
     oracle_backward,
     relative_error,
     snapshot,
@@ -293,7 +293,7 @@ def test_lightning_manual_optimisation_is_exact(through: str) -> None:
     """``self.optimizers()`` is Lightning's proxy of the optimizer; ``backward`` may be called on
     it or on ``.optimizer``, and ``step()`` passes a closure that returns ``None``."""
     pytest.importorskip("lightning")
-    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch import LightningModule
 
     data = [(batch(seed), None) for seed in range(3)]
 
@@ -318,23 +318,8 @@ def test_lightning_manual_optimisation_is_exact(through: str) -> None:
 
     model = mlp()
     reference = copy.deepcopy(model)
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader: torch.utils.data.DataLoader[tuple[Tensor, None]] = torch.utils.data.DataLoader(
-        data,  # type: ignore[arg-type]  # a list is a map-style dataset
-        batch_size=None,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Module(model), loader)
-    assert not [w for w in caught if "Jacobian descent" in str(w.message)]
+    messages = lightning_fit(Module(model), data)
+    assert not [m for m in messages if "Jacobian descent" in m]
     ref_optimizer = SGD(reference.parameters(), lr=0.1)
     for x, _ in data:
         oracle_step(reference, ref_optimizer, x)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_same_parameters
+from oracle import assert_same_parameters, lightning_fit
 from torch import Tensor, nn
 from torch.optim import SGD
 
@@ -153,7 +153,7 @@ def test_lightning_automatic_optimisation_trains_by_returning_weighted_loss(
     as manual ``backward(losses)`` steps (accumulated micro-batches scaled by Lightning's
     ``1/accumulate``), and no warning."""
     pytest.importorskip("lightning")
-    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch import LightningModule
 
     torch.manual_seed(0)
     data = [torch.randn(6, 4, dtype=torch.float64) for _ in range(4)]
@@ -179,24 +179,8 @@ def test_lightning_automatic_optimisation_trains_by_returning_weighted_loss(
 
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     reference = copy.deepcopy(model)
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader: torch.utils.data.DataLoader[Tensor] = torch.utils.data.DataLoader(
-        data,  # type: ignore[arg-type]  # a list is a map-style dataset
-        batch_size=None,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Module(model), loader)
-    assert not [w for w in caught if "PartialJDOptimizer" in str(w.message)]
+    messages = lightning_fit(Module(model), data, accumulate_grad_batches=accumulate)
+    assert not [m for m in messages if "PartialJDOptimizer" in m]
     manual = PartialJDOptimizer(
         SGD(reference.parameters(), lr=0.1), reference, considered=reference[2]
     )
