@@ -266,15 +266,17 @@ class HookedPass(Pass):
             raise ValueError(
                 "Another rank refused this step (its error says why): nothing changed."
             )
-        if self.gather is not None:
+        if gramian is None:  # "global": the Gramian of every rank's calls
+            assert self.gather is not None
             records = self.gather(records)
             self.received_bytes = self.gather.received_bytes
             gramian = self.source._sum(records, losses.numel() * self.size)
             finite = is_finite(gramian, losses)
         return gramian, finite
 
-    def _checked(self) -> tuple[list[Record], Tensor, bool]:
-        """The checked records, their Gramian and whether it is finite."""
+    def _checked(self) -> tuple[list[Record], Tensor | None, bool]:
+        """The checked records, their Gramian (``None`` under ``"global"``, where it is over
+        every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
         collected = source.passes.collect(losses, resume)
         self.check_seconds = source.passes.check_seconds
@@ -282,19 +284,24 @@ class HookedPass(Pass):
         start = time.perf_counter()
         fast = _maps.expected(collected)
         self.check_seconds += time.perf_counter() - start
+        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
         if fast is not None:
             records, verified = fast
-            gramian = source._sum(records, m)
-            flags = torch.stack([verified, is_finite_tensor(gramian, losses)]).tolist()
+            # Non-finite gradients cannot be checked, and make the step non-finite anyway. Under
+            # "global" the Gramian comes after the gather: the gradients tell finiteness here.
+            gramian = None if self.gather is not None else source._sum(records, m)
+            finite = is_finite_tensor(torch.cat(grads) if gramian is None else gramian, losses)
+            flags = torch.stack([verified, finite]).tolist()
             if not flags[1] or flags[0]:
                 if resume is not None:
                     resume.records = records
                 return records, gramian, bool(flags[1])
-        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
-        if not is_finite(torch.cat(grads), losses):
+        grads_finite = is_finite(torch.cat(grads), losses)
+        if not grads_finite and self.gather is None:
             return [], torch.full((m, m), torch.nan, device=losses.device), False
         if self.gather is not None:
-            _maps.named(collected, None)  # a refusal names what mixes the rows, if anything does
+            if grads_finite:
+                _maps.named(collected, None)  # a refusal naming what mixes the rows, if any does
             raise ValueError(
                 "distributed='global' needs the losses in the order of the batch rows of every "
                 "considered call (row i feeding loss i); use distributed='local' for others."

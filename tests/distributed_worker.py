@@ -70,6 +70,12 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
             x2, y2 = batch(rank + WORLD_OFFSET)
             optimizer.backward(losses_of(ddp, x2, y2))
     losses = losses_of(ddp, x, y)
+    if mode.startswith("nonfinite"):  # rank 0 overflows: a non-finite step on every rank
+        if rank == 0:
+            losses = losses * torch.tensor([float("inf")] + [1.0] * (BATCH - 1)).double()
+        weights = optimizer.backward(losses)
+        Path(out_dir, f"nonfinite{rank}.txt").write_text(str(bool(weights.isnan().all())))
+        return True
     if mode.startswith("refuse"):  # rank 0's losses mix its batch: every rank must refuse
         if rank == 0:
             losses = losses + losses.mean()

@@ -137,3 +137,14 @@ def test_a_step_one_rank_refuses_is_refused_on_every_rank(mode: str, tmp_path: P
     own = (tmp_path / "refused0.txt").read_text()
     assert "feed several losses" in own and "task losses" in own
     assert "Another rank refused" in (tmp_path / "refused1.txt").read_text()
+
+
+@pytest.mark.parametrize("mode", ["nonfinite_local", "nonfinite_global"])
+def test_an_overflow_on_one_rank_is_a_non_finite_step_not_an_error(
+    mode: str, tmp_path: Path
+) -> None:
+    """Rank 0's losses overflow: its backward gives NaN weights (GradScaler then skips), and under
+    "global" so does every rank's (their Gramian holds rank 0's rows); none raises."""
+    spawn(mode, tmp_path)
+    results = [(tmp_path / f"nonfinite{rank}.txt").read_text() for rank in range(WORLD)]
+    assert results == (["True", "True"] if mode.endswith("global") else ["True", "False"])
