@@ -74,22 +74,13 @@ class Collected:
 
 def rows_of(reached: Reached, positions: bool) -> tuple[Call, Tensor, Tensor]:
     """The call (as positions, or not) and its plain and tagged gradients as ``[rows, n]``."""
-    call = reached.call
+    call, tagged = reached.call, reached.tagged
     if positions:
         features = reached.features()
         assert features is not None
         call = rowmap.as_positions(call, features)
-        tagged = rowmap.as_positions(replace(reached.call, output_grads=reached.tagged), features)
-        return call, rowmap.flat_rows(call.output_grads, call.rows), tagged_rows(tagged)
-    return (
-        call,
-        rowmap.flat_rows(call.output_grads, call.rows),
-        tagged_rows(replace(call, output_grads=reached.tagged)),
-    )
-
-
-def tagged_rows(call: Call) -> Tensor:
-    return rowmap.flat_rows(call.output_grads, call.rows)
+        tagged = rowmap.position_grads(tagged, features)
+    return call, rowmap.flat_rows(call.output_grads, call.rows), rowmap.flat_rows(tagged, call.rows)
 
 
 def expected(collected: Collected) -> tuple[list[Record], Tensor] | None:
@@ -315,16 +306,7 @@ def per_column_bytes(collected: Collected) -> int:
     total = 0
     for reached in collected.reached:
         call = reached.call
-        tensors = [*call.output_grads, *call.outputs]
-        flags = iter(call.per_sample())
-        for leaf in _tensors(call):
-            if next(flags):
-                tensors.append(leaf)
+        inputs = [x for x, flag in zip(call.tensors(), call.per_sample(), strict=True) if flag]
+        tensors = [*call.output_grads, *call.outputs, *inputs]
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
-
-
-def _tensors(call: Call) -> list[Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    return [x for x in tree_flatten((call.args, dict(call.kwargs)))[0] if isinstance(x, Tensor)]

@@ -237,15 +237,19 @@ def place(call: Call, sigma: Tensor, m: int, splits: int, positions: bool) -> li
     return placed
 
 
+def _split(x: Tensor, trailing: int) -> Tensor:
+    """``x`` ``[B, *P, *f]`` as ``[B·ΠP, *f]`` (``trailing``: the number of feature dims)."""
+    return x.reshape(-1, *x.shape[x.ndim - trailing :]) if trailing else x.reshape(-1)
+
+
+def position_grads(grads: tuple[Tensor, ...], features: tuple[int, int]) -> tuple[Tensor, ...]:
+    """Output gradients of a position-wise call with its positions as rows."""
+    return tuple(_split(g, features[1]) for g in grads)
+
+
 def as_positions(call: Call, features: tuple[int, int]) -> Call:
     """A position-wise call with its positions as rows: each per-sample input ``[B, *P, *f_in]``
     as ``[B·ΠP, *f_in]``, each output gradient (and output) ``[B, *P, *f_out]`` likewise."""
-    f_in, f_out = features
-
-    def split(x: Tensor, trailing: int) -> Tensor:
-        return x.reshape(-1, *x.shape[x.ndim - trailing :]) if trailing else x.reshape(-1)
-
-    grads = tuple(split(g, f_out) for g in call.output_grads)
-    moved = map_rows(call, call.rows, lambda x: split(x, f_in), grads)
-    outputs = tuple(split(y, f_out) for y in call.outputs)
-    return replace(moved, outputs=outputs)
+    grads = position_grads(call.output_grads, features)
+    moved = map_rows(call, call.rows, lambda x: _split(x, features[0]), grads)
+    return replace(moved, outputs=position_grads(call.outputs, features))

@@ -59,13 +59,14 @@ class Call:
         """The number of objectives (rows of the output gradients)."""
         return self.output_grads[0].shape[0]
 
+    def tensors(self) -> list[Tensor]:
+        """The tensors among the flattened ``(args, kwargs)``, in order."""
+        return [x for x in tree_flatten((self.args, dict(self.kwargs)))[0] if isinstance(x, Tensor)]
+
     def per_sample(self) -> list[bool]:
         """For each tensor among the flattened ``(args, kwargs)``, whether it is per-sample."""
-        tensors = [
-            x for x in tree_flatten((self.args, dict(self.kwargs)))[0] if isinstance(x, Tensor)
-        ]
         if not self.sample_dims:
-            return [has_rows(x, self.rows) for x in tensors]
+            return [has_rows(x, self.rows) for x in self.tensors()]
         return [d is not None for d in self.sample_dims]
 
 
