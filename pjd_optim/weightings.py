@@ -135,7 +135,7 @@ class UPGrad(_Projecting):
         path = self._host_path(gramian)
         if path is not None:  # small CPU problems: all in NumPy (see _host_problem)
             G_np, pref_np = self._host_problem(gramian)
-            V = project_on_host(G_np, np.diag(pref_np), path, self._options)
+            V = project_on_host(G_np, np.diag(pref_np), self._options)
             return torch.from_numpy(V.sum(axis=0)).to(gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
@@ -153,7 +153,7 @@ class DualProj(_Projecting):
         path = self._host_path(gramian)
         if path is not None:
             G_np, pref_np = self._host_problem(gramian)
-            v = project_on_host(G_np, pref_np[None], path, self._options)[0]
+            v = project_on_host(G_np, pref_np[None], self._options)[0]
             return torch.from_numpy(v).to(gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))

@@ -1,8 +1,9 @@
 """The dual-cone solver, on every path, against its KKT conditions and independent solvers.
 
 Problem: ``v = argmin vᵀGv s.t. v ≥ u`` (one per row ``u``). KKT: ``v ≥ u``, ``Gv ≥ 0``,
-``(v − u) ⊙ Gv = 0``. Paths: NumPy (small CPU problems), pivoting (torch), lock-step (the
-sync-bounded one accelerators use, forced here on the CPU).
+``(v − u) ⊙ Gv = 0``. Paths: DAQP (small CPU problems, verified, finished by the pivoting loop),
+pivoting (the loop, a sync per step), lock-step (the same loop with bounded syncs, as
+accelerators use it, forced here on the CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from qp import (
     assert_kkt,
     brute_force,
     cross_entropy_gramian,
-    forbid,
     normalised_gramian,
     quadprog_rows,
     random_gramian,
@@ -26,23 +26,20 @@ from qp import (
 )
 from torch import Tensor
 
-from pjd_optim import solver
 from pjd_optim.solver import (
     SolverOptions,
     _common,
     first_order,
-    lockstep,
-    numpy_path,
     pivoting,
     project_dual_cone,
     solve_lcp,
+    systems,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PATHS = {
     "daqp": SolverOptions(path="daqp"),
-    "numpy": SolverOptions(path="numpy"),
     "pivoting": SolverOptions(path="pivoting"),
     "lockstep": SolverOptions(path="lockstep"),
 }
@@ -138,14 +135,15 @@ def test_pivoting_alone_converges(warm_start_iter: int) -> None:
 
 
 @pytest.mark.parametrize(("m", "rank"), [(6, 3), (8, 8), (40, 20), (70, 35)])
-def test_active_set_method_finishes_stalled_rows(
-    m: int, rank: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rows left after the pivoting budget go to the monotone active-set method: still exact."""
-    monkeypatch.setattr(pivoting, "BPP_STEPS", 1)
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_murtys_single_pivots_alone_are_exact(m: int, rank: int, lockstep: bool) -> None:
+    """``patience=0``: a row takes Murty's single pivot at every step that does not lower its
+    count of infeasible indices (from the sign guess, on conflicting rank-deficient Gramians,
+    where block pivoting cycles); exact."""
     G = normalised_gramian(m, rank, "conflicting", seed=m)
     U = upgrad_rows(m)
-    V = project_dual_cone(G, U, SolverOptions(path="pivoting", warm_start_iter=0))
+    path = "lockstep" if lockstep else "pivoting"
+    V = project_dual_cone(G, U, SolverOptions(path=path, warm_start_iter=0, patience=0))
     assert_kkt(G, U, V)
     expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
     torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)
@@ -160,7 +158,7 @@ def test_ill_conditioned_matches_quadprog(path: SolverOptions) -> None:
     assert relative_error(V, expected) <= 1e-7
 
 
-@pytest.mark.parametrize("name", ["numpy", "pivoting"])
+@pytest.mark.parametrize("name", ["pivoting", "lockstep"])
 def test_iteration_bound_raises(name: str) -> None:
     G = normalised_gramian(40, 20, "conflicting", seed=2)
     U = upgrad_rows(40)
@@ -266,7 +264,7 @@ def test_accelerator_paths_match_the_cpu(accelerator: str, forced: str | None) -
         torch.testing.assert_close(V.cpu(), project_dual_cone(G, U), rtol=1e-9, atol=1e-13)
 
 
-# ----------------------------------------------------------------------------- the NumPy path
+# ------------------------------------------------------------------------- hard small problems
 
 
 def regression_gramian(m: int, seed: int) -> Tensor:
@@ -277,7 +275,7 @@ def regression_gramian(m: int, seed: int) -> Tensor:
     return regularised(G)
 
 
-NUMPY_CASES = {
+HARD_CASES = {
     "regression m=16": lambda: regression_gramian(16, 0),
     "regression m=16 b": lambda: regression_gramian(16, 1),
     "cross-entropy m=128": lambda: cross_entropy_gramian(128, 10, 0),
@@ -288,16 +286,9 @@ NUMPY_CASES = {
 }
 
 
-@pytest.fixture
-def pivoting_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail if any row reaches the pivoting path (the NumPy path must finish alone)."""
-    forbid(monkeypatch, pivoting, "solve")
-
-
-@pytest.mark.usefixtures("pivoting_forbidden")
-@pytest.mark.parametrize("case", list(NUMPY_CASES))
-def test_numpy_path_alone_matches_quadprog(case: str) -> None:
-    G = NUMPY_CASES[case]()
+@pytest.mark.parametrize("case", list(HARD_CASES))
+def test_default_path_matches_quadprog(case: str) -> None:
+    G = HARD_CASES[case]()
     U = upgrad_rows(G.shape[0])
     V = project_dual_cone(G, U)
     assert_kkt(G, U, V, rtol=1e-10)
@@ -305,93 +296,40 @@ def test_numpy_path_alone_matches_quadprog(case: str) -> None:
     assert relative_error(V, expected) <= 1e-8
 
 
-@pytest.mark.parametrize("case", list(NUMPY_CASES))
+@pytest.mark.parametrize("case", list(HARD_CASES))
 def test_all_paths_agree(case: str) -> None:
-    G = NUMPY_CASES[case]()
+    G = HARD_CASES[case]()
     U = upgrad_rows(G.shape[0])
     answers = [project_dual_cone(G, U, options) for options in PATHS.values()]
     for other in answers[1:]:
         assert relative_error(other, answers[0]) <= 1e-12
 
 
-@pytest.mark.usefixtures("pivoting_forbidden")
-@pytest.mark.parametrize("m", [3, 8, 40])
-def test_numpy_path_general_rows_and_brute_force(m: int) -> None:
-    """solve_lcp without a known minimiser (p = −QH, gathered systems for m = 40)."""
+@pytest.mark.parametrize("m", [3, 8, 40, 120])
+def test_general_rows_and_brute_force(m: int, path: SolverOptions) -> None:
+    """solve_lcp without a known minimiser (the dual right-hand sides from ``H``)."""
     G = cross_entropy_gramian(m, 3, seed=m)
     U = torch.randn(5, m, generator=torch.Generator().manual_seed(m), dtype=F64)
-    X = solve_lcp(G, U @ G)
+    X = solve_lcp(G, U @ G, path)
     assert_kkt(G, U, U + X, rtol=1e-10)
     if m <= 8:
         expected = torch.stack([brute_force(G, u) for u in U])
         torch.testing.assert_close(U + X, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.usefixtures("pivoting_forbidden")
-@pytest.mark.parametrize(("m", "rank"), [(8, 4), (16, 8), (40, 20), (64, 32)])
-def test_rows_stalled_on_the_numpy_path_finish_with_the_active_set_method(
-    m: int, rank: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After one pivoting step every row left goes to the active-set method: exact."""
-    monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
-    monkeypatch.setattr(numpy_path, "_MAX_BLOCK", m)
-    monkeypatch.setattr(numpy_path, "_PIVOTS_PER_INDEX", 0)  # no single pivots (small m)
-    G = normalised_gramian(m, rank, seed=m)
-    U = upgrad_rows(m)
-    V = project_dual_cone(G, U, SolverOptions(path="numpy"))
-    assert_kkt(G, U, V, rtol=1e-10)
-    expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
-    torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)
+@pytest.fixture
+def padded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int | None]]:
+    """Each batched solve of the loop: its rows and its padded size (``None``: the host
+    schedule, a sync per step)."""
+    calls: list[tuple[int, int | None]] = []
+    solve = systems.Systems.solve
 
+    def counting(self: systems.Systems, R: Tensor, sel: Tensor, s: int | None = None) -> Any:
+        calls.append((R.shape[0], s))
+        return solve(self, R, sel, s)
 
-@pytest.mark.parametrize(("m", "rank", "seed"), [(3, 1, 0), (6, 2, 1), (8, 3, 2), (9, 9, 3)])
-def test_principal_pivoting_finds_the_brute_force_free_sets(m: int, rank: int, seed: int) -> None:
-    """The tableau pivots alone, on general rows (no verifying solve): their free sets are the
-    supports of the brute-force solutions."""
-    G = normalised_gramian(m, rank, seed=seed)
-    U = torch.randn(2 * m, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    Q = (U @ G).numpy()
-    bound = 1e-12 * abs(Q).max(axis=1, keepdims=True)
-    free = numpy_path.principal_pivoting(G.numpy(), Q, bound, 4 * m)
-    expected = torch.stack([brute_force(G, u) for u in U]) - U
-    assert (torch.from_numpy(free) == (expected > 1e-9)).all()
-
-
-@pytest.mark.usefixtures("pivoting_forbidden")
-@pytest.mark.parametrize(("m", "rank"), [(16, 8), (24, 12), (32, 16), (32, 64)])
-def test_rows_stalled_on_the_numpy_path_finish_with_principal_pivots(
-    m: int, rank: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Small problems: rows left after one block-pivoting step are solved by the single pivots
-    and one verifying step, without the active-set method; exact."""
-
-    monkeypatch.setattr(numpy_path, "BPP_STEPS", 1)
-    forbid(monkeypatch, numpy_path, "active_set")
-    G = normalised_gramian(m, rank, seed=m + rank)
-    U = upgrad_rows(m)
-    V = project_dual_cone(G, U, SolverOptions(path="numpy"))
-    assert_kkt(G, U, V, rtol=1e-10)
-    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
-
-
-def test_numpy_path_declines_large_and_ill_conditioned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large dual/primal systems and κ > 1e7 go to the pivoting path, with the same answer."""
-    calls: list[int] = []
-    solve = pivoting.solve
-
-    def counting(M: Tensor, Q: Tensor, *rest: object) -> Tensor:
-        calls.append(Q.shape[0])
-        return solve(M, Q, *rest)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pivoting, "solve", counting)
-    G = normalised_gramian(128, 64, seed=12)  # |F| ≈ |A| ≈ 64
-    U = upgrad_rows(128)
-    assert_kkt(G, U, project_dual_cone(G, U))
-    ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9)
-    U = upgrad_rows(20)
-    # quadprog itself is inexact at κ ≈ 1e9; per row, round-off is eps·κ ≈ 2e-7 of its scale
-    assert_kkt(ill, U, project_dual_cone(ill, U), rtol=1e-6)
-    assert len(calls) == 2
+    monkeypatch.setattr(systems.Systems, "solve", counting)
+    return calls
 
 
 @pytest.fixture
@@ -411,21 +349,18 @@ def dual_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("lockstep", [False, True])
 @pytest.mark.parametrize("m", [96, 200])
 def test_rows_keeping_most_indices_free_use_the_dual_systems(
-    m: int, lockstep: bool, dual_calls: list[int], monkeypatch: pytest.MonkeyPatch
+    m: int, lockstep: bool, dual_calls: list[int], padded_sizes: list[tuple[int, int | None]]
 ) -> None:
-    """Cross-entropy Gramians (most pairs conflict, as for real losses): both torch paths start
-    from the sign guess and solve the |A|-sized dual systems, which finish every row (no
-    active-set fallback, no row left by the lock-step path); exact, for UPGrad's rows (``P = −U``
-    known) and for general rows (``P`` from ``H``)."""
-
-    forbid(monkeypatch, pivoting, "active_set")
-    if lockstep:
-        forbid(monkeypatch, pivoting, "solve")
+    """Cross-entropy Gramians (most pairs conflict, as for real losses): the loop starts from
+    the sign guess and solves the |A|-sized dual systems, which finish every row (the lock-step
+    path within its checks: no host step); exact, for UPGrad's rows (``P = −U`` known) and for
+    general rows (``P`` from ``H``)."""
     G = cross_entropy_gramian(m, 10, seed=m)
     options = SolverOptions(path="lockstep" if lockstep else "pivoting")
     U = upgrad_rows(m)
     V = project_dual_cone(G, U, options)
     assert dual_calls, "the dual systems were not used"
+    assert padded_sizes and all((s is not None) == lockstep for _, s in padded_sizes)
     assert_kkt(G, U, V, rtol=1e-10)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
     dual_calls.clear()
@@ -460,7 +395,7 @@ def test_a_sign_guess_far_off_restarts_from_fista(m: int, monkeypatch: pytest.Mo
         calls.append(Q.shape[0])
         return first_order.fista(M, Q, *rest, **kwargs)
 
-    monkeypatch.setattr(solver, "fista", counting)
+    monkeypatch.setattr(pivoting, "fista", counting)
     G = cross_entropy_gramian(m, 10, seed=m + 1)
     U = upgrad_rows(m)
     V = project_dual_cone(G, U, SolverOptions(path="pivoting"))
@@ -469,32 +404,22 @@ def test_a_sign_guess_far_off_restarts_from_fista(m: int, monkeypatch: pytest.Mo
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 
 
-def test_lockstep_rounds_solve_only_the_rows_left(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lockstep_rounds_solve_only_the_rows_left(
+    padded_sizes: list[tuple[int, int | None]],
+) -> None:
     """After each check the lock-step path drops the rows done: the next round's batches hold
-    only the rows that check left, counted independently (a run that stops at that check hands
-    them to the pivoting path); exact."""
-    batches: list[int] = []
-    left: list[int] = []
-    solve = lockstep._PaddedSystems.solve
-    pivot = solver._pivot
-
-    def counting_batches(self: Any, Q: Tensor, free: Tensor) -> Any:
-        batches.append(Q.shape[0])
-        return solve(self, Q, free)
-
-    def counting_left(M: Tensor, Q: Tensor, *rest: Any) -> Tensor:
-        left.append(Q.shape[0])
-        return pivot(M, Q, *rest)
-
-    monkeypatch.setattr(lockstep._PaddedSystems, "solve", counting_batches)
-    monkeypatch.setattr(solver, "_pivot", counting_left)
+    only the rows that check left (after the last check, they continue a sync per step);
+    exact."""
     G, U = normalised_gramian(64, 32, seed=5), upgrad_rows(64)
-    project_dual_cone(G, U, SolverOptions(path="lockstep", checks=1, steps_per_check=2))
-    assert batches == [64, 64] and len(left) == 1 and 0 < left[0] < 64
-    n_left = left[0]
-    batches.clear()
-    V = project_dual_cone(G, U, SolverOptions(path="lockstep", checks=3, steps_per_check=2))
-    assert batches[:4] == [64, 64, n_left, n_left], batches
+    project_dual_cone(G, U, SolverOptions(path="lockstep", checks=1, steps_per_check=1))
+    assert [s is None for _, s in padded_sizes[:2]] == [False, True], padded_sizes
+    assert padded_sizes[0][0] == 64
+    n_left = padded_sizes[1][0]
+    assert 0 < n_left < 64
+    padded_sizes.clear()
+    V = project_dual_cone(G, U, SolverOptions(path="lockstep", checks=3, steps_per_check=1))
+    assert [b for b, _ in padded_sizes[:2]] == [64, n_left], padded_sizes
+    assert all(s is not None for _, s in padded_sizes[:3])
     assert_kkt(G, U, V, rtol=1e-10)
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 

@@ -1,5 +1,5 @@
 """The solver's paths through its public options: the plan, the compiled (DAQP) path's
-verification and its fall-back to the exact NumPy loop, and the condition-number estimates.
+verification and its fall-back to the exact pivoting loop, and the condition-number estimates.
 
 Oracles: quadprog per row, the KKT conditions (per row), ``numpy.linalg.cond``.
 """
@@ -25,7 +25,7 @@ from qp import (
 )
 
 from pjd_optim import DualProj, UPGrad
-from pjd_optim.solver import SolverOptions, _common, compiled, numpy_path, plan, project_dual_cone
+from pjd_optim.solver import SolverOptions, _common, compiled, pivoting, plan, project_dual_cone
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
@@ -35,8 +35,7 @@ def test_the_plan() -> None:
     """Defaults by size, dtype and device; a forced path wins; the host paths need float64."""
     default = SolverOptions()
     assert plan(CPU, F64, _common.DAQP_MAX_M, default) == "daqp"
-    assert plan(CPU, F64, _common.DAQP_MAX_M + 1, default) == "numpy"
-    assert plan(CPU, F64, _common.NUMPY_MAX_M + 1, default) == "pivoting"
+    assert plan(CPU, F64, _common.DAQP_MAX_M + 1, default) == "pivoting"
     assert plan(CPU, torch.float32, 8, default) == "pivoting"
     cuda = torch.device("cuda")
     assert plan(cuda, F64, default.host_max_m, default) == "daqp"
@@ -49,15 +48,15 @@ def test_the_plan() -> None:
 
 
 def counting_fallback(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows that the DAQP path hands to the exact NumPy loop, one entry per call."""
+    """Rows that the DAQP path hands to the exact pivoting loop, one entry per call."""
     calls: list[int] = []
-    solve = numpy_path.solve
+    solve = pivoting.solve_on_host
 
     def counting(M: Any, Q: Any, *rest: Any) -> Any:
         calls.append(Q.shape[0])
         return solve(M, Q, *rest)
 
-    monkeypatch.setattr(numpy_path, "solve", counting)
+    monkeypatch.setattr(pivoting, "solve_on_host", counting)
     return calls
 
 
@@ -81,7 +80,7 @@ def test_daqp_answers_that_fail_verification_finish_on_the_exact_loop(
     m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A loose DAQP tolerance gives wrong active sets: those rows fail the KKT check and the
-    NumPy loop finishes them from DAQP's active sets (its first step polishes); exact."""
+    pivoting loop finishes them from DAQP's active sets (its first step polishes); exact."""
     calls = counting_fallback(monkeypatch)
     monkeypatch.setattr(compiled, "PRIMAL_TOL", 0.3)
     G = normalised_gramian(m, m // 2, seed=m)
@@ -150,9 +149,9 @@ GRAMIANS = {
 
 @pytest.mark.parametrize("name", list(GRAMIANS))
 def test_condition_estimates_against_numpy_cond(name: str) -> None:
-    """The Cholesky estimate (``(max Lᵢᵢ / min Lᵢᵢ)²``, the DAQP and dense NumPy paths) is a
+    """The Cholesky estimate (``(max Lᵢᵢ / min Lᵢᵢ)²``, the DAQP path and each free block) is a
     lower bound of κ₂ of the Jacobi-scaled matrix, within a factor m² of it here; the inverse's
-    1-norm κ (the gathered NumPy and torch paths) is κ₁."""
+    1-norm κ (the dual systems) is κ₁."""
     G = GRAMIANS[name]().numpy()
     d = 1.0 / np.sqrt(G.diagonal())
     M = G * d[:, None] * d
@@ -160,5 +159,5 @@ def test_condition_estimates_against_numpy_cond(name: str) -> None:
     estimate = compiled.condition_estimate(np.linalg.cholesky(M))
     assert estimate <= exact * (1 + 1e-10)
     assert estimate >= exact / M.shape[0] ** 2
-    inverse = _common.Inverse(torch.from_numpy(M), None)
+    inverse = _common.Inverse(torch.from_numpy(M))
     assert float(inverse.kappa) == pytest.approx(float(np.linalg.cond(M, 1)), rel=1e-6)

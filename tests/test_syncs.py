@@ -25,7 +25,7 @@ from qp import (
 )
 
 from pjd_optim import UPGrad
-from pjd_optim.solver import SolverOptions, first_order, lockstep, project_dual_cone
+from pjd_optim.solver import SolverOptions, first_order, pivoting, project_dual_cone
 
 METHODS = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"]
 
@@ -99,7 +99,7 @@ def test_lockstep_path_from_the_sign_guess_syncs_at_most_once_per_check_plus_one
     """Rows that keep most indices free, where the sign guess is close (a cross-entropy Gramian
     with 50 classes): no FISTA, one sync fewer."""
 
-    forbid(monkeypatch, lockstep, "fista")
+    forbid(monkeypatch, pivoting, "fista")
     m, checks = 160, 3
     G = cross_entropy_gramian(m, 50, seed=4)
     U = upgrad_rows(m)
@@ -128,7 +128,7 @@ def test_lockstep_path_restarts_a_sign_guess_far_off_from_fista() -> None:
 
     options = SolverOptions(path="lockstep", checks=checks, steps_per_check=2)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(lockstep, "fista", counting)
+        patch.setattr(pivoting, "fista", counting)
         with counting_syncs() as calls:
             V = project_dual_cone(G, U, options)
     assert len(fista_rows) == 1 and 0 < fista_rows[0] <= m, fista_rows

@@ -222,7 +222,7 @@ def test_mgda_brute_force(m: int, rank: int) -> None:
 
 @pytest.mark.parametrize(("m", "rank"), [(10, 4), (32, 16), (32, 64), (200, 100), (200, 400)])
 def test_mgda_matches_quadprog(m: int, rank: int) -> None:
-    """m = 200: the torch pivoting path (above NumPy's size), from the sign guess (all free)."""
+    """m = 200: the pivoting path (above the DAQP path's size), from the sign guess (all free)."""
     G = random_gramian(m, rank, seed=30 + m)
     Gr = regularised(G)
     w = MGDA()(G)
@@ -246,14 +246,14 @@ def test_mgda_edge_cases() -> None:
     torch.testing.assert_close(MGDA()(G), torch.tensor([0.5, 0.5], dtype=F64))
 
 
-# ----------------------------------------------------------------------------- NumPy fast path
+# ------------------------------------------------------------------------- the host (DAQP) path
 
 
 @pytest.mark.parametrize(
     ("m", "rank", "pref"),
     [(1, 1, False), (5, 2, True), (16, 4, False), (16, 4, True), (128, 9, False)],
 )
-def test_upgrad_numpy_path_matches_torch_path_and_quadprog(m: int, rank: int, pref: bool) -> None:
+def test_upgrad_host_path_matches_torch_path_and_quadprog(m: int, rank: int, pref: bool) -> None:
     G = random_gramian(m, rank, seed=m + rank)
     p = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=F64) + 0.1 if pref else None
     fast = UPGrad(p)(G)
@@ -266,7 +266,7 @@ def test_upgrad_numpy_path_matches_torch_path_and_quadprog(m: int, rank: int, pr
     assert fast32.dtype == torch.float32 and rel_err(fast32, slow) <= 1e-3
 
 
-def test_upgrad_numpy_path_edge_cases() -> None:
+def test_upgrad_host_path_edge_cases() -> None:
     tiny = 1e-6 * torch.eye(4, dtype=F64)  # trace < norm_eps: G̃ = reg_eps·I, w = pref
     torch.testing.assert_close(UPGrad()(tiny), torch.full((4,), 0.25, dtype=F64))
     bad = random_gramian(6, 3, seed=0)

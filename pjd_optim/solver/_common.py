@@ -1,23 +1,27 @@
-"""What the solver's paths share: options, constants, tolerances, the pivoting rule, the padded
-free blocks and their Cholesky solves, errors."""
+"""What the solver's paths share: options, the tuned constants, tolerances, the pivoting rule,
+the dual systems' inverse, errors."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-MURTY_PATIENCE = 3  # pivoting steps without progress before a row uses Murty's single pivot
-BPP_STEPS = 12  # pivoting steps before the remaining rows go to the primal active-set method
-MIXED_MIN_SIZE = 192  # system size from which float64 systems are factorised in float32
+# The tuned numbers of the solver, each with why (measurements: docs/benchmarks.md).
+PATIENCE = 3  # block-pivoting steps without fewer infeasible indices before Murty's single pivot
+STALL_STEPS = 12  # pivoting steps after which the rows left finish by the active-set method
 REFINE_STEPS = 3  # refinement steps of a float32 factorisation (to float64 accuracy)
+MIXED_MIN_SIZE = 192  # accelerators: from this system size float64 blocks factorise in float32
 MAX_KAPPA = 1e7  # 1-norm condition number above which an explicit inverse is not trusted
-DAQP_MAX_M = 96  # float64 CPU problems up to this m: DAQP (measured crossover, docs/solver.md)
-NUMPY_MAX_M = 160  # up to this m the NumPy loop's low per-operation overhead beats torch's
-PATHS = ("daqp", "numpy", "pivoting", "lockstep")
-HOST_PATHS = ("daqp", "numpy")  # float64 NumPy arrays on the host
+DAQP_MAX_M = 96  # float64 host problems up to this m: DAQP (measured crossover)
+FISTA_ITERS = 200  # warm-start iterations (m ≥ FISTA_MIN_M) when the sign guess is not close
+FISTA_MIN_M = 32  # below, pivoting from the sign guess is cheaper than any warm start
+FREEZE_EVERY = 20  # host loop: FISTA freezes rows whose guess settled, every that many steps
+SIGN_GUESS_ACTIVE = 4  # the sign guess is close if no row has more than m/4 active indices
+FAR_OFF_SWAPS = 8  # ... and proves far off if the first step swaps more than m/8 per row
+PATHS = ("daqp", "pivoting", "lockstep")
+HOST_PATHS = ("daqp",)  # float64 NumPy arrays on the host
 
 
 @dataclass(frozen=True)
@@ -29,25 +33,25 @@ class SolverOptions:
             and looser).
         rtol: relative KKT tolerance (default ``100 · eps(dtype)``).
         max_iter: bound on pivoting steps (default ``100 + 10 m``); exceeding it raises.
-        warm_start_iter: FISTA iterations that guess the active sets (default: none below 32
-            rows; else 200 on the pivoting path, which freezes rows whose guess settled, and 100
-            on the lock-step path; none either when the sign guess leaves at most ``m/4``
-            indices active per row). Setting it always runs FISTA.
+        warm_start_iter: FISTA iterations that guess the first free sets (default: none when
+            the sign guess is close, i.e. leaves at most ``m/4`` indices active per row, or
+            below 32 rows; else 200). Setting it always runs FISTA (``0``: the sign guess).
+        patience: pivoting steps a row may take without fewer infeasible indices before it
+            takes Murty's single pivots (finite), until it improves again.
         mixed_precision: factorise large float64 systems in float32 and refine (default: on
             accelerators, from a system size of 192; off on the CPU, where it measured no
             faster).
         max_chunk_bytes: memory bound of one batch of ``[chunk, s, s]`` systems.
         path: the path, on any device (default ``None``: :func:`pjd_optim.solver.plan` picks
-            by size, dtype and device). ``"daqp"``: DAQP's active sets, verified and polished by
-            one exact step of the NumPy loop (rows that fail continue on it); ``"numpy"``: the
-            NumPy loop from the sign guess; ``"pivoting"``: the torch loop (host-synchronising);
-            ``"lockstep"``: the torch loop with a bounded number of host syncs (accelerators).
-            The first two compute in float64 on the host (other dtypes take ``"pivoting"``);
-            their unsolved rows finish on ``"pivoting"``.
+            by size, dtype and device). ``"daqp"``: DAQP's answers, verified per row, the
+            others finished by the pivoting loop from DAQP's active sets (float64 on the host;
+            other dtypes take ``"pivoting"``); ``"pivoting"``: block pivoting, synchronising
+            with the device at every step; ``"lockstep"``: the same loop with a bounded number
+            of host syncs (accelerators).
         host_max_m: by default, problems on an accelerator up to this size are copied to the
             host and solved there (one copy each way) instead of by the lock-step path.
         checks: lock-step path: convergence checks (host synchronisations) at most, after which
-            the rows left are finished by the exact pivoting path.
+            the rows left continue on the pivoting path.
         steps_per_check: lock-step path: pivoting steps between two checks.
     """
 
@@ -55,6 +59,7 @@ class SolverOptions:
     rtol: float | None = None
     max_iter: int | None = None
     warm_start_iter: int | None = None
+    patience: int = PATIENCE
     mixed_precision: bool | None = None
     max_chunk_bytes: int | None = None
     path: str | None = None
@@ -67,11 +72,6 @@ class SolverOptions:
 
     def iterations(self, m: int) -> int:
         return 100 + 10 * m if self.max_iter is None else self.max_iter
-
-    def warm_start(self, m: int, lockstep: bool) -> int:
-        if self.warm_start_iter is not None:
-            return self.warm_start_iter
-        return 0 if m < 32 else 100 if lockstep else 200
 
 
 def low_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,18 +86,6 @@ def use_mixed(M: Tensor, size: int, options: SolverOptions) -> bool:
     if mixed is None:
         mixed = size >= MIXED_MIN_SIZE and M.device.type != "cpu"
     return low_dtype(M.dtype) != M.dtype and mixed
-
-
-def sign_guess_close(largest_active: int, m: int) -> bool:
-    """Whether the torch paths start from the sign guess (free where ``q < 0``): it leaves at
-    most ``m/4`` indices active in every row, so the dual systems are small."""
-    return largest_active <= m // 4
-
-
-def far_off(n_swaps: int, n_rows: int, m: int) -> bool:
-    """Whether a guess proved far off: its first step swapped more than ``m/8`` indices per row
-    (the rows left then restart from FISTA's free sets)."""
-    return n_swaps > n_rows * m / 8
 
 
 def infeasible(
@@ -120,31 +108,6 @@ def pivots(infeasible: Tensor, full: Tensor, position: Tensor) -> Tensor:
     return torch.where(full.unsqueeze(1), infeasible, single)
 
 
-def identity_padded(M: Tensor, s: int, dtype: torch.dtype | None = None) -> Tensor:
-    """``M`` (``[m, m]``) with an ``s × s`` identity block appended, flattened: indices
-    ``m … m+s−1`` pad a free block to ``s`` rows (see :func:`gather_blocks`)."""
-    m = M.shape[0]
-    extended = torch.zeros(m + s, m + s, device=M.device, dtype=dtype or M.dtype)
-    extended[:m, :m] = M
-    extended.diagonal()[m:] = 1.0
-    return extended.view(-1)
-
-
-def gather_blocks(flat: Tensor, idx: Tensor) -> Tensor:
-    """The ``[c, s, s]`` blocks ``K[idx_r, idx_r]`` of the flattened square ``K`` (through flat
-    indices: much faster than 2-D indexing)."""
-    n, s = math.isqrt(flat.numel()), idx.shape[1]
-    flat_idx = (idx * n).unsqueeze(2) + idx.unsqueeze(1)
-    return flat.index_select(0, flat_idx.view(-1)).view(-1, s, s)
-
-
-def chol_solve(factor: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``L Lᵀ z = rhs`` for a batch of lower Cholesky factors; ``rhs`` is ``[c, s]``."""
-    z: Tensor = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
-    z = torch.linalg.solve_triangular(factor.mT, z, upper=True)
-    return z.squeeze(2)
-
-
 def inverse_from_cholesky(factor: Tensor, sync_free: bool) -> Tensor:
     """``(L Lᵀ)⁻¹`` from the lower factor ``L``: LAPACK's ``cholesky_inverse`` (faster on the
     CPU, exactly symmetric), or with ``sync_free`` ``L⁻ᵀ L⁻¹`` by triangular solves, which check
@@ -164,21 +127,17 @@ class Inverse:
     (``y_A = z_A``), a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of
     real losses keep most indices free (86 % on an MLP's at ``m = 1024``), so these are far
     smaller. One Cholesky factorisation of ``M`` and :func:`inverse_from_cholesky` (no sync on
-    accelerators); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``. ``P``:
-    ``−M⁻¹Q`` if known exactly (UPGrad)."""
+    accelerators); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``."""
 
-    def __init__(self, M: Tensor, P: Tensor | None) -> None:
+    def __init__(self, M: Tensor) -> None:
         factor, info = torch.linalg.cholesky_ex(M)
         self.H = inverse_from_cholesky(factor, sync_free=M.device.type != "cpu")
         self.kappa = M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
         self.trusted = (info == 0) & (self.kappa <= MAX_KAPPA)
-        self.P = P
 
-    def rhs(self, Q: Tensor, rows: Tensor | None = None) -> Tensor:
-        """``p = −M⁻¹q`` per row of ``Q`` (``P``, or its ``rows``, if it was given)."""
-        if self.P is None:
-            return -(Q @ self.H)
-        return self.P if rows is None else self.P[rows]
+    def rhs(self, Q: Tensor) -> Tensor:
+        """``p = −M⁻¹q`` per row of ``Q``."""
+        return -(Q @ self.H)
 
     def candidate(self, P: Tensor, z: Tensor, free: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``x = p + H_{:A} z_A`` (exactly zero on A) from the dual solutions ``z``, and the

@@ -1,8 +1,6 @@
-"""The monotone active-set method that finishes the rows block pivoting leaves.
-
-One implementation for both paths that use it: the NumPy path (small CPU problems, where a NumPy
-operation costs a microsecond) and the torch pivoting path (any device). ``xp`` is the module of
-the arrays (``numpy`` or ``torch``); the operations below mean the same on both.
+r"""The stall policy's last resort: the monotone active-set method for the rows that block
+pivoting with Murty's backup has not finished within ``STALL_STEPS`` steps (on ill-conditioned
+problems round-off can make single pivots cycle; this method cannot).
 
 Lawson–Hanson-type primal method for rows of LCP(q, M), from a feasible ``x ≥ 0``: ``x`` stays
 feasible and supported on the passive set P. If the minimiser ``z`` on P is positive, take it and
@@ -14,63 +12,55 @@ strictly decreases: this terminates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
+import torch
+from torch import Tensor
 
-Array = Any  # a NumPy array or a torch tensor
-# (indices of the rows left, their passive sets) -> (z minimising on the passive sets, the
-# per-row relative tolerance of z and y, [rows, 1])
-Solve = Callable[[Array, Array], tuple[Array, Array]]
+from ._common import no_convergence, not_positive_definite
+from .systems import Systems
 
 
 def active_set(
-    solve: Solve,
-    matmul: Callable[[Array, Array], Array],
-    arange: Callable[[int], Array],
-    M: Array,
-    Q: Array,
-    x: Array,
-    max_iter: int,
-    xp: ModuleType,
-) -> tuple[Array, Array]:
-    """Rows of LCP(``Q``, ``M``) from the feasible ``x``. Returns ``X`` and the mask of rows not
-    finished within ``max_iter`` iterations (their ``X`` rows are zero)."""
+    M: Tensor, Q: Tensor, x: Tensor, tol: float, max_iter: int, systems: Systems
+) -> Tensor:
+    """Rows of LCP(``Q``, ``M``) from the feasible ``x`` (``systems``: the primal solves on
+    ``M``, in its dtype). Raises if a factorisation fails or ``max_iter`` iterations do not
+    suffice."""
     b = Q.shape[0]
-    out = xp.zeros_like(Q)
-    rows = arange(b)
-    q_scale = xp.amax(abs(Q), axis=1, keepdims=True)
+    eps = torch.finfo(M.dtype).eps
+    out = torch.zeros_like(Q)
+    rows = torch.arange(b, device=Q.device)
+    q_scale = Q.abs().amax(dim=1, keepdim=True)
     passive = x > 0
-    single = xp.zeros_like(passive[:, 0])
-    f_best = xp.full_like(Q[:, 0], xp.inf)
+    single = torch.zeros_like(passive[:, 0])
+    f_best = torch.full_like(Q[:, 0], torch.inf)
     for _ in range(max_iter):
-        z, rel = solve(rows, passive)
-        y = matmul(z, M) + Q
-        bound = (xp.amax(abs(z), axis=1, keepdims=True) + q_scale) * rel
-        interior = (~passive | (z > -bound)).all(axis=1)
+        z, ok, cond = systems.solve(-Q, passive)
+        if not bool(ok.all()):
+            raise not_positive_definite()
+        y = z @ M + Q
+        bound = (z.abs().amax(dim=1, keepdim=True) + q_scale) * (eps * cond).clamp(min=tol)[:, None]
+        interior = (~passive | (z > -bound)).all(dim=1)
         violated = ~passive & (y < -bound)
-        done = interior & ~violated.any(axis=1)
-        out[rows[done]] = z[done].clip(min=0.0)
-        f = 0.5 * (z * (y + Q)).sum(axis=1)  # objective at z
+        done = interior & ~violated.any(dim=1)
+        out[rows[done]] = z[done].clamp_min(0.0)
+        f = 0.5 * (z * (y + Q)).sum(dim=1)  # objective at z
         single = single | (interior & ~(f < f_best))
-        f_best = xp.where(interior, f, f_best)
-        index = arange(rows.shape[0])
-        most = xp.zeros_like(passive)
-        most[index, xp.where(violated, y, 0.0).argmin(axis=1)] = True
+        f_best = torch.where(interior, f, f_best)
+        index = torch.arange(rows.shape[0], device=Q.device)
+        most = torch.zeros_like(passive)
+        most[index, torch.where(violated, y, 0.0).argmin(dim=1)] = True
         add = violated & (most | ~single[:, None])
         blocked = passive & (z <= -bound)
-        ratio = xp.where(blocked, x / xp.where(blocked, x - z, 1.0), xp.inf)
-        alpha = xp.amin(ratio, axis=1, keepdims=True).clip(0.0, 1.0)
-        blocking = xp.zeros_like(passive)
-        blocking[index, ratio.argmin(axis=1)] = True
-        stepped = (x + alpha * (z - x)).clip(min=0.0)
-        x = xp.where(interior[:, None], z.clip(min=0.0), stepped)
-        passive = xp.where(interior[:, None], passive | add, passive & ~blocking & (stepped > 0))
+        ratio = torch.where(blocked, x / torch.where(blocked, x - z, 1.0), torch.inf)
+        alpha = ratio.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+        blocking = torch.zeros_like(passive)
+        blocking[index, ratio.argmin(dim=1)] = True
+        stepped = (x + alpha * (z - x)).clamp_min(0.0)
+        x = torch.where(interior[:, None], z.clamp_min(0.0), stepped)
+        passive = torch.where(interior[:, None], passive | add, passive & ~blocking & (stepped > 0))
         keep = ~done
-        if not keep.any():
-            return out, xp.zeros_like(out[:, 0]) > 0
+        if not bool(keep.any()):
+            return out
         rows, Q, x, passive, q_scale = rows[keep], Q[keep], x[keep], passive[keep], q_scale[keep]
         single, f_best = single[keep], f_best[keep]
-    left = xp.zeros_like(out[:, 0]) > 0
-    left[rows] = True
-    return out, left
+    raise no_convergence(max_iter, rows.shape[0], b)

@@ -2,8 +2,8 @@ r"""The DAQP path of small float64 problems on the host: each row by DAQP, a com
 active-set QP solver (Arnström, Bemporad & Axehill 2022; PyPI ``daqp``), one row at a time.
 
 DAQP's answer is accurate to its tolerances only, so each row is verified against the KKT
-conditions (stationarity included) to the exact paths' bound; rows that fail go on to the exact
-NumPy loop (:mod:`.numpy_path`) from DAQP's active sets, whose first step solves their free
+conditions (stationarity included) to the exact loop's bound; rows that fail go on to the
+pivoting loop (:mod:`.pivoting`) from DAQP's active sets, whose first step solves their free
 systems exactly (the polish). DAQP is single-threaded C (no OpenMP), a few microseconds per row
 at ``m = 16``: small problems stay steady on a busy CPU.
 
@@ -19,10 +19,11 @@ from typing import Any
 
 import daqp  # type: ignore[import-not-found, unused-ignore]  # stubs: typings/daqp
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-from . import numpy_path
-from ._common import MAX_KAPPA
+from . import pivoting
+from ._common import MAX_KAPPA, SolverOptions
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
@@ -33,41 +34,53 @@ Mask = NDArray[np.bool_]
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
 _cache = threading.local()  # this thread's DAQP model (see _model)
+# NumPy for small GEMMs (a microsecond), torch for larger ones: a threaded OpenBLAS call from
+# NumPy starts OpenBLAS's own thread pool, whose spinning threads slow torch's next kernels
+# down several-fold on a few cores (measured: 2x on a whole training step), and limiting it
+# would change a process-wide setting. OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
+_SMALL_GEMM = 1 << 17
 
 
-def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tuple[Array, Mask]:
-    """:func:`.numpy_path.solve`'s contract (rows of LCP(``Q``, ``M``), ``M`` SPD; ``P``:
+def matmul(a: Array, b: Array) -> Array:
+    """``a @ b`` in the calling thread: NumPy if small, else torch (see ``_SMALL_GEMM``)."""
+    if a.shape[-2] * a.shape[-1] * b.shape[-1] <= _SMALL_GEMM:
+        small: Array = a @ b
+        return small
+    out: Array = torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return out
+
+
+def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
+    """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[k, m]``, ``M`` SPD; ``P``:
     ``−M⁻¹Q`` if known), by DAQP's answers where they verify (:func:`_rows`); the other rows go
-    to the exact NumPy loop from DAQP's active sets (its first step polishes them exactly), and
+    to the pivoting loop from DAQP's active sets (its first step polishes them exactly), and
     problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
     diag = M.diagonal()
     if not (diag > 0).all():
-        return numpy_path.solve(M, Q, P, tol, max_iter)
+        return pivoting.solve_on_host(M, Q, P, options)
     d = 1.0 / np.sqrt(diag)
     Ms, Qs = M * d[:, None] * d, Q * d  # Jacobi scaling: unit diagonal
     try:
         L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
     except np.linalg.LinAlgError:
-        return numpy_path.solve(M, Q, P, tol, max_iter)
+        return pivoting.solve_on_host(M, Q, P, options)
     kappa = condition_estimate(L)
     if not kappa <= MAX_KAPPA:
-        return numpy_path.solve(M, Q, P, tol, max_iter)
-    rel = max(tol, 10 * float(np.finfo(np.float64).eps) * kappa)  # as the NumPy loop's
+        return pivoting.solve_on_host(M, Q, P, options)
+    tol = options.tolerance(torch.float64)
+    rel = max(tol, 10 * float(np.finfo(np.float64).eps) * kappa)  # as the pivoting loop's
     q_scale = np.abs(Qs).max(axis=1, keepdims=True)
     X = np.zeros_like(Q)
-    unsolved = np.zeros(Q.shape[0], dtype=bool)
     rows = (Qs + tol * q_scale < 0).any(axis=1).nonzero()[0]  # the others have x = 0
     if rows.size == 0:
-        return X, unsolved
+        return X
     x, active, verified = _rows(Ms, Qs[rows], q_scale[rows], rel)
     X[rows] = x * d
     left = rows[~verified]
     if left.size:
         P_left = None if P is None else P[left]
-        start = active[~verified]
-        X_left, unsolved_left = numpy_path.solve(M, Q[left], P_left, tol, max_iter, start)
-        X[left], unsolved[left] = X_left, unsolved_left
-    return X, unsolved
+        X[left] = pivoting.solve_on_host(M, Q[left], P_left, options, active[~verified])
+    return X
 
 
 def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
@@ -99,7 +112,7 @@ def _rows(M: Array, Q: Array, q_scale: Array, rel: float) -> tuple[Array, Mask, 
     x, lam = np.stack(xs), np.stack(lams)
     active = np.where(solved[:, None], lam != 0.0, Q >= 0)
     x = np.where(active, 0.0, x * q_scale)
-    y = numpy_path._matmul(x, M) + Q  # (in torch where large: OpenBLAS threads would spin)
+    y = matmul(x, M) + Q  # (in torch where large: OpenBLAS threads would spin)
     bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
     wrong = np.where(active, y < -bound, (x < -bound) | (np.abs(y) > bound))
     return x.clip(min=0.0), active, solved & ~wrong.any(axis=1)
