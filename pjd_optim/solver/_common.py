@@ -12,6 +12,9 @@ from torch import Tensor
 PATIENCE = 3  # block-pivoting steps without fewer infeasible indices before Murty's single pivot
 STALL_STEPS = 12  # pivoting steps after which the rows left finish by the active-set method
 REFINE_STEPS = 3  # refinement steps of a float32 factorisation (to float64 accuracy)
+CHUNK_BYTES_CPU = 1 << 22  # one batch of blocks on the CPU: stays in the caches
+CHUNK_BYTES_DEVICE = 1 << 30  # ... on accelerators: large batches keep the device busy
+SLACK = 16  # lock-step: systems padded to the largest plus max(8, m/16), room to grow
 MIXED_MIN_SIZE = 192  # accelerators: from this system size float64 blocks factorise in float32
 MAX_KAPPA = 1e7  # 1-norm condition number above which an explicit inverse is not trusted
 DAQP_MAX_M = 96  # float64 host problems up to this m: DAQP (measured crossover)
@@ -39,8 +42,7 @@ class SolverOptions:
         patience: pivoting steps a row may take without fewer infeasible indices before it
             takes Murty's single pivots (finite), until it improves again.
         mixed_precision: factorise large float64 systems in float32 and refine (default: on
-            accelerators, from a system size of 192; off on the CPU, where it measured no
-            faster).
+            accelerators, from a system size of 192; off on the CPU).
         max_chunk_bytes: memory bound of one batch of ``[chunk, s, s]`` systems.
         path: the path, on any device (default ``None``: :func:`pjd_optim.solver.plan` picks
             by size, dtype and device). ``"daqp"``: DAQP's answers, verified per row, the
@@ -125,9 +127,9 @@ class Inverse:
     """``H = M⁻¹`` for the dual systems of a free set F (active set A): with ``p = −Hq``,
     ``x = p + H_{:A} z_A`` where ``H_AA z_A = −p_A`` has ``x_A = 0`` and ``(Mx + q)_F = 0``
     (``y_A = z_A``), a system of size ``|A|`` instead of ``|F|``. UPGrad's rows on Gramians of
-    real losses keep most indices free (86 % on an MLP's at ``m = 1024``), so these are far
-    smaller. One Cholesky factorisation of ``M`` and :func:`inverse_from_cholesky` (no sync on
-    accelerators); ``trusted`` (a device bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``."""
+    real losses keep most indices free, so these are far smaller. One Cholesky factorisation
+    of ``M`` and :func:`inverse_from_cholesky` (no sync on accelerators); ``trusted`` (a device
+    bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``."""
 
     def __init__(self, M: Tensor) -> None:
         factor, info = torch.linalg.cholesky_ex(M)

@@ -37,6 +37,7 @@ from ._common import (
     FISTA_MIN_M,
     FREEZE_EVERY,
     SIGN_GUESS_ACTIVE,
+    SLACK,
     STALL_STEPS,
     Inverse,
     SolverOptions,
@@ -140,7 +141,7 @@ class _Loop:
                 return self.X.index_copy_(0, self.rows, x)
             use_dual = trusted and self.largest_active < self.largest_free
             largest = self.largest_active if use_dual else self.largest_free
-            s = min(m, max(largest, 1) + max(8, m // 16)) if checks else None
+            s = min(m, max(largest, 1) + max(8, m // SLACK)) if checks else None
             systems = self.systems_for(use_dual, largest)
             for _ in range(options.steps_per_check if checks else 1):
                 self.step(systems, use_dual, s, first=step == 0)

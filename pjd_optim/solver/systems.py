@@ -24,9 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import REFINE_STEPS
-
-_CHUNK_BYTES = {"cpu": 1 << 22, "other": 1 << 30}  # one chunk's blocks: fits the CPU's caches
+from ._common import CHUNK_BYTES_CPU, CHUNK_BYTES_DEVICE, REFINE_STEPS
 
 
 class Systems:
@@ -35,8 +33,8 @@ class Systems:
 
     def __init__(self, K: Tensor, low: torch.dtype | None, max_chunk_bytes: int | None) -> None:
         self.K, self.low, self.m = K, low, K.shape[0]
-        device = "cpu" if K.device.type == "cpu" else "other"
-        self.chunk_bytes = max_chunk_bytes or _CHUNK_BYTES[device]
+        default = CHUNK_BYTES_CPU if K.device.type == "cpu" else CHUNK_BYTES_DEVICE
+        self.chunk_bytes = max_chunk_bytes or default
         self.flat = torch.empty(0, dtype=low or K.dtype, device=K.device)
 
     def solve(self, R: Tensor, sel: Tensor, s: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
