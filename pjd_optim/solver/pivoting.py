@@ -8,8 +8,10 @@ Park 2011) swaps every infeasible index (``x_F < 0`` or ``y_A < 0``) between F a
 whose count of infeasible indices has not decreased for ``patience`` steps takes Murty's single
 pivot (the largest infeasible index) until it decreases below its best again: finite for
 positive definite ``M`` (the best count decreases finitely often, and Murty's rule terminates
-from any basis). A row is done when its candidate meets the KKT conditions to the round-off
-bound of its free block; it then leaves the batch.
+from any basis). Rows not done after ``STALL_STEPS`` steps (round-off can make single pivots
+cycle on ill-conditioned problems) finish with the monotone active-set method
+(:mod:`.active_set`). A row is done when its candidate meets the KKT conditions to the
+round-off bound of its free block; it then leaves the batch.
 
 The start (one policy): the sign guess (free where ``q < 0``) if no row has more than ``m/4``
 indices active in it (UPGrad's rows on Gramians of real losses: the dual systems are then
@@ -17,11 +19,11 @@ small, and the guess is often right), else the free sets of a FISTA warm start; 
 whose first step swaps more than ``m/8`` indices per row proves far off, and the rows left
 restart from FISTA's free sets.
 
-The loop synchronises with the device every ``sync_every`` steps: every step on the host (rows
-leave as soon as they are done, each chunk is padded to its own size); every
-``steps_per_check`` steps for ``checks`` rounds on accelerators (fixed-shape tensors, every
-row padded to the largest system plus slack; at most ``2 + checks`` syncs), after which the rows
-left continue synchronising every step.
+The loop synchronises with the device once per round: a round is one step on the host (rows
+leave as soon as they are done, each chunk is padded to its own size), and ``steps_per_check``
+steps for the first ``checks`` rounds in lock-step, as accelerators run it (fixed-shape tensors,
+every row padded to the largest system plus slack; at most ``2 + checks`` syncs), after which
+the rows left continue a round per step.
 """
 
 from __future__ import annotations
