@@ -9,6 +9,7 @@ TorchJD's weighting objects. Weights have the Gramian's dtype and device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from .solver import SolverOptions, plan, project_dual_cone, project_on_host, solve_lcp
+from .solver import SolverOptions, compiled, plan, project_dual_cone, project_on_host, solve_lcp
 from .solver._common import HOST_PATHS
 
 _DEFAULT_OPTIONS = SolverOptions()
@@ -108,6 +109,22 @@ class _Projecting:
         pref = self._pref(torch.from_numpy(G))
         return G, pref.numpy()
 
+    def _shortcut(
+        self,
+        weights: Callable[
+            [NDArray[np.float64], NDArray[np.float64], float, int], NDArray[np.float64] | None
+        ],
+        G: NDArray[np.float64],
+        pref: NDArray[np.float64],
+        path: str,
+    ) -> NDArray[np.float64] | None:
+        """The DAQP path's shortcut (:func:`pjd_optim.solver.compiled.upgrad` or ``dualproj``),
+        ``None`` where it does not apply: the caller then takes ``project_on_host``."""
+        if path != "daqp":
+            return None
+        options = self._options
+        return weights(G, pref, options.tolerance(torch.float64), options.iterations(len(G)))
+
     def _regularised(self, gramian: Tensor) -> Tensor:
         return normalise_and_regularise(gramian.detach(), self.norm_eps, self.reg_eps)
 
@@ -135,8 +152,10 @@ class UPGrad(_Projecting):
         path = self._host_path(gramian)
         if path is not None:  # small CPU problems: all in NumPy (see _host_problem)
             G_np, pref_np = self._host_problem(gramian)
-            V = project_on_host(G_np, np.diag(pref_np), path, self._options)
-            return torch.from_numpy(V.sum(axis=0)).to(gramian.dtype)
+            w = self._shortcut(compiled.upgrad, G_np, pref_np, path)
+            if w is None:
+                w = project_on_host(G_np, np.diag(pref_np), path, self._options).sum(axis=0)
+            return torch.from_numpy(w).to(gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
@@ -153,7 +172,9 @@ class DualProj(_Projecting):
         path = self._host_path(gramian)
         if path is not None:
             G_np, pref_np = self._host_problem(gramian)
-            v = project_on_host(G_np, pref_np[None], path, self._options)[0]
+            v = self._shortcut(compiled.dualproj, G_np, pref_np, path)
+            if v is None:
+                v = project_on_host(G_np, pref_np[None], path, self._options)[0]
             return torch.from_numpy(v).to(gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))

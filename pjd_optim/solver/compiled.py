@@ -10,6 +10,10 @@ at ``m = 16``: small problems stay steady on a busy CPU.
 Each row of LCP(q, M) is the QP ``min ½xᵀMx + qᵀx`` s.t. ``x ≥ 0``; ``M`` is factorised once
 per call (:meth:`daqp.Model.setup` or ``update``), and each row changes only ``q`` (scaled to
 unit largest entry, so DAQP's absolute tolerances are relative ones).
+
+:func:`upgrad` and :func:`dualproj` are the weightings' shortcut on small CPU problems: the same
+rows, verification and fall-back as :func:`solve`, without forming ``Q = UM`` (UPGrad's rows of
+``Q``, Jacobi-scaled to unit largest entry, are ``±`` rows of the scaled ``M``) nor ``V``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ Mask = NDArray[np.bool_]
 # on well-conditioned rows (measured: all 2304 rows of bench_weighting's Gramians, m = 16–96,
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
+_EPS = float(np.finfo(np.float64).eps)
 _cache = threading.local()  # this thread's DAQP model (see _model)
 
 
@@ -40,27 +45,20 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     ``−M⁻¹Q`` if known), by DAQP's answers where they verify (:func:`_rows`); the other rows go
     to the exact NumPy loop from DAQP's active sets (its first step polishes them exactly), and
     problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
-    diag = M.diagonal()
-    if not (diag > 0).all():
+    scaled = _scaled(M, tol)
+    if scaled is None:
         return numpy_path.solve(M, Q, P, tol, max_iter)
-    d = 1.0 / np.sqrt(diag)
-    Ms, Qs = M * d[:, None] * d, Q * d  # Jacobi scaling: unit diagonal
-    try:
-        L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
-    except np.linalg.LinAlgError:
-        return numpy_path.solve(M, Q, P, tol, max_iter)
-    kappa = condition_estimate(L)
-    if not kappa <= MAX_KAPPA:
-        return numpy_path.solve(M, Q, P, tol, max_iter)
-    rel = max(tol, 10 * float(np.finfo(np.float64).eps) * kappa)  # as the NumPy loop's
+    d, Ms, rel = scaled
+    Qs = Q * d
     q_scale = np.abs(Qs).max(axis=1, keepdims=True)
     X = np.zeros_like(Q)
     unsolved = np.zeros(Q.shape[0], dtype=bool)
     rows = (Qs + tol * q_scale < 0).any(axis=1).nonzero()[0]  # the others have x = 0
     if rows.size == 0:
         return X, unsolved
-    x, active, verified = _rows(Ms, Qs[rows], q_scale[rows], rel)
-    X[rows] = x * d
+    scale = q_scale[rows]
+    x, active, verified = _rows(Ms, Qs[rows] / scale, rel)  # unit largest |q| per row
+    X[rows] = x * scale * d
     left = rows[~verified]
     if left.size:
         P_left = None if P is None else P[left]
@@ -70,6 +68,77 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     return X, unsolved
 
 
+def upgrad(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
+    """UPGrad's weights ``Σᵢ vᵢ`` (rows ``uᵢ = pᵢeᵢ`` of ``U = diag(pref)``) by :func:`solve`'s
+    rows, verification and fall-back; ``M``: normalised and regularised. ``None`` where
+    :func:`solve` would decline the problem or leave rows unsolved (the caller then takes the
+    general host path, :func:`pjd_optim.solver.project_on_host`).
+
+    Row ``i`` of ``Q = UM``, Jacobi-scaled, is ``(pᵢ/dᵢ) M̃ᵢ`` (``M̃ = DMD``, ``D = diag(d)``);
+    once ``κ`` passes, ``|M̃ᵢⱼ| < 1 = M̃ᵢᵢ`` (:func:`_scaled`), so at unit largest ``|q|`` it is
+    ``sign(pᵢ) M̃ᵢ``, of scale ``|pᵢ|/dᵢ``; and ``Σᵢ vᵢ = p + Σᵢ xᵢ``."""
+    scaled = _scaled(M, tol)
+    if scaled is None:
+        return None
+    d, Ms, rel = scaled
+    positive = pref.min() > 0  # the usual case: F = M̃
+    F = Ms if positive else Ms * np.sign(pref)[:, None]
+    rows = (F.min(axis=1) < -tol).nonzero()[0]  # the others have x = 0
+    if rows.size == 0:
+        return pref.copy()
+    every = rows.size == pref.size
+    x, active, verified = _rows(Ms, F if every else F[rows], rel)
+    scale = pref / d if positive else np.abs(pref) / d  # each row's largest |q̃|
+    if verified.all():
+        return pref + d * ((scale if every else scale[rows]) @ x)
+    x[~verified] = 0.0
+    w = pref + d * (scale[rows] @ x)
+    left = rows[~verified]  # the exact loop, from DAQP's active sets (it polishes them)
+    Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
+    X, unsolved = numpy_path.solve(M, Q, P, tol, max_iter, active[~verified])
+    return None if unsolved.any() else w + X.sum(axis=0)
+
+
+def dualproj(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
+    """DualProj's weights ``v`` (one row ``u = pref``) as :func:`upgrad`: ``q = Mp``, whose
+    Jacobi scaling is ``M̃ D⁻¹p``."""
+    scaled = _scaled(M, tol)
+    if scaled is None:
+        return None
+    d, Ms, rel = scaled
+    q = Ms @ (pref / d)
+    q_scale = float(np.abs(q).max())
+    if not (q + tol * q_scale < 0).any():
+        return pref.copy()
+    x, active, verified = _rows(Ms, (q / q_scale)[None], rel)
+    if verified[0]:
+        v: Array = pref + x[0] * q_scale * d
+        return v
+    X, unsolved = numpy_path.solve(M, (M @ pref)[None], -pref[None], tol, max_iter, active)
+    return None if unsolved[0] else pref + X[0]
+
+
+def _scaled(M: Array, tol: float) -> tuple[Array, Array, float] | None:
+    """``d = diag(M)^-½``, the Jacobi-scaled ``M̃ = DMD`` (its diagonal set to exactly 1) and
+    the verification's ``rel`` (the exact paths' round-off bound), or ``None`` where DAQP is
+    not asked: ``M`` not numerically positive definite, or ``κ > MAX_KAPPA``. Once ``κ``
+    passes, ``|M̃ᵢⱼ| ≤ 1 − 5·10⁻⁸ < 1`` off the diagonal (``Lⱼⱼ² ≤ 1 − M̃ᵢⱼ²`` for ``i < j``)."""
+    diag = M.diagonal()
+    if not diag.min() > 0:
+        return None
+    d = diag**-0.5
+    Ms = M * d[:, None] * d  # Jacobi scaling: unit diagonal
+    np.fill_diagonal(Ms, 1.0)
+    try:
+        L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
+    except np.linalg.LinAlgError:
+        return None
+    kappa = condition_estimate(L)
+    if not kappa <= MAX_KAPPA:
+        return None
+    return d, Ms, max(tol, 10 * _EPS * kappa)  # rel: as the NumPy loop's
+
+
 def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     """``(max Lᵢᵢ / min Lᵢᵢ)²`` from the Cholesky factor ``L`` of ``M``: a lower estimate of
     κ₂(M) (each ``Lᵢᵢ²`` is a diagonal entry of a Schur complement, between λ_min and λ_max)."""
@@ -77,32 +146,42 @@ def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     return float((diag.max() / diag.min()) ** 2)
 
 
-def _rows(M: Array, Q: Array, q_scale: Array, rel: float) -> tuple[Array, Mask, Mask]:
-    """Rows of LCP(``Q``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts;
-    ``q_scale``: each row's largest ``|q|``, ``[b, 1]``). Returns ``x`` (zero on the active
-    sets), the active sets, and the rows *verified*: ``x_F ≥ 0``, ``|y_F| ≈ 0``, ``y_A ≥ 0`` for
-    ``y = Mx + q``, each to ``rel`` times the row's scale (the exact paths' bound)."""
-    b, m = Q.shape
-    F = Q / q_scale  # unit largest |q| per row: DAQP's absolute tolerances become relative
+def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Mask]:
+    """Rows of LCP(``F``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts and
+    has unit largest ``|f|``, so DAQP's absolute tolerances are relative ones). Returns ``x``
+    (DAQP's, zero on its active sets and clipped at 0), the active sets, and the rows
+    *verified*: ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the
+    row's scale (the exact paths' bound)."""
     model = _model(M, F[0])
-    xs, lams = [np.zeros(m)] * b, [F[0]] * b  # failed rows: x = 0 and the sign guess
-    solved = np.zeros(b, dtype=bool)
-    for r in range(b):
-        if model is None:
-            break
+    if model is None:  # every row to the exact loop, from the sign guess
+        return np.zeros_like(F), F >= 0, np.zeros(F.shape[0], dtype=bool)
+    update, solve = model.update, model.solve
+    xs, lams, failed = [], [], []
+    for r, f in enumerate(F):
         if r:
-            model.update(f=F[r])
-        x_r, _, flag, info = model.solve()
-        if flag >= 1:
-            xs[r], lams[r] = x_r, info["lam"]
-            solved[r] = True
-    x, lam = np.stack(xs), np.stack(lams)
-    active = np.where(solved[:, None], lam != 0.0, Q >= 0)
-    x = np.where(active, 0.0, x * q_scale)
-    y = numpy_path._matmul(x, M) + Q  # (in torch where large: OpenBLAS threads would spin)
-    bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
-    wrong = np.where(active, y < -bound, (x < -bound) | (np.abs(y) > bound))
-    return x.clip(min=0.0), active, solved & ~wrong.any(axis=1)
+            update(f=f)
+        x_r, _, flag, info = solve()
+        xs.append(x_r)
+        lams.append(info["lam"])
+        if flag < 1:
+            failed.append(r)
+    x, lam = np.array(xs), np.array(lams)
+    if failed:  # x = 0 and the sign guess
+        x[failed], lam[failed] = 0.0, F[failed] >= 0
+    free = lam == 0.0
+    x = np.where(free, x, 0.0)
+    np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
+    y = x @ M
+    y += F
+    bound = x.max(axis=1, keepdims=True)
+    bound += 1.0
+    bound *= rel
+    excess = np.negative(y)  # y_A ≥ −bound, and |y_F| ≤ bound:
+    np.abs(y, out=excess, where=free)
+    verified = ~(excess > bound).any(axis=1)
+    if failed:
+        verified[failed] = False
+    return x, ~free, verified
 
 
 def _model(M: Array, q: Array) -> daqp.Model | None:
