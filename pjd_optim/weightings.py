@@ -9,6 +9,7 @@ TorchJD's weighting objects. Weights have the Gramian's dtype and device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -66,6 +67,7 @@ class _Projecting:
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
         self.solver = solver
+        self._last_plan: tuple[SolverOptions, int, str | None] | None = None
 
     def _pref(self, G: Tensor) -> Tensor:
         m = G.shape[0]
@@ -85,45 +87,72 @@ class _Projecting:
     def _host_path(self, gramian: Tensor) -> str | None:
         """The solver's host path (``"daqp"``, ``"numpy"``) for a CPU Gramian whose problem is
         planned there, else ``None``. Such problems run in NumPy end to end: after the solver's
-        compiled code a torch operation costs 10–25 µs (measured, m = 16), the solve 100 µs."""
-        if not (isinstance(gramian, Tensor) and gramian.device.type == "cpu"):
+        compiled code a torch operation costs 10–25 µs (measured, m = 16), the solve 100 µs.
+        The last plan is kept with its options (frozen) and size."""
+        if not (isinstance(gramian, Tensor) and gramian.is_cpu):
             return None
-        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+        shape = gramian.shape
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
             return None
-        if not gramian.is_floating_point() or self._options.dtype != torch.float64:
+        if not gramian.is_floating_point():
             return None
-        path = plan(gramian.device, torch.float64, gramian.shape[0], self._options)
-        return path if path in HOST_PATHS else None
+        options, m = self._options, shape[0]
+        last: tuple[SolverOptions, int, str | None] | None = getattr(self, "_last_plan", None)
+        if last is not None and last[0] is options and last[1] == m:
+            return last[2]
+        path: str | None = None
+        if options.dtype == torch.float64:
+            path = plan(gramian.device, torch.float64, m, options)
+            path = path if path in HOST_PATHS else None
+        self._last_plan = (options, m, path)
+        return path
 
-    def _host_problem(self, gramian: Tensor) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """The checked, normalised and regularised Gramian and the preference vector, in NumPy
-        (the same arithmetic as :func:`normalise_and_regularise` and :meth:`_pref`)."""
-        G = gramian.detach().to(torch.float64).numpy()
-        if not np.isfinite(G).all():
+    def _host_gramian(self, gramian: Tensor) -> NDArray[np.float64]:
+        """The Gramian in float64 NumPy, checked finite (a finite sum means finite entries)."""
+        G = gramian.detach() if gramian.requires_grad else gramian
+        G_np: NDArray[np.float64] = (G if G.dtype == torch.float64 else G.to(torch.float64)).numpy()
+        if not math.isfinite(G_np.sum()) and not np.isfinite(G_np).all():
             raise ValueError(_NOT_FINITE)
+        return G_np
+
+    def _host_weights(
+        self,
+        weights: Callable[
+            [NDArray[np.float64], float, NDArray[np.float64], float, int],
+            NDArray[np.float64] | None,
+        ],
+        G: NDArray[np.float64],
+        path: str,
+    ) -> NDArray[np.float64] | None:
+        """The DAQP path's shortcut (:func:`pjd_optim.solver.compiled.upgrad` or ``dualproj``)
+        on ``G + reg_eps·tr(G)·I``, proportional to the normalised and regularised Gramian;
+        ``None`` where it does not apply (also ``tr(G) < norm_eps``): the caller then takes
+        ``project_on_host``."""
+        if path != "daqp":
+            return None
+        trace = float(G.trace())
+        if not (trace >= self.norm_eps and trace > 0.0):
+            return None
+        m = G.shape[0]
+        pref = np.full(m, 1.0 / m) if self.pref_vector is None else self._host_pref(m)
+        options = self._options
+        tol, iters = options.tolerance(torch.float64), options.iterations(m)
+        return weights(G, self.reg_eps * trace, pref, tol, iters)
+
+    def _host_pref(self, m: int) -> NDArray[np.float64]:
+        pref: NDArray[np.float64] = self._pref(torch.empty((m, 0), dtype=torch.float64)).numpy()
+        return pref
+
+    def _host_problem(
+        self, G: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The normalised and regularised Gramian and the preference vector of the checked
+        NumPy Gramian ``G`` (the same arithmetic as :func:`normalise_and_regularise` and
+        :meth:`_pref`)."""
         m = G.shape[0]
         trace = float(np.trace(G))
         G = (np.zeros_like(G) if trace < self.norm_eps else G / trace) + self.reg_eps * np.eye(m)
-        if self.pref_vector is None:
-            return G, np.full(m, 1.0 / m)
-        pref = self._pref(torch.from_numpy(G))
-        return G, pref.numpy()
-
-    def _shortcut(
-        self,
-        weights: Callable[
-            [NDArray[np.float64], NDArray[np.float64], float, int], NDArray[np.float64] | None
-        ],
-        G: NDArray[np.float64],
-        pref: NDArray[np.float64],
-        path: str,
-    ) -> NDArray[np.float64] | None:
-        """The DAQP path's shortcut (:func:`pjd_optim.solver.compiled.upgrad` or ``dualproj``),
-        ``None`` where it does not apply: the caller then takes ``project_on_host``."""
-        if path != "daqp":
-            return None
-        options = self._options
-        return weights(G, pref, options.tolerance(torch.float64), options.iterations(len(G)))
+        return G, np.full(m, 1.0 / m) if self.pref_vector is None else self._host_pref(m)
 
     def _regularised(self, gramian: Tensor) -> Tensor:
         return normalise_and_regularise(gramian.detach(), self.norm_eps, self.reg_eps)
@@ -151,11 +180,12 @@ class UPGrad(_Projecting):
     def __call__(self, gramian: Tensor, /) -> Tensor:
         path = self._host_path(gramian)
         if path is not None:  # small CPU problems: all in NumPy (see _host_problem)
-            G_np, pref_np = self._host_problem(gramian)
-            w = self._shortcut(compiled.upgrad, G_np, pref_np, path)
+            G_host = self._host_gramian(gramian)
+            w = self._host_weights(compiled.upgrad, G_host, path)
             if w is None:
+                G_np, pref_np = self._host_problem(G_host)
                 w = project_on_host(G_np, np.diag(pref_np), path, self._options).sum(axis=0)
-            return torch.from_numpy(w).to(gramian.dtype)
+            return _to_tensor(w, gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
@@ -171,11 +201,12 @@ class DualProj(_Projecting):
     def __call__(self, gramian: Tensor, /) -> Tensor:
         path = self._host_path(gramian)
         if path is not None:
-            G_np, pref_np = self._host_problem(gramian)
-            v = self._shortcut(compiled.dualproj, G_np, pref_np, path)
+            G_host = self._host_gramian(gramian)
+            v = self._host_weights(compiled.dualproj, G_host, path)
             if v is None:
+                G_np, pref_np = self._host_problem(G_host)
                 v = project_on_host(G_np, pref_np[None], path, self._options)[0]
-            return torch.from_numpy(v).to(gramian.dtype)
+            return _to_tensor(v, gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
@@ -220,6 +251,11 @@ def normalise_and_regularise(gramian: Tensor, norm_eps: float, reg_eps: float) -
     scaled = torch.where(trace < norm_eps, torch.zeros_like(gramian), gramian / trace)
     eye = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
     return scaled + reg_eps * eye
+
+
+def _to_tensor(w: NDArray[np.float64], dtype: torch.dtype) -> Tensor:
+    out = torch.from_numpy(w)
+    return out if dtype == torch.float64 else out.to(dtype)
 
 
 def _check_gramian(gramian: Tensor, *, check_finite: bool = True) -> int:

@@ -45,7 +45,7 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     ``−M⁻¹Q`` if known), by DAQP's answers where they verify (:func:`_rows`); the other rows go
     to the exact NumPy loop from DAQP's active sets (its first step polishes them exactly), and
     problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
-    scaled = _scaled(M, tol)
+    scaled = _scaled(M, 0.0, tol)
     if scaled is None:
         return numpy_path.solve(M, Q, P, tol, max_iter)
     d, Ms, rel = scaled
@@ -68,16 +68,18 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     return X, unsolved
 
 
-def upgrad(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
-    """UPGrad's weights ``Σᵢ vᵢ`` (rows ``uᵢ = pᵢeᵢ`` of ``U = diag(pref)``) by :func:`solve`'s
-    rows, verification and fall-back; ``M``: normalised and regularised. ``None`` where
-    :func:`solve` would decline the problem or leave rows unsolved (the caller then takes the
-    general host path, :func:`pjd_optim.solver.project_on_host`).
+def upgrad(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> Array | None:
+    """UPGrad's weights ``Σᵢ vᵢ`` for ``M = G + shift·I`` and the rows ``uᵢ = pᵢeᵢ`` of
+    ``U = diag(pref)``, by :func:`solve`'s rows, verification and fall-back (the weightings'
+    ``G/tr(G) + reg·I`` is ``M/tr(G)`` with ``shift = reg·tr(G)``, and the weights do not change
+    under a positive factor of ``M``). ``None`` where :func:`solve` would decline the problem or
+    leave rows unsolved: the caller then takes the general host path
+    (:func:`pjd_optim.solver.project_on_host`).
 
     Row ``i`` of ``Q = UM``, Jacobi-scaled, is ``(pᵢ/dᵢ) M̃ᵢ`` (``M̃ = DMD``, ``D = diag(d)``);
     once ``κ`` passes, ``|M̃ᵢⱼ| < 1 = M̃ᵢᵢ`` (:func:`_scaled`), so at unit largest ``|q|`` it is
     ``sign(pᵢ) M̃ᵢ``, of scale ``|pᵢ|/dᵢ``; and ``Σᵢ vᵢ = p + Σᵢ xᵢ``."""
-    scaled = _scaled(M, tol)
+    scaled = _scaled(G, shift, tol)
     if scaled is None:
         return None
     d, Ms, rel = scaled
@@ -94,15 +96,16 @@ def upgrad(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
     x[~verified] = 0.0
     w = pref + d * (scale[rows] @ x)
     left = rows[~verified]  # the exact loop, from DAQP's active sets (it polishes them)
+    M = G + shift * np.eye(pref.size)
     Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
     X, unsolved = numpy_path.solve(M, Q, P, tol, max_iter, active[~verified])
     return None if unsolved.any() else w + X.sum(axis=0)
 
 
-def dualproj(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
+def dualproj(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> Array | None:
     """DualProj's weights ``v`` (one row ``u = pref``) as :func:`upgrad`: ``q = Mp``, whose
     Jacobi scaling is ``M̃ D⁻¹p``."""
-    scaled = _scaled(M, tol)
+    scaled = _scaled(G, shift, tol)
     if scaled is None:
         return None
     d, Ms, rel = scaled
@@ -114,26 +117,30 @@ def dualproj(M: Array, pref: Array, tol: float, max_iter: int) -> Array | None:
     if verified[0]:
         v: Array = pref + x[0] * q_scale * d
         return v
+    M = G + shift * np.eye(pref.size)
     X, unsolved = numpy_path.solve(M, (M @ pref)[None], -pref[None], tol, max_iter, active)
     return None if unsolved[0] else pref + X[0]
 
 
-def _scaled(M: Array, tol: float) -> tuple[Array, Array, float] | None:
-    """``d = diag(M)^-½``, the Jacobi-scaled ``M̃ = DMD`` (its diagonal set to exactly 1) and
-    the verification's ``rel`` (the exact paths' round-off bound), or ``None`` where DAQP is
-    not asked: ``M`` not numerically positive definite, or ``κ > MAX_KAPPA``. Once ``κ``
-    passes, ``|M̃ᵢⱼ| ≤ 1 − 5·10⁻⁸ < 1`` off the diagonal (``Lⱼⱼ² ≤ 1 − M̃ᵢⱼ²`` for ``i < j``)."""
-    diag = M.diagonal()
+def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | None:
+    """For ``M = G + shift·I``: ``d = diag(M)^-½``, the Jacobi-scaled ``M̃ = DMD`` (its
+    diagonal set to exactly 1) and the verification's ``rel`` (the exact paths' round-off
+    bound), or ``None`` where DAQP is not asked: ``M`` not numerically positive definite, or
+    ``κ > MAX_KAPPA``. Once ``κ`` passes, ``|M̃ᵢⱼ| ≤ 1 − 5·10⁻⁸ < 1`` off the diagonal
+    (``Lⱼⱼ² ≤ 1 − M̃ᵢⱼ²`` for ``i < j``)."""
+    diag = G.diagonal() + shift if shift else G.diagonal()
     if not diag.min() > 0:
         return None
     d = diag**-0.5
-    Ms = M * d[:, None] * d  # Jacobi scaling: unit diagonal
+    Ms = G * d
+    Ms *= d[:, None]  # Jacobi scaling: unit diagonal
     np.fill_diagonal(Ms, 1.0)
     try:
         L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
     except np.linalg.LinAlgError:
         return None
-    kappa = condition_estimate(L)
+    # condition_estimate(L), whose max Lᵢᵢ is L₁₁ = 1 here (Lⱼⱼ² = 1 − Σₖ Lⱼₖ² ≤ 1)
+    kappa = 1.0 / float(L.diagonal().min()) ** 2
     if not kappa <= MAX_KAPPA:
         return None
     return d, Ms, max(tol, 10 * _EPS * kappa)  # rel: as the NumPy loop's
@@ -173,12 +180,12 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Mask]:
     np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
     y = x @ M
     y += F
-    bound = x.max(axis=1, keepdims=True)
-    bound += 1.0
-    bound *= rel
     excess = np.negative(y)  # y_A ≥ −bound, and |y_F| ≤ bound:
     np.abs(y, out=excess, where=free)
-    verified = ~(excess > bound).any(axis=1)
+    if excess.max() <= rel:  # within every row's bound (at least rel): all verified
+        verified = np.ones(F.shape[0], dtype=bool)
+    else:
+        verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel
     if failed:
         verified[failed] = False
     return x, ~free, verified
