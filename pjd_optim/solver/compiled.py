@@ -30,6 +30,7 @@ from ._common import MAX_KAPPA
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
+Index = NDArray[np.intp]
 
 # DAQP's tolerances on rows scaled to unit largest |q| (defaults: primal 1e-6, dual 1e-12): a
 # constraint violated by more than PRIMAL_TOL is still added, so the active set is the exact one
@@ -37,6 +38,7 @@ Mask = NDArray[np.bool_]
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
+_NONE: Index = np.zeros(0, dtype=np.intp)  # no row
 _cache = threading.local()  # this thread's DAQP model (see _model)
 
 
@@ -57,13 +59,12 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     if rows.size == 0:
         return X, unsolved
     scale = q_scale[rows]
-    x, active, verified = _rows(Ms, Qs[rows] / scale, rel)  # unit largest |q| per row
+    x, free, bad = _rows(Ms, Qs[rows] / scale, rel)  # unit largest |q| per row
     X[rows] = x * scale * d
-    left = rows[~verified]
-    if left.size:
+    if bad.size:
+        left = rows[bad]
         P_left = None if P is None else P[left]
-        start = active[~verified]
-        X_left, unsolved_left = numpy_path.solve(M, Q[left], P_left, tol, max_iter, start)
+        X_left, unsolved_left = numpy_path.solve(M, Q[left], P_left, tol, max_iter, ~free[bad])
         X[left], unsolved[left] = X_left, unsolved_left
     return X, unsolved
 
@@ -89,16 +90,17 @@ def upgrad(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> Ar
     if rows.size == 0:
         return pref.copy()
     every = rows.size == pref.size
-    x, active, verified = _rows(Ms, F if every else F[rows], rel)
+    x, free, bad = _rows(Ms, F if every else F[rows], rel)
     scale = pref / d if positive else np.abs(pref) / d  # each row's largest |q̃|
-    if verified.all():
-        return pref + d * ((scale if every else scale[rows]) @ x)
-    x[~verified] = 0.0
-    w = pref + d * (scale[rows] @ x)
-    left = rows[~verified]  # the exact loop, from DAQP's active sets (it polishes them)
+    scale = scale if every else scale[rows]
+    if bad.size == 0:
+        return pref + d * (scale @ x)
+    x[bad] = 0.0
+    w = pref + d * (scale @ x)
+    left = rows[bad]  # the exact loop, from DAQP's active sets (it polishes them)
     M = G + shift * np.eye(pref.size)
     Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
-    X, unsolved = numpy_path.solve(M, Q, P, tol, max_iter, active[~verified])
+    X, unsolved = numpy_path.solve(M, Q, P, tol, max_iter, ~free[bad])
     return None if unsolved.any() else w + X.sum(axis=0)
 
 
@@ -113,12 +115,12 @@ def dualproj(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> 
     q_scale = float(np.abs(q).max())
     if not (q + tol * q_scale < 0).any():
         return pref.copy()
-    x, active, verified = _rows(Ms, (q / q_scale)[None], rel)
-    if verified[0]:
+    x, free, bad = _rows(Ms, (q / q_scale)[None], rel)
+    if bad.size == 0:
         v: Array = pref + x[0] * q_scale * d
         return v
     M = G + shift * np.eye(pref.size)
-    X, unsolved = numpy_path.solve(M, (M @ pref)[None], -pref[None], tol, max_iter, active)
+    X, unsolved = numpy_path.solve(M, (M @ pref)[None], -pref[None], tol, max_iter, ~free)
     return None if unsolved[0] else pref + X[0]
 
 
@@ -153,15 +155,16 @@ def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     return float((diag.max() / diag.min()) ** 2)
 
 
-def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Mask]:
+def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
     """Rows of LCP(``F``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts and
     has unit largest ``|f|``, so DAQP's absolute tolerances are relative ones). Returns ``x``
-    (DAQP's, zero on its active sets and clipped at 0), the active sets, and the rows
-    *verified*: ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the
-    row's scale (the exact paths' bound)."""
+    (DAQP's, zero on its active sets and clipped at 0), the free sets (DAQP's; the sign guess
+    where it failed) and the rows (indices) that fail verification, which checks ``x``:
+    ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the row's scale
+    (the exact paths' bound)."""
     model = _model(M, F[0])
     if model is None:  # every row to the exact loop, from the sign guess
-        return np.zeros_like(F), F >= 0, np.zeros(F.shape[0], dtype=bool)
+        return np.zeros_like(F), F < 0, np.arange(F.shape[0])
     update, solve = model.update, model.solve
     xs, lams, failed = [], [], []
     for r, f in enumerate(F):
@@ -182,13 +185,11 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Mask]:
     y += F
     excess = np.negative(y)  # y_A ≥ −bound, and |y_F| ≤ bound:
     np.abs(y, out=excess, where=free)
-    if excess.max() <= rel:  # within every row's bound (at least rel): all verified
-        verified = np.ones(F.shape[0], dtype=bool)
-    else:
-        verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel
-    if failed:
-        verified[failed] = False
-    return x, ~free, verified
+    if excess.max() <= rel and not failed:  # within every row's bound (at least rel)
+        return x, free, _NONE
+    verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel  # (False where NaN)
+    verified[failed] = False
+    return x, free, (~verified).nonzero()[0]
 
 
 def _model(M: Array, q: Array) -> daqp.Model | None:
