@@ -10,7 +10,7 @@ TorchJD's weighting objects. Weights have the Gramian's dtype and device.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +24,16 @@ _DEFAULT_OPTIONS = SolverOptions()
 _NOT_FINITE = "The Gramian contains NaN or infinite values (non-finite losses?)."
 
 __all__ = ["MGDA", "DualProj", "Mean", "UPGrad", "Weighting"]
+
+
+class _HostPlan(NamedTuple):
+    """A small CPU problem's host path (``"daqp"``, ``"numpy"``), the solver's tolerance and
+    step bound, and the uniform preference ``1/m`` (read-only)."""
+
+    path: str
+    tol: float
+    max_iter: int
+    uniform: NDArray[np.float64]
 
 
 @runtime_checkable
@@ -48,6 +58,8 @@ class _Projecting:
     """Shared parameters: preference vector, TorchJD's normalisation/regularisation, and the
     solver's options (``pjd_optim.solver.SolverOptions``; its defaults suit every device)."""
 
+    _last_plan: tuple[SolverOptions, int, _HostPlan | None] | None = None  # (_host_path)
+
     def __init__(
         self,
         pref_vector: Tensor | None = None,
@@ -66,7 +78,6 @@ class _Projecting:
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
         self.solver = solver
-        self._last_plan: tuple[SolverOptions, int, str | None] | None = None
 
     def _pref(self, G: Tensor) -> Tensor:
         m = G.shape[0]
@@ -83,11 +94,12 @@ class _Projecting:
     def _options(self) -> SolverOptions:
         return self.solver or _DEFAULT_OPTIONS
 
-    def _host_path(self, gramian: Tensor) -> str | None:
+    def _host_path(self, gramian: Tensor) -> _HostPlan | None:
         """The solver's host path (``"daqp"``, ``"numpy"``) for a CPU Gramian whose problem is
-        planned there, else ``None``. Such problems run in NumPy end to end: after the solver's
-        compiled code a torch operation costs 10–25 µs (measured, m = 16), the solve 100 µs.
-        The last plan is kept with its options (frozen) and size."""
+        planned there, with its tolerance, step bound and uniform preference, else ``None``.
+        Such problems run in NumPy end to end: after the solver's compiled code a torch
+        operation costs 10–25 µs (measured, m = 16), the solve 100 µs. The last plan is kept
+        with its options (frozen) and size."""
         if not (isinstance(gramian, Tensor) and gramian.is_cpu):
             return None
         shape = gramian.shape
@@ -96,15 +108,19 @@ class _Projecting:
         if not gramian.is_floating_point():
             return None
         options, m = self._options, shape[0]
-        last: tuple[SolverOptions, int, str | None] | None = getattr(self, "_last_plan", None)
+        last = self._last_plan
         if last is not None and last[0] is options and last[1] == m:
             return last[2]
-        path: str | None = None
-        if options.dtype == torch.float64:
-            path = plan(gramian.device, torch.float64, m, options)
-            path = path if path in HOST_PATHS else None
-        self._last_plan = (options, m, path)
-        return path
+        host: _HostPlan | None = None
+        f64 = options.dtype == torch.float64
+        path = plan(gramian.device, torch.float64, m, options) if f64 else None
+        if path in HOST_PATHS:
+            uniform = np.full(m, 1.0 / m)
+            uniform.flags.writeable = False  # shared by the calls: the solver only reads it
+            tol, iters = options.tolerance(torch.float64), options.iterations(m)
+            host = _HostPlan(path, tol, iters, uniform)
+        self._last_plan = (options, m, host)
+        return host
 
     def _host_gramian(self, gramian: Tensor) -> NDArray[np.float64]:
         """The Gramian in float64 NumPy, checked finite."""
@@ -121,22 +137,19 @@ class _Projecting:
             NDArray[np.float64] | None,
         ],
         G: NDArray[np.float64],
-        path: str,
+        host: _HostPlan,
     ) -> NDArray[np.float64] | None:
         """The DAQP path's shortcut (:func:`pjd_optim.solver.compiled.upgrad` or ``dualproj``)
         on ``G + reg_eps·tr(G)·I``, proportional to the normalised and regularised Gramian;
         ``None`` where it does not apply (also ``tr(G) < norm_eps``): the caller then takes
         ``project_on_host``."""
-        if path != "daqp":
+        if host.path != "daqp":
             return None
         trace = float(G.trace())
         if not (trace >= self.norm_eps and trace > 0.0):
             return None
-        m = G.shape[0]
-        pref = np.full(m, 1.0 / m) if self.pref_vector is None else self._host_pref(m)
-        options = self._options
-        tol, iters = options.tolerance(torch.float64), options.iterations(m)
-        return weights(G, self.reg_eps * trace, pref, tol, iters)
+        pref = host.uniform if self.pref_vector is None else self._host_pref(G.shape[0])
+        return weights(G, self.reg_eps * trace, pref, host.tol, host.max_iter)
 
     def _host_pref(self, m: int) -> NDArray[np.float64]:
         pref: NDArray[np.float64] = self._pref(torch.empty((m, 0), dtype=torch.float64)).numpy()
@@ -177,13 +190,14 @@ class UPGrad(_Projecting):
     """
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
-        path = self._host_path(gramian)
-        if path is not None:  # small CPU problems: all in NumPy (see _host_problem)
+        host = self._host_path(gramian)
+        if host is not None:  # small CPU problems: all in NumPy (see _host_problem)
             G_host = self._host_gramian(gramian)
-            w = self._host_weights(compiled.upgrad, G_host, path)
+            w = self._host_weights(compiled.upgrad, G_host, host)
             if w is None:
                 G_np, pref_np = self._host_problem(G_host)
-                w = project_on_host(G_np, np.diag(pref_np), path, self._options).sum(axis=0)
+                V = project_on_host(G_np, np.diag(pref_np), host.path, self._options)
+                w = V.sum(axis=0)
             return _to_tensor(w, gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
@@ -198,13 +212,13 @@ class DualProj(_Projecting):
     """
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
-        path = self._host_path(gramian)
-        if path is not None:
+        host = self._host_path(gramian)
+        if host is not None:
             G_host = self._host_gramian(gramian)
-            v = self._host_weights(compiled.dualproj, G_host, path)
+            v = self._host_weights(compiled.dualproj, G_host, host)
             if v is None:
                 G_np, pref_np = self._host_problem(G_host)
-                v = project_on_host(G_np, pref_np[None], path, self._options)[0]
+                v = project_on_host(G_np, pref_np[None], host.path, self._options)[0]
             return _to_tensor(v, gramian.dtype)
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
