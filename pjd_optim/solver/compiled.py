@@ -49,7 +49,7 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
     scaled = _scaled(M, 0.0, tol)
     if scaled is None:
-        return numpy_path.solve(M, Q, P, tol, max_iter)
+        return _exact(M, Q, P, tol, max_iter, None)
     d, Ms, rel = scaled
     Qs = Q * d
     q_scale = np.abs(Qs).max(axis=1, keepdims=True)
@@ -64,7 +64,7 @@ def solve(M: Array, Q: Array, P: Array | None, tol: float, max_iter: int) -> tup
     if bad.size:
         left = rows[bad]
         P_left = None if P is None else P[left]
-        X_left, unsolved_left = numpy_path.solve(M, Q[left], P_left, tol, max_iter, ~free[bad])
+        X_left, unsolved_left = _exact(M, Q[left], P_left, tol, max_iter, ~free[bad])
         X[left], unsolved[left] = X_left, unsolved_left
     return X, unsolved
 
@@ -100,7 +100,7 @@ def upgrad(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> Ar
     left = rows[bad]  # the exact loop, from DAQP's active sets (it polishes them)
     M = G + shift * np.eye(pref.size)
     Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
-    X, unsolved = numpy_path.solve(M, Q, P, tol, max_iter, ~free[bad])
+    X, unsolved = _exact(M, Q, P, tol, max_iter, ~free[bad])
     return None if unsolved.any() else w + X.sum(axis=0)
 
 
@@ -120,8 +120,17 @@ def dualproj(G: Array, shift: float, pref: Array, tol: float, max_iter: int) -> 
         v: Array = pref + x[0] * q_scale * d
         return v
     M = G + shift * np.eye(pref.size)
-    X, unsolved = numpy_path.solve(M, (M @ pref)[None], -pref[None], tol, max_iter, ~free)
+    X, unsolved = _exact(M, (M @ pref)[None], -pref[None], tol, max_iter, ~free)
     return None if unsolved[0] else pref + X[0]
+
+
+def _exact(
+    M: Array, Q: Array, P: Array | None, tol: float, max_iter: int, start: Mask | None
+) -> tuple[Array, Mask]:
+    """The exact loop (:func:`.numpy_path.solve`'s contract), on the rows DAQP's answers do not
+    settle (``start``: their active sets), or on whole problems DAQP is not asked
+    (``start=None``): this module's only way to it."""
+    return numpy_path.solve(M, Q, P, tol, max_iter, start)
 
 
 def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | None:
