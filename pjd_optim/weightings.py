@@ -36,6 +36,12 @@ class _HostPlan(NamedTuple):
     uniform: NDArray[np.float64]
 
 
+# The host plans by (id(options), m); each entry keeps its options alive, so the id is not reused
+# while it is cached (SolverOptions is frozen: the plan cannot go stale).
+_HOST_PLANS: dict[tuple[int, int], tuple[SolverOptions, _HostPlan | None]] = {}
+_MAX_HOST_PLANS = 64
+
+
 @runtime_checkable
 class Weighting(Protocol):
     """``Callable[[Tensor], Tensor]``: a ``[m, m]`` Gramian to ``[m]`` weights."""
@@ -57,8 +63,6 @@ class Mean:
 class _Projecting:
     """Shared parameters: preference vector, TorchJD's normalisation/regularisation, and the
     solver's options (``pjd_optim.solver.SolverOptions``; its defaults suit every device)."""
-
-    _last_plan: tuple[SolverOptions, int, _HostPlan | None] | None = None  # (_host_path)
 
     def __init__(
         self,
@@ -98,8 +102,8 @@ class _Projecting:
         """The solver's host path (``"daqp"``, ``"numpy"``) for a CPU Gramian whose problem is
         planned there, with its tolerance, step bound and uniform preference, else ``None``.
         Such problems run in NumPy end to end: after the solver's compiled code a torch
-        operation costs 10–25 µs (measured, m = 16), the solve 100 µs. The last plan is kept
-        with its options (frozen) and size."""
+        operation costs 10–25 µs (measured, m = 16), the solve 100 µs. Plans are kept by options
+        (frozen) and size in a module-level cache (:data:`_HOST_PLANS`), not on the weighting."""
         if not (isinstance(gramian, Tensor) and gramian.is_cpu):
             return None
         shape = gramian.shape
@@ -108,9 +112,9 @@ class _Projecting:
         if not gramian.is_floating_point():
             return None
         options, m = self._options, shape[0]
-        last = self._last_plan
-        if last is not None and last[0] is options and last[1] == m:
-            return last[2]
+        kept = _HOST_PLANS.get((id(options), m))
+        if kept is not None and kept[0] is options:
+            return kept[1]
         host: _HostPlan | None = None
         f64 = options.dtype == torch.float64
         path = plan(gramian.device, torch.float64, m, options) if f64 else None
@@ -119,7 +123,9 @@ class _Projecting:
             uniform.flags.writeable = False  # shared by the calls: the solver only reads it
             tol, iters = options.tolerance(torch.float64), options.iterations(m)
             host = _HostPlan(path, tol, iters, uniform)
-        self._last_plan = (options, m, host)
+        if len(_HOST_PLANS) >= _MAX_HOST_PLANS:
+            _HOST_PLANS.clear()
+        _HOST_PLANS[id(options), m] = (options, host)
         return host
 
     def _host_gramian(self, gramian: Tensor) -> NDArray[np.float64]:
