@@ -9,6 +9,8 @@ TorchJD's weighting objects. Weights have the Gramian's dtype and device.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -16,13 +18,32 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from .solver import SolverOptions, plan, project_dual_cone, project_on_host, solve_lcp
+from .solver import SolverOptions, compiled, plan, project_dual_cone, solve_lcp
 from .solver._common import HOST_PATHS
 
 _DEFAULT_OPTIONS = SolverOptions()
 _NOT_FINITE = "The Gramian contains NaN or infinite values (non-finite losses?)."
 
 __all__ = ["MGDA", "DualProj", "Mean", "UPGrad", "Weighting"]
+
+
+Array = NDArray[np.float64]
+# The DAQP path's weights from (G, shift, preference, options) on G + shift·I, or None.
+HostWeights = Callable[[Array, float, Array, SolverOptions], Array | None]
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_on_host(options: SolverOptions, m: int) -> Array | None:
+    """The uniform preference ``1/m`` (read-only, shared by the calls) if CPU problems of size
+    ``m`` take the DAQP path under ``options``, else ``None``; kept per options and size, as
+    planning costs about a tenth of a small solve."""
+    if options.dtype != torch.float64:
+        return None
+    if plan(torch.device("cpu"), torch.float64, m, options) not in HOST_PATHS:
+        return None
+    uniform = np.full(m, 1.0 / m)
+    uniform.flags.writeable = False
+    return uniform
 
 
 @runtime_checkable
@@ -81,32 +102,33 @@ class _Projecting:
     def _options(self) -> SolverOptions:
         return self.solver or _DEFAULT_OPTIONS
 
-    def _host_path(self, gramian: Tensor) -> str | None:
-        """The solver's host path (``"daqp"``, ``"numpy"``) for a CPU Gramian whose problem is
-        planned there, else ``None``. Such problems run in NumPy end to end: after the solver's
-        compiled code a torch operation costs 10–25 µs (measured, m = 16), the solve 100 µs."""
-        if not (isinstance(gramian, Tensor) and gramian.device.type == "cpu"):
+    def _on_host(self, gramian: Tensor, weights: HostWeights) -> Tensor | None:
+        """Small CPU problems that the DAQP path takes, in NumPy end to end (after compiled
+        code a torch operation costs 10–25 µs, the solve 100 µs at ``m = 16``): ``weights``
+        (:func:`pjd_optim.solver.compiled.upgrad` or ``dualproj``) on ``G + reg_eps·tr(G)·I``,
+        proportional to the normalised and regularised Gramian. ``None`` where this does not
+        apply (also ``tr(G) < norm_eps``, or DAQP declines): the caller's general path."""
+        if not (isinstance(gramian, Tensor) and gramian.is_cpu and gramian.is_floating_point()):
             return None
-        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+        shape = gramian.shape
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
             return None
-        if not gramian.is_floating_point() or self._options.dtype != torch.float64:
+        uniform = _uniform_on_host(self._options, shape[0])
+        if uniform is None:
             return None
-        path = plan(gramian.device, torch.float64, gramian.shape[0], self._options)
-        return path if path in HOST_PATHS else None
-
-    def _host_problem(self, gramian: Tensor) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """The checked, normalised and regularised Gramian and the preference vector, in NumPy
-        (the same arithmetic as :func:`normalise_and_regularise` and :meth:`_pref`)."""
-        G = gramian.detach().to(torch.float64).numpy()
-        if not np.isfinite(G).all():
+        G = gramian.detach() if gramian.requires_grad else gramian
+        G_np: Array = (G if G.dtype == torch.float64 else G.to(torch.float64)).numpy()
+        if not np.isfinite(G_np).all():
             raise ValueError(_NOT_FINITE)
-        m = G.shape[0]
-        trace = float(np.trace(G))
-        G = (np.zeros_like(G) if trace < self.norm_eps else G / trace) + self.reg_eps * np.eye(m)
-        if self.pref_vector is None:
-            return G, np.full(m, 1.0 / m)
-        pref = self._pref(torch.from_numpy(G))
-        return G, pref.numpy()
+        trace = float(G_np.trace())
+        if not (trace >= self.norm_eps and trace > 0.0):
+            return None
+        pref = uniform if self.pref_vector is None else self._pref(torch.from_numpy(G_np)).numpy()
+        w = weights(G_np, self.reg_eps * trace, pref, self._options)
+        if w is None:
+            return None
+        out = torch.from_numpy(w)
+        return out if gramian.dtype == torch.float64 else out.to(gramian.dtype)
 
     def _regularised(self, gramian: Tensor) -> Tensor:
         return normalise_and_regularise(gramian.detach(), self.norm_eps, self.reg_eps)
@@ -132,11 +154,9 @@ class UPGrad(_Projecting):
     """
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
-        path = self._host_path(gramian)
-        if path is not None:  # small CPU problems: all in NumPy (see _host_problem)
-            G_np, pref_np = self._host_problem(gramian)
-            V = project_on_host(G_np, np.diag(pref_np), self._options)
-            return torch.from_numpy(V.sum(axis=0)).to(gramian.dtype)
+        w = self._on_host(gramian, compiled.upgrad)
+        if w is not None:
+            return w
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)
@@ -150,11 +170,9 @@ class DualProj(_Projecting):
     """
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
-        path = self._host_path(gramian)
-        if path is not None:
-            G_np, pref_np = self._host_problem(gramian)
-            v = project_on_host(G_np, pref_np[None], self._options)[0]
-            return torch.from_numpy(v).to(gramian.dtype)
+        v = self._on_host(gramian, compiled.dualproj)
+        if v is not None:
+            return v
         _check_gramian(gramian)
         G = self._regularised(gramian.to(torch.float64))
         pref = self._pref(G)

@@ -6,6 +6,8 @@ Oracles: quadprog per row, the KKT conditions (per row), ``numpy.linalg.cond``.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -161,3 +163,143 @@ def test_condition_estimates_against_numpy_cond(name: str) -> None:
     assert estimate >= exact / M.shape[0] ** 2
     inverse = _common.Inverse(torch.from_numpy(M))
     assert float(inverse.kappa) == pytest.approx(float(np.linalg.cond(M, 1)), rel=1e-6)
+
+
+def shortcut(name: str, G: torch.Tensor, pref: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
+    """:func:`compiled.upgrad` or ``compiled.dualproj`` on ``G`` (no shift), default options."""
+    weights = compiled.upgrad if name == "upgrad" else compiled.dualproj
+    out: np.ndarray[Any, Any] | None = weights(G.numpy(), 0.0, pref, SolverOptions())
+    return out
+
+
+def general(name: str, G: torch.Tensor, pref: np.ndarray[Any, Any]) -> torch.Tensor:
+    """The same weights by project_dual_cone on the pivoting path."""
+    p = torch.from_numpy(pref)
+    U = torch.diag(p) if name == "upgrad" else p.unsqueeze(0)
+    return project_dual_cone(G, U, SolverOptions(path="pivoting")).sum(dim=0)
+
+
+PREFS: dict[str, Callable[[int], np.ndarray[Any, Any]]] = {
+    "uniform": lambda m: np.full(m, 1.0 / m),
+    "positive": lambda m: np.random.default_rng(m).uniform(0.1, 1.0, m),
+    "signed": lambda m: np.random.default_rng(m).uniform(-1.0, 1.0, m) * (np.arange(m) % 5 != 0),
+}
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("pref_kind", list(PREFS))
+@pytest.mark.parametrize(
+    "G",
+    [normalised_gramian(16, 8, seed=1), cross_entropy_gramian(40, 10, seed=2)],
+    ids=["random", "classifier"],
+)
+def test_the_weightings_shortcuts_match_the_general_paths(
+    name: str, pref_kind: str, G: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compiled.upgrad / dualproj (UPGrad's scaled rows as ± rows of the scaled Gramian, the
+    summed weights from one GEMV; preferences of either sign and zeros) give the general paths'
+    weights, from DAQP alone (no fall-back) where the preference is positive."""
+    calls = counting_fallback(monkeypatch)
+    pref = PREFS[pref_kind](G.shape[0])
+    w = shortcut(name, G, pref)
+    assert w is not None
+    assert relative_error(torch.from_numpy(w), general(name, G, pref)) <= 1e-12
+    if pref_kind != "signed":
+        assert calls == []
+    if name == "upgrad" and pref_kind == "uniform":
+        expected = quadprog_rows(G, upgrad_rows(G.shape[0])).sum(dim=0)
+        assert relative_error(torch.from_numpy(w), expected) <= 1e-8
+
+
+@pytest.mark.parametrize("m", [12, 16])
+def test_the_upgrad_shortcuts_rows_that_fail_verification_finish_on_the_exact_loop(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loose DAQP tolerance: the rows that fail the KKT check go to the pivoting loop in one
+    call (from DAQP's active sets); the others keep DAQP's answer; the sum is exact."""
+    calls = counting_fallback(monkeypatch)
+    monkeypatch.setattr(compiled, "PRIMAL_TOL", 0.3)
+    G = normalised_gramian(m, m // 2, seed=m)
+    pref = PREFS["positive"](m)
+    w = shortcut("upgrad", G, pref)
+    assert w is not None
+    assert len(calls) == 1 and 0 < calls[0] < m, calls  # some rows, not all
+    assert relative_error(torch.from_numpy(w), general("upgrad", G, pref)) <= 1e-12
+
+
+def test_the_shortcuts_decline_what_daqp_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """κ above MAX_KAPPA, or a matrix not positive definite: the shortcuts return None (the
+    weightings then take project_dual_cone, exact); DAQP failing outright leaves every row to
+    the exact loop."""
+    forbid(monkeypatch, compiled, "_rows")
+    ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9)
+    singular = random_gramian(20, 5, seed=13)
+    for name in ("upgrad", "dualproj"):
+        for G in (ill, singular):
+            assert shortcut(name, G, PREFS["uniform"](20)) is None
+    monkeypatch.undo()
+    calls = counting_fallback(monkeypatch)
+    monkeypatch.setattr(compiled, "_model", lambda M, q: None)
+    G, pref = normalised_gramian(20, 10, seed=3), PREFS["uniform"](20)
+    for name, rows in (("upgrad", 20), ("dualproj", 1)):
+        calls.clear()
+        w = shortcut(name, G, pref)
+        assert w is not None and calls == [rows]
+        assert relative_error(torch.from_numpy(w), general(name, G, pref)) <= 1e-12
+
+
+def test_the_shortcuts_kappa_is_the_cholesky_estimate() -> None:
+    """The shortcuts' κ (1 / min Lᵢᵢ², L₁₁ = 1 being the largest on a unit diagonal) is
+    condition_estimate's on the Jacobi-scaled matrix, and sets rel as the pivoting loop's."""
+    tol = SolverOptions().tolerance(F64)
+    eps = float(np.finfo(np.float64).eps)
+    for name in ("random", "classifier", "identity"):
+        G = GRAMIANS[name]().numpy()
+        scaled = compiled._scaled(G, 0.0, tol)
+        assert scaled is not None
+        d, M, rel = scaled
+        np.testing.assert_allclose(M, G * d[:, None] * d, rtol=1e-14, atol=1e-15)
+        kappa = compiled.condition_estimate(np.linalg.cholesky(M))
+        assert rel == pytest.approx(max(tol, 10 * eps * kappa), rel=1e-12, abs=0.0)
+
+
+def test_the_weightings_take_the_shortcut_on_small_cpu_problems(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """UPGrad and DualProj on a small CPU Gramian: compiled.upgrad / dualproj on the raw
+    Gramian shifted by reg·tr(G), never compiled.solve. A forced pivoting path, tr(G) <
+    norm_eps or a size planned elsewhere do not take it (the plan kept follows the options and
+    size)."""
+
+    G = random_gramian(16, 8, seed=21)
+    pivoting = SolverOptions(path="pivoting")
+    expected_w, expected_v = UPGrad(solver=pivoting)(G), DualProj(solver=pivoting)(G)
+    upgrad, dualproj = UPGrad(), DualProj()
+    with monkeypatch.context() as patch:
+        forbid(patch, compiled, "solve")
+        assert relative_error(upgrad(G), expected_w) <= 1e-12
+        assert relative_error(dualproj(G), expected_v) <= 1e-12
+    forbid(monkeypatch, compiled, "upgrad")
+    upgrad.solver = SolverOptions(path="pivoting")
+    assert relative_error(upgrad(G), expected_w) <= 1e-12
+    upgrad.solver = None
+    torch.testing.assert_close(upgrad(1e-30 * G), torch.full((16,), 1 / 16, dtype=F64))
+    large = random_gramian(_common.DAQP_MAX_M + 1, 8, seed=23)
+    assert relative_error(upgrad(large), UPGrad(solver=pivoting)(large)) <= 1e-10
+
+
+def test_the_host_shortcut_at_extreme_scales_and_non_finite_entries() -> None:
+    """The shortcut's ``G + reg·tr(G)·I`` keeps the weights of ``G/tr(G) + reg·I`` at extreme
+    scales (entries near the largest float); a NaN or infinity anywhere raises."""
+    G = random_gramian(16, 8, seed=24)
+    pivoting = SolverOptions(path="pivoting")
+    for scale in (1e300, 1e307 / float(G.abs().max())):
+        for weighting in (UPGrad(), DualProj()):
+            expected = type(weighting)(solver=pivoting)(scale * G)
+            assert relative_error(weighting(scale * G), expected) <= 1e-12
+    for bad, (i, j) in itertools.product((float("nan"), float("inf")), ((0, 15), (15, 0), (3, 3))):
+        broken = G.clone()
+        broken[i, j] = bad
+        for weighting in (UPGrad(), DualProj()):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                weighting(broken)

@@ -25,18 +25,15 @@ a tolerance set by the dtype and the conditioning of the free blocks, or the sol
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from numpy.typing import NDArray
 from torch import Tensor
 
 from . import compiled, pivoting
 from ._common import DAQP_MAX_M, HOST_PATHS, PATHS, SolverOptions
 
-__all__ = ["SolverOptions", "plan", "project_dual_cone", "project_on_host", "solve_lcp"]
+__all__ = ["SolverOptions", "plan", "project_dual_cone", "solve_lcp"]
 
 _DEFAULT = SolverOptions()
-Array = NDArray[np.float64]
 
 
 def project_dual_cone(
@@ -56,7 +53,8 @@ def project_dual_cone(
     if path in HOST_PATHS and k and m:  # all in NumPy: a microsecond per operation
         G_np = gramian.detach().to("cpu", options.dtype).numpy()
         U_np = lower.detach().to("cpu", options.dtype).numpy()
-        V = project_on_host(G_np, U_np, options)
+        # (the unconstrained minimiser is −U; a large U @ G goes to torch, see compiled.matmul)
+        V = U_np + compiled.solve(G_np, compiled.matmul(U_np, G_np), -U_np, options)
         return torch.from_numpy(V).to(gramian.device, gramian.dtype, non_blocking=True)
     G = gramian.detach().to(options.dtype)
     U = lower.detach().to(device=gramian.device, dtype=options.dtype)
@@ -96,14 +94,6 @@ def plan(device: torch.device, dtype: torch.dtype, m: int, options: SolverOption
     if path in HOST_PATHS and dtype != torch.float64:
         return "pivoting"
     return path
-
-
-def project_on_host(G: Array, U: Array, options: SolverOptions) -> Array:
-    """:func:`project_dual_cone` on float64 host arrays by the ``"daqp"`` path; the weightings
-    call it directly on small CPU problems, where each torch operation would cost more than the
-    solve."""
-    # (the unconstrained minimiser is −U; a large U @ G goes to torch, see compiled.matmul)
-    return U + compiled.solve(G, compiled.matmul(U, G), -U, options)
 
 
 def _check_shapes(matrix: Tensor, rows: Tensor, name: str) -> None:

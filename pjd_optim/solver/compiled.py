@@ -10,6 +10,10 @@ at ``m = 16``: small problems stay steady on a busy CPU.
 Each row of LCP(q, M) is the QP ``min ½xᵀMx + qᵀx`` s.t. ``x ≥ 0``; ``M`` is factorised once
 per call (:meth:`daqp.Model.setup` or ``update``), and each row changes only ``q`` (scaled to
 unit largest entry, so DAQP's absolute tolerances are relative ones).
+
+:func:`upgrad` and :func:`dualproj` are the weightings' shortcut on small CPU problems: the same
+rows, verification and fall-back as :func:`solve`, without forming ``Q = UM`` (UPGrad's rows of
+``Q``, Jacobi-scaled to unit largest entry, are ``±`` rows of the scaled ``M``) nor ``V``.
 """
 
 from __future__ import annotations
@@ -27,17 +31,20 @@ from ._common import MAX_KAPPA, SolverOptions
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
+Index = NDArray[np.intp]
 
 # DAQP's tolerances on rows scaled to unit largest |q| (defaults: primal 1e-6, dual 1e-12): a
 # constraint violated by more than PRIMAL_TOL is still added, so the active set is the exact one
 # on well-conditioned rows (measured: all 2304 rows of bench_weighting's Gramians, m = 16–96,
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
+_EPS = float(np.finfo(np.float64).eps)
+_NONE: Index = np.zeros(0, dtype=np.intp)  # no row
 _cache = threading.local()  # this thread's DAQP model (see _model)
 # NumPy for small GEMMs (a microsecond), torch for larger ones: a threaded OpenBLAS call from
 # NumPy starts OpenBLAS's own thread pool, whose spinning threads slow torch's next kernels
-# down several-fold on a few cores (measured: 2x on a whole training step), and limiting it
-# would change a process-wide setting. OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
+# down several-fold on a few cores, and limiting it would change a process-wide setting.
+# OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
 _SMALL_GEMM = 1 << 17
 
 
@@ -55,32 +62,107 @@ def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
     ``−M⁻¹Q`` if known), by DAQP's answers where they verify (:func:`_rows`); the other rows go
     to the pivoting loop from DAQP's active sets (its first step polishes them exactly), and
     problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
-    diag = M.diagonal()
-    if not (diag > 0).all():
-        return pivoting.solve_on_host(M, Q, P, options)
-    d = 1.0 / np.sqrt(diag)
-    Ms, Qs = M * d[:, None] * d, Q * d  # Jacobi scaling: unit diagonal
-    try:
-        L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
-    except np.linalg.LinAlgError:
-        return pivoting.solve_on_host(M, Q, P, options)
-    kappa = condition_estimate(L)
-    if not kappa <= MAX_KAPPA:
-        return pivoting.solve_on_host(M, Q, P, options)
     tol = options.tolerance(torch.float64)
-    rel = max(tol, 10 * float(np.finfo(np.float64).eps) * kappa)  # as the pivoting loop's
+    scaled = _scaled(M, 0.0, tol)
+    if scaled is None:
+        return pivoting.solve_on_host(M, Q, P, options)
+    d, Ms, rel = scaled
+    Qs = Q * d
     q_scale = np.abs(Qs).max(axis=1, keepdims=True)
     X = np.zeros_like(Q)
     rows = (Qs + tol * q_scale < 0).any(axis=1).nonzero()[0]  # the others have x = 0
     if rows.size == 0:
         return X
-    x, active, verified = _rows(Ms, Qs[rows], q_scale[rows], rel)
-    X[rows] = x * d
-    left = rows[~verified]
-    if left.size:
+    scale = q_scale[rows]
+    x, free, bad = _rows(Ms, Qs[rows] / scale, rel)  # unit largest |q| per row
+    X[rows] = x * scale * d
+    if bad.size:
+        left = rows[bad]
         P_left = None if P is None else P[left]
-        X[left] = pivoting.solve_on_host(M, Q[left], P_left, options, active[~verified])
+        X[left] = pivoting.solve_on_host(M, Q[left], P_left, options, ~free[bad])
     return X
+
+
+def upgrad(G: Array, shift: float, pref: Array, options: SolverOptions) -> Array | None:
+    """UPGrad's weights ``Σᵢ vᵢ`` for ``M = G + shift·I`` and the rows ``uᵢ = pᵢeᵢ`` of
+    ``U = diag(pref)``, by :func:`solve`'s rows, verification and fall-back (the weightings'
+    ``G/tr(G) + reg·I`` is ``M/tr(G)`` with ``shift = reg·tr(G)``, and the weights do not change
+    under a positive factor of ``M``). ``None`` where DAQP is not asked (not positive definite,
+    ``κ > MAX_KAPPA``): the caller then takes :func:`pjd_optim.solver.project_dual_cone`.
+
+    Row ``i`` of ``Q = UM``, Jacobi-scaled, is ``(pᵢ/dᵢ) M̃ᵢ`` (``M̃ = DMD``, ``D = diag(d)``);
+    once ``κ`` passes, ``|M̃ᵢⱼ| < 1 = M̃ᵢᵢ`` (:func:`_scaled`), so at unit largest ``|q|`` it is
+    ``sign(pᵢ) M̃ᵢ``, of scale ``|pᵢ|/dᵢ``; and ``Σᵢ vᵢ = p + Σᵢ xᵢ``."""
+    tol = options.tolerance(torch.float64)
+    scaled = _scaled(G, shift, tol)
+    if scaled is None:
+        return None
+    d, Ms, rel = scaled
+    positive = pref.min() > 0  # the usual case: F = M̃
+    F = Ms if positive else Ms * np.sign(pref)[:, None]
+    rows = (F.min(axis=1) < -tol).nonzero()[0]  # the others have x = 0
+    if rows.size == 0:
+        return pref.copy()
+    every = rows.size == pref.size
+    x, free, bad = _rows(Ms, F if every else F[rows], rel)
+    scale = pref / d if positive else np.abs(pref) / d  # each row's largest |q̃|
+    scale = scale if every else scale[rows]
+    if bad.size == 0:
+        return pref + d * (scale @ x)
+    x[bad] = 0.0
+    w = pref + d * (scale @ x)
+    left = rows[bad]  # the exact loop, from DAQP's active sets (it polishes them)
+    M = G + shift * np.eye(pref.size)
+    Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
+    X = pivoting.solve_on_host(M, Q, P, options, ~free[bad])
+    out: Array = w + X.sum(axis=0)
+    return out
+
+
+def dualproj(G: Array, shift: float, pref: Array, options: SolverOptions) -> Array | None:
+    """DualProj's weights ``v`` (one row ``u = pref``) as :func:`upgrad`: ``q = Mp``, whose
+    Jacobi scaling is ``M̃ D⁻¹p``."""
+    tol = options.tolerance(torch.float64)
+    scaled = _scaled(G, shift, tol)
+    if scaled is None:
+        return None
+    d, Ms, rel = scaled
+    q = Ms @ (pref / d)
+    q_scale = float(np.abs(q).max())
+    if not (q + tol * q_scale < 0).any():
+        return pref.copy()
+    x, free, bad = _rows(Ms, (q / q_scale)[None], rel)
+    if bad.size == 0:
+        v: Array = pref + x[0] * q_scale * d
+        return v
+    M = G + shift * np.eye(pref.size)
+    X = pivoting.solve_on_host(M, (M @ pref)[None], -pref[None], options, ~free)
+    out: Array = pref + X[0]
+    return out
+
+
+def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | None:
+    """For ``M = G + shift·I``: ``d = diag(M)^-½``, the Jacobi-scaled ``M̃ = DMD`` (its
+    diagonal set to exactly 1) and the verification's ``rel`` (the exact paths' round-off
+    bound), or ``None`` where DAQP is not asked: ``M`` not numerically positive definite, or
+    ``κ > MAX_KAPPA``. Once ``κ`` passes, ``|M̃ᵢⱼ| ≤ 1 − 5·10⁻⁸ < 1`` off the diagonal
+    (``Lⱼⱼ² ≤ 1 − M̃ᵢⱼ²`` for ``i < j``)."""
+    diag = G.diagonal() + shift if shift else G.diagonal()
+    if not diag.min() > 0:
+        return None
+    d = diag**-0.5
+    Ms = G * d
+    Ms *= d[:, None]  # Jacobi scaling: unit diagonal
+    np.fill_diagonal(Ms, 1.0)
+    try:
+        L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
+    except np.linalg.LinAlgError:
+        return None
+    # condition_estimate(L), whose max Lᵢᵢ is L₁₁ = 1 here (Lⱼⱼ² = 1 − Σₖ Lⱼₖ² ≤ 1)
+    kappa = 1.0 / float(L.diagonal().min()) ** 2
+    if not kappa <= MAX_KAPPA:
+        return None
+    return d, Ms, max(tol, 10 * _EPS * kappa)  # rel: as the pivoting loop's
 
 
 def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
@@ -90,32 +172,41 @@ def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     return float((diag.max() / diag.min()) ** 2)
 
 
-def _rows(M: Array, Q: Array, q_scale: Array, rel: float) -> tuple[Array, Mask, Mask]:
-    """Rows of LCP(``Q``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts;
-    ``q_scale``: each row's largest ``|q|``, ``[b, 1]``). Returns ``x`` (zero on the active
-    sets), the active sets, and the rows *verified*: ``x_F ≥ 0``, ``|y_F| ≈ 0``, ``y_A ≥ 0`` for
-    ``y = Mx + q``, each to ``rel`` times the row's scale (the exact paths' bound)."""
-    b, m = Q.shape
-    F = Q / q_scale  # unit largest |q| per row: DAQP's absolute tolerances become relative
+def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
+    """Rows of LCP(``F``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts and
+    has unit largest ``|f|``, so DAQP's absolute tolerances are relative ones). Returns ``x``
+    (DAQP's, zero on its active sets and clipped at 0), the free sets (DAQP's; the sign guess
+    where it failed) and the rows (indices) that fail verification, which checks ``x``:
+    ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the row's scale
+    (the exact paths' bound)."""
     model = _model(M, F[0])
-    xs, lams = [np.zeros(m)] * b, [F[0]] * b  # failed rows: x = 0 and the sign guess
-    solved = np.zeros(b, dtype=bool)
-    for r in range(b):
-        if model is None:
-            break
+    if model is None:  # every row to the exact loop, from the sign guess
+        return np.zeros_like(F), F < 0, np.arange(F.shape[0])
+    update, solve = model.update, model.solve
+    xs, lams, failed = [], [], []
+    for r, f in enumerate(F):
         if r:
-            model.update(f=F[r])
-        x_r, _, flag, info = model.solve()
-        if flag >= 1:
-            xs[r], lams[r] = x_r, info["lam"]
-            solved[r] = True
-    x, lam = np.stack(xs), np.stack(lams)
-    active = np.where(solved[:, None], lam != 0.0, Q >= 0)
-    x = np.where(active, 0.0, x * q_scale)
-    y = matmul(x, M) + Q  # (in torch where large: OpenBLAS threads would spin)
-    bound = (np.abs(x).max(axis=1, keepdims=True) + q_scale) * rel
-    wrong = np.where(active, y < -bound, (x < -bound) | (np.abs(y) > bound))
-    return x.clip(min=0.0), active, solved & ~wrong.any(axis=1)
+            update(f=f)
+        x_r, _, flag, info = solve()
+        xs.append(x_r)
+        lams.append(info["lam"])
+        if flag < 1:
+            failed.append(r)
+    x, lam = np.array(xs), np.array(lams)
+    if failed:  # x = 0 and the sign guess
+        x[failed], lam[failed] = 0.0, F[failed] >= 0
+    free = lam == 0.0
+    x = np.where(free, x, 0.0)
+    np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
+    y = matmul(x, M)
+    y += F
+    excess = np.negative(y)  # y_A ≥ −bound, and |y_F| ≤ bound:
+    np.abs(y, out=excess, where=free)
+    if excess.max() <= rel and not failed:  # within every row's bound (at least rel)
+        return x, free, _NONE
+    verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel  # (False where NaN)
+    verified[failed] = False
+    return x, free, (~verified).nonzero()[0]
 
 
 def _model(M: Array, q: Array) -> daqp.Model | None:
