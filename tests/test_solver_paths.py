@@ -303,3 +303,24 @@ def test_the_host_shortcut_at_extreme_scales_and_non_finite_entries() -> None:
         for weighting in (UPGrad(), DualProj()):
             with pytest.raises(ValueError, match="NaN or infinite"):
                 weighting(broken)
+
+
+@pytest.mark.parametrize("m", [16, 32, 200])
+def test_a_gramian_symmetric_to_float32_precision_only(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gramian computed in float32 is symmetric to about 1e-7 only: the problem is its
+    symmetric part. DAQP's answers then verify (no row to the exact loop, which would cost ms),
+    and every path agrees with quadprog on the symmetric part."""
+    calls = counting_fallback(monkeypatch)
+    G = cross_entropy_gramian(m, 10, seed=m)
+    noise = torch.randn(m, m, generator=torch.Generator().manual_seed(m), dtype=F64)
+    G_asym = G + 1e-7 * float(G.abs().max()) * noise  # not symmetric
+    expected = quadprog_rows(0.5 * (G_asym + G_asym.T), upgrad_rows(m))
+    for path in ("daqp", "pivoting", "lockstep"):
+        V = project_dual_cone(G_asym, upgrad_rows(m), SolverOptions(path=path))
+        assert relative_error(V, expected) <= 1e-8
+    if m <= _common.DAQP_MAX_M:
+        assert calls == []
+        w = UPGrad(norm_eps=0.0, reg_eps=0.0)(G_asym.float())
+        assert relative_error(w.double(), expected.sum(dim=0)) <= 1e-5

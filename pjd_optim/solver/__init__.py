@@ -43,7 +43,8 @@ def project_dual_cone(
 
     ``v`` holds the weights of the projection of ``Jᵀu`` onto the dual cone of the rows of ``J``
     when ``G = J Jᵀ`` (Proposition 1 of arXiv:2406.16232). ``gramian``: ``[m, m]`` symmetric
-    positive definite (already normalised and regularised); ``lower``: ``[k, m]``. Returns
+    positive definite (already normalised and regularised; its symmetric part is used: one
+    computed in low precision is symmetric to that precision only); ``lower``: ``[k, m]``. Returns
     ``V`` (``[k, m]``, ``V ≥ lower``) on ``gramian``'s device, in ``gramian``'s dtype.
     """
     options = options or _DEFAULT
@@ -52,11 +53,13 @@ def project_dual_cone(
     path = plan(gramian.device, options.dtype, m, options)
     if path in HOST_PATHS and k and m:  # all in NumPy: a microsecond per operation
         G_np = gramian.detach().to("cpu", options.dtype).numpy()
+        G_np = 0.5 * (G_np + G_np.T)
         U_np = lower.detach().to("cpu", options.dtype).numpy()
         # (the unconstrained minimiser is −U; a large U @ G goes to torch, see compiled.matmul)
         V = U_np + compiled.solve(G_np, compiled.matmul(U_np, G_np), -U_np, options)
         return torch.from_numpy(V).to(gramian.device, gramian.dtype, non_blocking=True)
     G = gramian.detach().to(options.dtype)
+    G = 0.5 * (G + G.mT)
     U = lower.detach().to(device=gramian.device, dtype=options.dtype)
     X = pivoting.solve(G, U @ G, -U, options, lockstep=path == "lockstep")
     return (U + X).to(gramian.dtype)

@@ -46,6 +46,7 @@ _cache = threading.local()  # this thread's DAQP model (see _model)
 # down several-fold on a few cores, and limiting it would change a process-wide setting.
 # OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
 _SMALL_GEMM = 1 << 17
+_NUMPY_SOLVE_M = 32  # up to this size NumPy's batched solve stays in unblocked LAPACK
 
 
 def matmul(a: Array, b: Array) -> Array:
@@ -153,6 +154,8 @@ def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | 
     d = diag**-0.5
     Ms = G * d
     Ms *= d[:, None]  # Jacobi scaling: unit diagonal
+    Ms += Ms.T  # the symmetric part (a Gramian computed in float32 is symmetric to 1e-7 only)
+    Ms *= 0.5
     np.fill_diagonal(Ms, 1.0)
     try:
         L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
@@ -178,7 +181,8 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
     (DAQP's, zero on its active sets and clipped at 0), the free sets (DAQP's; the sign guess
     where it failed) and the rows (indices) that fail verification, which checks ``x``:
     ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the row's scale
-    (the exact paths' bound)."""
+    (the exact paths' bound). Rows that fail it first take one exact solve on DAQP's free sets
+    (DAQP's own answers are accurate to about 1e-12), verified again."""
     model = _model(M, F[0])
     if model is None:  # every row to the exact loop, from the sign guess
         return np.zeros_like(F), F < 0, np.arange(F.shape[0])
@@ -198,15 +202,39 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
     free = lam == 0.0
     x = np.where(free, x, 0.0)
     np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
+    bad = _unverified(M, F, x, free, rel)
+    bad[failed] = True
+    if bad.any():  # the polish: the exact solve on DAQP's free sets, verified again
+        rows = bad.nonzero()[0]
+        x[rows] = _free_solve(M, F[rows], free[rows]).clip(min=0.0)
+        bad[rows] = _unverified(M, F[rows], x[rows], free[rows], rel)
+    return x, free, bad.nonzero()[0]
+
+
+def _unverified(M: Array, F: Array, x: Array, free: Mask, rel: float) -> Mask:
+    """The rows whose ``x`` breaks ``|y_F| ≤ bound`` or ``y_A ≥ −bound`` (``y = Mx + f``,
+    ``bound = rel·(max x + 1)``, unit largest ``|f|``)."""
     y = matmul(x, M)
     y += F
-    excess = np.negative(y)  # y_A ≥ −bound, and |y_F| ≤ bound:
+    excess = np.negative(y)
     np.abs(y, out=excess, where=free)
-    if excess.max() <= rel and not failed:  # within every row's bound (at least rel)
-        return x, free, _NONE
-    verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel  # (False where NaN)
-    verified[failed] = False
-    return x, free, (~verified).nonzero()[0]
+    if excess.max() <= rel:  # within every row's bound (at least rel)
+        return np.zeros(F.shape[0], dtype=bool)
+    unverified: Mask = ~(excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel)  # (True if NaN)
+    return unverified
+
+
+def _free_solve(M: Array, F: Array, free: Mask) -> Array:
+    """Per row, ``x_F = −M_FF⁻¹ f_F`` and ``x_A = 0``: one batched solve of the ``[b, m, m]``
+    blocks masked to the identity off ``F`` (NumPy up to ``_NUMPY_SOLVE_M``: unblocked LAPACK,
+    single-threaded; torch above)."""
+    blocks = np.where(free[:, :, None] & free[:, None, :], M, np.eye(M.shape[0]))
+    rhs = np.where(free, -F, 0.0)[:, :, None]
+    if M.shape[0] <= _NUMPY_SOLVE_M:
+        small: Array = np.linalg.solve(blocks, rhs)[:, :, 0]
+        return small
+    out: Array = torch.linalg.solve(torch.from_numpy(blocks), torch.from_numpy(rhs)).numpy()
+    return out[:, :, 0]
 
 
 def _model(M: Array, q: Array) -> daqp.Model | None:

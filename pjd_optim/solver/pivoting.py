@@ -28,6 +28,8 @@ the rows left continue a round per step.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -66,8 +68,9 @@ def solve(
     free: Tensor | None = None,
     lockstep: bool = False,
 ) -> Tensor:
-    """Rows of LCP(``Q``, ``M``) (``M`` SPD; ``P``: ``−M⁻¹Q`` if known exactly, as for UPGrad),
-    after a Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``, ``x = Dx̃`` (``D = diag(M)^-½``).
+    """Rows of LCP(``Q``, ``M``) (``M`` SPD, taken as its symmetric part; ``P``: ``−M⁻¹Q`` if
+    known exactly, as for UPGrad), after a Jacobi scaling ``M̃ = DMD``, ``q̃ = Dq``,
+    ``x = Dx̃`` (``D = diag(M)^-½``).
     ``free``: the first free sets (default: the start policy above); ``lockstep``: a bounded
     number of host syncs before the rows left continue one sync per step. Returns ``X``,
     exactly zero on the active sets; raises if a factorisation fails on the host or the rows
@@ -77,6 +80,7 @@ def solve(
     diag = M.diagonal()
     d = torch.where(diag > 0, diag.rsqrt(), 1.0)
     M, Q = M * d.unsqueeze(1) * d.unsqueeze(0), Q * d
+    M = 0.5 * (M + M.mT)  # the symmetric part: the systems read rows, y = Mx reads columns
     P = None if P is None else P / d
     return _Loop(M, Q, P, options).run(free, lockstep) * d
 
@@ -100,7 +104,6 @@ class _Loop:
         b, m = Q.shape
         self.M, self.options, self.m = M, options, m
         self.tol = options.tolerance(M.dtype)
-        self.lam = max_eigenvalue(M)
         self.inverse = Inverse(M)
         self.X = torch.zeros_like(Q)
         self.rows = torch.arange(b, device=M.device)
@@ -113,8 +116,6 @@ class _Loop:
         self.position = torch.arange(1, m + 1, device=M.device)
         self.systems: dict[tuple[bool, bool], Systems] = {}
         self.precise = False  # set once a float32 factorisation fell short: float64 from then
-        eps = torch.finfo(M.dtype).eps
-        self.res_tol = 1e3 * eps * self.lam.clamp_min(1.0)  # residual of a refined solution
         self.left = self.largest_free = self.largest_active = 0
         self.first_swaps = torch.zeros((), dtype=torch.long, device=M.device)
 
@@ -157,6 +158,11 @@ class _Loop:
                 self.warm_start(n_fista, freeze=not checks)  # the sign guess was far off
             restart, checks = False, max(checks - 1, 0)
         return self.X
+
+    @functools.cached_property
+    def lam(self) -> Tensor:
+        """An upper estimate of ``λ_max(M)`` (FISTA's step, the refined solutions' bound)."""
+        return max_eigenvalue(self.M)
 
     def reset(self) -> None:
         """Block pivoting from the current free sets, with full patience."""
@@ -218,7 +224,8 @@ class _Loop:
         wrong, scale = infeasible(x, y, free, self.q_scale, cond, self.tol)
         waiting = ~ok & ~self.done
         if systems.low is not None:  # a refined float32 solution must be float64-accurate
-            ok = ok & (~free | (y.abs() <= self.res_tol * scale)).all(dim=1)
+            res_tol = 1e3 * torch.finfo(M.dtype).eps * self.lam.clamp_min(1.0)
+            ok = ok & (~free | (y.abs() <= res_tol * scale)).all(dim=1)
             self.failed, self.inexact = torch.zeros_like(ok), ~ok & ~self.done
         else:
             self.failed, self.inexact = waiting, torch.zeros_like(ok)
