@@ -245,7 +245,7 @@ def _model(M: Array, q: Array) -> daqp.Model | None:
     m = M.shape[0]
     M = np.ascontiguousarray(M)
     model: daqp.Model | None = getattr(_cache, "model", None)
-    if model is not None and _cache.m == m:
+    if model is not None and _cache.key == (m, PRIMAL_TOL):  # (its settings are kept)
         if model.update(H=M, f=q, sense=np.zeros(m, dtype=np.int32)) >= 0:
             return model
         _cache.model = None  # a failed update leaves no usable factorisation
@@ -255,5 +255,5 @@ def _model(M: Array, q: Array) -> daqp.Model | None:
     flag, _ = model.setup(M, q, np.zeros((0, m)), np.full(m, np.inf), np.zeros(m))
     if flag < 0:
         return None
-    _cache.model, _cache.m = model, m
+    _cache.model, _cache.key = model, (m, PRIMAL_TOL)
     return model
