@@ -41,21 +41,21 @@ PRIMAL_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
 _NONE: Index = np.zeros(0, dtype=np.intp)  # no row
 _cache = threading.local()  # this thread's DAQP model (see _model)
-# NumPy for small GEMMs (a microsecond), torch for larger ones: a threaded OpenBLAS call from
-# NumPy starts OpenBLAS's own thread pool, whose spinning threads slow torch's next kernels
-# down several-fold on a few cores, and limiting it would change a process-wide setting.
-# OpenBLAS runs a GEMM single-threaded up to m·n·k = 2^18.
-_SMALL_GEMM = 1 << 17
-_NUMPY_SOLVE_M = 32  # up to this size NumPy's batched solve stays in unblocked LAPACK
+# OpenBLAS runs a GEMM in the calling thread up to m·n·k = 2^18, and factorises (getrf) in it
+# below m·n = 10⁴; larger calls start its thread pool, whose spinning threads slow the next torch
+# kernels down several-fold on a few cores (and on a busy machine, these calls themselves).
+# Limiting its threads would change a process-wide setting: products are split into row blocks
+# instead, and the DAQP path's batched solves (m ≤ 96) stay below the factorisation's bound.
+_SMALL_GEMM = 1 << 18
 
 
 def matmul(a: Array, b: Array) -> Array:
-    """``a @ b`` in the calling thread: NumPy if small, else torch (see ``_SMALL_GEMM``)."""
-    if a.shape[-2] * a.shape[-1] * b.shape[-1] <= _SMALL_GEMM:
+    """``a @ b`` in the calling thread (row blocks of at most ``_SMALL_GEMM`` multiply-adds)."""
+    rows = max(1, _SMALL_GEMM // (a.shape[1] * b.shape[1]))
+    if a.shape[0] <= rows:
         small: Array = a @ b
         return small
-    out: Array = torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-    return out
+    return np.concatenate([a[i : i + rows] @ b for i in range(0, a.shape[0], rows)])
 
 
 def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
@@ -226,15 +226,10 @@ def _unverified(M: Array, F: Array, x: Array, free: Mask, rel: float) -> Mask:
 
 def _free_solve(M: Array, F: Array, free: Mask) -> Array:
     """Per row, ``x_F = −M_FF⁻¹ f_F`` and ``x_A = 0``: one batched solve of the ``[b, m, m]``
-    blocks masked to the identity off ``F`` (NumPy up to ``_NUMPY_SOLVE_M``: unblocked LAPACK,
-    single-threaded; torch above)."""
+    blocks masked to the identity off ``F`` (in the calling thread, see ``_SMALL_GEMM``)."""
     blocks = np.where(free[:, :, None] & free[:, None, :], M, np.eye(M.shape[0]))
-    rhs = np.where(free, -F, 0.0)[:, :, None]
-    if M.shape[0] <= _NUMPY_SOLVE_M:
-        small: Array = np.linalg.solve(blocks, rhs)[:, :, 0]
-        return small
-    out: Array = torch.linalg.solve(torch.from_numpy(blocks), torch.from_numpy(rhs)).numpy()
-    return out[:, :, 0]
+    x: Array = np.linalg.solve(blocks, np.where(free, -F, 0.0)[:, :, None])[:, :, 0]
+    return x
 
 
 def _model(M: Array, q: Array) -> daqp.Model | None:
