@@ -8,6 +8,7 @@ accelerators use it, forced here on the CPU).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -432,3 +433,77 @@ def test_inverse_from_cholesky_matches_linalg_inv(sync_free: bool) -> None:
     H = _common.inverse_from_cholesky(torch.linalg.cholesky(G), sync_free)
     assert relative_error(H, torch.linalg.inv(G)) <= 1e-12
     assert torch.equal(H, H.mT)
+
+
+@pytest.fixture
+def solves(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int | None, int, torch.dtype | None]]:
+    """Each batched solve of the loop: its padded size, its largest selected set and its
+    factorisation dtype (``None``: the matrix's)."""
+    calls: list[tuple[int | None, int, torch.dtype | None]] = []
+    solve = systems.Systems.solve
+
+    def counting(self: systems.Systems, R: Tensor, sel: Tensor, s: int | None = None) -> Any:
+        calls.append((s, int(sel.sum(dim=1).max()), self.low))
+        return solve(self, R, sel, s)
+
+    monkeypatch.setattr(systems.Systems, "solve", counting)
+    return calls
+
+
+def test_lockstep_rows_whose_systems_outgrow_the_padded_size_wait(
+    solves: list[tuple[int | None, int, torch.dtype | None]],
+) -> None:
+    """Within a round the padded size is fixed; rows whose free set grows past it wait (no
+    pivot) and the next round's size fits the rows left; exact."""
+    G, U = normalised_gramian(96, 48, "conflicting", seed=96), upgrad_rows(96)
+    options = SolverOptions(path="lockstep", warm_start_iter=0, checks=3, steps_per_check=4)
+    V = project_dual_cone(G, U, options)
+    rounds = [solves[i : i + 4] for i in range(0, 12, 4)]
+    assert any(largest > s for s, largest, _ in rounds[0] if s is not None), solves
+    for before, after in itertools.pairwise(rounds):
+        assert after[0][0] is not None and after[0][0] >= after[0][1]
+        assert after[0][0] != before[0][0]  # refitted at the check
+    assert_kkt(G, U, V, rtol=1e-10)
+    assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
+
+
+@pytest.mark.parametrize(("m", "reg_eps"), [(96, 1e-9), (200, 1e-10)])
+def test_float32_factorisations_that_fall_short_switch_to_float64(
+    m: int, reg_eps: float, solves: list[tuple[int | None, int, torch.dtype | None]]
+) -> None:
+    """Mixed precision on an ill-conditioned Gramian: the float32 factorisations fail or their
+    refinement misses float64 accuracy; the rest of the solve runs in float64, exact."""
+    G = regularised(random_gramian(m, m // 2, seed=m), reg_eps=reg_eps)
+    U = upgrad_rows(m)
+    V = project_dual_cone(G, U, SolverOptions(path="pivoting", mixed_precision=True))
+    dtypes = [low for _, _, low in solves]
+    assert dtypes[0] == torch.float32 and dtypes[1:] == [None] * (len(dtypes) - 1), dtypes
+    assert_kkt(G, U, V, rtol=1e-6)  # κ ≈ 1e9: round-off eps·κ of a row's scale
+    exact = project_dual_cone(G, U, SolverOptions(path="pivoting", mixed_precision=False))
+    assert relative_error(V, exact) <= 1e-9
+
+
+@pytest.mark.parametrize("s", [None, 5])
+@pytest.mark.parametrize("low", [None, torch.float32])
+def test_the_batched_free_set_solves(s: int | None, low: torch.dtype | None) -> None:
+    """``Systems.solve`` against a solve per row: ``K_SS z_S = r_S``, zero off S; on the
+    lock-step schedule (``s`` given) a row whose set outgrows ``s`` is not solved (it waits)."""
+    K = normalised_gramian(9, 12, seed=3)
+    d = K.diagonal().rsqrt()
+    K = K * d.unsqueeze(1) * d  # unit diagonal, as the loop's (the padding is the identity)
+    gen = torch.Generator().manual_seed(4)
+    sel = torch.rand(7, 9, generator=gen) < 0.5
+    sel[0], sel[1], sel[2] = False, True, False
+    sel[2, 4] = True  # one index
+    R = torch.randn(7, 9, generator=gen, dtype=F64)
+    z, ok, cond = systems.Systems(K, low, max_chunk_bytes=1).solve(R, sel, s)
+    for row in range(7):
+        S = sel[row].nonzero().squeeze(1)
+        fits = s is None or S.numel() <= s
+        assert bool(ok[row]) == fits
+        expected = torch.zeros(9, dtype=F64)
+        if fits and S.numel():
+            expected[S] = torch.linalg.solve(K[S][:, S], R[row, S])
+            block = torch.linalg.eigvalsh(K[S][:, S])
+            assert 1.0 <= float(cond[row]) <= float(block[-1] / block[0]) * (1 + 1e-6)
+        torch.testing.assert_close(z[row], expected, rtol=1e-12, atol=1e-14)
