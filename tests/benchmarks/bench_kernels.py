@@ -1,4 +1,4 @@
-"""Rates of the kernels that bound the solver at large m (docs/solver.md, "Not reached").
+"""Rates of the kernels that bound the solver at large m (docs/solver.md, "Large m").
 
 Run: ``python tests/benchmarks/bench_kernels.py [--threads 1 2]``. Prints GFlop/s (float64,
 medians of 5) of the batched Cholesky factorisation and triangular solve of one pivoting step's
