@@ -137,14 +137,26 @@ def test_pivoting_alone_converges(warm_start_iter: int) -> None:
 
 @pytest.mark.parametrize(("m", "rank"), [(6, 3), (8, 8), (40, 20), (70, 35)])
 @pytest.mark.parametrize("lockstep", [False, True])
-def test_murtys_single_pivots_alone_are_exact(m: int, rank: int, lockstep: bool) -> None:
+def test_the_stall_policy_is_exact(
+    m: int, rank: int, lockstep: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``patience=0``: a row takes Murty's single pivot at every step that does not lower its
-    count of infeasible indices (from the sign guess, on conflicting rank-deficient Gramians,
-    where block pivoting cycles); exact."""
+    count of infeasible indices (from the sign guess, on conflicting rank-deficient Gramians).
+    The small problems finish that way; on the larger ones some rows are left after
+    ``STALL_STEPS`` and finish with the active-set method. Exact either way."""
+    calls: list[int] = []
+    active_set = pivoting.active_set
+
+    def counting(M: Tensor, Q: Tensor, *rest: Any) -> Tensor:
+        calls.append(Q.shape[0])
+        return active_set(M, Q, *rest)
+
+    monkeypatch.setattr(pivoting, "active_set", counting)
     G = normalised_gramian(m, rank, "conflicting", seed=m)
     U = upgrad_rows(m)
     path = "lockstep" if lockstep else "pivoting"
     V = project_dual_cone(G, U, SolverOptions(path=path, warm_start_iter=0, patience=0))
+    assert (calls == []) == (m <= 8), calls
     assert_kkt(G, U, V)
     expected = torch.stack([brute_force(G, u) for u in U]) if m <= 8 else quadprog_rows(G, U)
     torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-11)
