@@ -36,6 +36,7 @@ from pjd_optim.solver import (
     solve_lcp,
     systems,
 )
+from pjd_optim.solver import active_set as solver_active_set
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -145,11 +146,10 @@ def test_the_stall_policy_is_exact(
     The small problems finish that way; on the larger ones some rows are left after
     ``STALL_STEPS`` and finish with the active-set method. Exact either way."""
     calls: list[int] = []
-    active_set = pivoting.active_set
 
     def counting(M: Tensor, Q: Tensor, *rest: Any) -> Tensor:
         calls.append(Q.shape[0])
-        return active_set(M, Q, *rest)
+        return solver_active_set.active_set(M, Q, *rest)
 
     monkeypatch.setattr(pivoting, "active_set", counting)
     G = normalised_gramian(m, rank, "conflicting", seed=m)
