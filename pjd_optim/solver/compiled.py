@@ -1,11 +1,12 @@
 r"""The DAQP path of small float64 problems on the host: each row by DAQP, a compiled dual
 active-set QP solver (Arnström, Bemporad & Axehill 2022; PyPI ``daqp``), one row at a time.
 
-DAQP's answer is accurate to its tolerances only, so each row is verified against the KKT
-conditions (stationarity included) to the exact loop's bound; rows that fail go on to the
-pivoting loop (:mod:`.pivoting`) from DAQP's active sets, whose first step solves their free
-systems exactly (the polish). DAQP is single-threaded C (no OpenMP), a few microseconds per row
-at ``m = 16``: small problems stay steady on a busy CPU.
+DAQP's answer is accurate to its tolerances only (about 1e-12), so each row is verified against
+the KKT conditions (stationarity included) to the exact loop's bound; a row that fails takes one
+exact solve on DAQP's free sets (the polish) and is verified again, and the rows that still fail
+go on to the pivoting loop (:mod:`.pivoting`) from DAQP's active sets. DAQP is single-threaded
+C (no OpenMP), a few microseconds per row at ``m = 16``: small problems stay steady on a busy
+CPU.
 
 Each row of LCP(q, M) is the QP ``min ½xᵀMx + qᵀx`` s.t. ``x ≥ 0``; ``M`` is factorised once
 per call (:meth:`daqp.Model.setup` or ``update``), and each row changes only ``q`` (scaled to
@@ -39,7 +40,6 @@ Index = NDArray[np.intp]
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
-_NONE: Index = np.zeros(0, dtype=np.intp)  # no row
 _cache = threading.local()  # this thread's DAQP model (see _model)
 # OpenBLAS runs a GEMM in the calling thread up to m·n·k = 2^18, and factorises (getrf) in it
 # below m·n = 10⁴; larger calls start its thread pool, whose spinning threads slow the next torch
