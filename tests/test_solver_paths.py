@@ -227,6 +227,30 @@ def test_the_upgrad_shortcuts_rows_that_fail_verification_finish_on_the_exact_lo
     assert relative_error(torch.from_numpy(w), general("upgrad", G, pref)) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("pref_kind", ["positive", "signed"])
+def test_the_shortcuts_fall_back_on_the_symmetric_problem_daqp_solved(
+    name: str, pref_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gramian symmetric to 1e-6 only and a loose DAQP tolerance: the rows that fail
+    verification finish on the loop in the same (symmetric, Jacobi-scaled) problem DAQP solved,
+    so the weights are those of the symmetric part, as quadprog gives them."""
+    calls = counting_fallback(monkeypatch)
+    monkeypatch.setattr(compiled, "PRIMAL_TOL", 0.3)
+    m = 16
+    G = normalised_gramian(m, 8, seed=m)
+    noise = torch.randn(m, m, generator=torch.Generator().manual_seed(1), dtype=F64)
+    G_asym = G + 1e-6 * float(G.abs().max()) * noise
+    pref = PREFS[pref_kind](m)
+    w = shortcut(name, G_asym, pref)
+    assert w is not None
+    assert calls or (name, pref_kind) == ("dualproj", "positive"), calls  # (DAQP's row verifies)
+    p = torch.from_numpy(pref)
+    U = torch.diag(p) if name == "upgrad" else p.unsqueeze(0)
+    expected = quadprog_rows(0.5 * (G_asym + G_asym.T), U).sum(dim=0)
+    assert relative_error(torch.from_numpy(w), expected) <= 1e-8
+
+
 def test_the_shortcuts_decline_what_daqp_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
     """κ above MAX_KAPPA, or a matrix not positive definite: the shortcuts return None (the
     weightings then take project_dual_cone, exact); DAQP failing outright leaves every row to

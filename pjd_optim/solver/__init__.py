@@ -55,7 +55,7 @@ def project_dual_cone(
         G_np = gramian.detach().to("cpu", options.dtype).numpy()
         G_np = 0.5 * (G_np + G_np.T)
         U_np = lower.detach().to("cpu", options.dtype).numpy()
-        # (the unconstrained minimiser is −U; a large U @ G goes to torch, see compiled.matmul)
+        # (the unconstrained minimiser is −U; compiled.matmul keeps U @ G in this thread)
         V = U_np + compiled.solve(G_np, compiled.matmul(U_np, G_np), -U_np, options)
         return torch.from_numpy(V).to(gramian.device, gramian.dtype, non_blocking=True)
     G = gramian.detach().to(options.dtype)

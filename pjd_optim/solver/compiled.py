@@ -79,8 +79,8 @@ def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
     X[rows] = x * scale * d
     if bad.size:
         left = rows[bad]
-        P_left = None if P is None else P[left]
-        X[left] = pivoting.solve_on_host(M, Q[left], P_left, options, ~free[bad])
+        P_left = None if P is None else P[left] / d
+        X[left] = _exact(Ms, d, Qs[left], P_left, options, ~free[bad])
     return X
 
 
@@ -112,10 +112,11 @@ def upgrad(G: Array, shift: float, pref: Array, options: SolverOptions) -> Array
         return pref + d * (scale @ x)
     x[bad] = 0.0
     w = pref + d * (scale @ x)
-    left = rows[bad]  # the exact loop, from DAQP's active sets (it polishes them)
-    M = G + shift * np.eye(pref.size)
-    Q, P = pref[left, None] * M[left], -pref[left, None] * np.eye(pref.size)[left]
-    X = pivoting.solve_on_host(M, Q, P, options, ~free[bad])
+    left = rows[bad]  # the exact loop, from DAQP's active sets: q̃ᵢ = (pᵢ/dᵢ) M̃ᵢ, p̃ᵢ = −(pᵢ/dᵢ) eᵢ
+    u = pref[left] / d[left]
+    P = np.zeros((left.size, pref.size))
+    P[np.arange(left.size), left] = -u
+    X = _exact(Ms, d, u[:, None] * Ms[left], P, options, ~free[bad])
     out: Array = w + X.sum(axis=0)
     return out
 
@@ -136,10 +137,18 @@ def dualproj(G: Array, shift: float, pref: Array, options: SolverOptions) -> Arr
     if bad.size == 0:
         v: Array = pref + x[0] * q_scale * d
         return v
-    M = G + shift * np.eye(pref.size)
-    X = pivoting.solve_on_host(M, (M @ pref)[None], -pref[None], options, ~free)
+    X = _exact(Ms, d, q[None], -(pref / d)[None], options, ~free)
     out: Array = pref + X[0]
     return out
+
+
+def _exact(
+    Ms: Array, d: Array, Qs: Array, Ps: Array | None, options: SolverOptions, active: Mask
+) -> Array:
+    """The rows DAQP's answers do not settle, on the pivoting loop from DAQP's active sets, in
+    the Jacobi-scaled problem DAQP solved (``M̃ = DMD``, symmetric; ``q̃ = Dq``, ``p̃ = D⁻¹p``);
+    returns their unscaled ``x = Dx̃``."""
+    return pivoting.solve_on_host(Ms, Qs, Ps, options, active) * d
 
 
 def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | None:
