@@ -273,8 +273,8 @@ def test_the_shortcuts_decline_what_daqp_does_not_take(monkeypatch: pytest.Monke
 
 
 def test_the_shortcuts_kappa_is_the_cholesky_estimate() -> None:
-    """The shortcuts' κ (1 / min Lᵢᵢ², L₁₁ = 1 being the largest on a unit diagonal) is
-    condition_estimate's on the Jacobi-scaled matrix, and sets rel as the pivoting loop's."""
+    """The DAQP path's scaled matrix is the Jacobi-scaled one, and its κ (condition_estimate's
+    on that matrix, tested against numpy.linalg.cond below) sets rel as the pivoting loop's."""
     tol = SolverOptions().tolerance(F64)
     eps = float(np.finfo(np.float64).eps)
     for name in ("random", "classifier", "identity"):

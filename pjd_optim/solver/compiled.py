@@ -170,8 +170,7 @@ def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | 
         L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
     except np.linalg.LinAlgError:
         return None
-    # condition_estimate(L), whose max Lᵢᵢ is L₁₁ = 1 here (Lⱼⱼ² = 1 − Σₖ Lⱼₖ² ≤ 1)
-    kappa = 1.0 / float(L.diagonal().min()) ** 2
+    kappa = condition_estimate(L)
     if not kappa <= MAX_KAPPA:
         return None
     return d, Ms, max(tol, 10 * _EPS * kappa)  # rel: as the pivoting loop's
