@@ -40,6 +40,7 @@ Index = NDArray[np.intp]
 # three kinds, three seeds, verify without fallback).
 PRIMAL_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
+_NONE: Index = np.zeros(0, dtype=np.intp)  # no row
 _cache = threading.local()  # this thread's DAQP model (see _model)
 # OpenBLAS runs a GEMM in the calling thread up to m·n·k = 2^18, and factorises (getrf) in it
 # below m·n = 10⁴; larger calls start its thread pool, whose spinning threads slow the next torch
@@ -211,24 +212,25 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
     x = np.where(free, x, 0.0)
     np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
     bad = _unverified(M, F, x, free, rel)
-    bad[failed] = True
-    if bad.any():  # the polish: the exact solve on DAQP's free sets, verified again
-        rows = bad.nonzero()[0]
-        x[rows] = _free_solve(M, F[rows], free[rows]).clip(min=0.0)
-        bad[rows] = _unverified(M, F[rows], x[rows], free[rows], rel)
-    return x, free, bad.nonzero()[0]
+    if failed:
+        bad = np.union1d(bad, failed)
+    if bad.size:  # the polish: the exact solve on DAQP's free sets, verified again
+        x[bad] = _free_solve(M, F[bad], free[bad]).clip(min=0.0)
+        bad = bad[_unverified(M, F[bad], x[bad], free[bad], rel)]
+    return x, free, bad
 
 
-def _unverified(M: Array, F: Array, x: Array, free: Mask, rel: float) -> Mask:
-    """The rows whose ``x`` breaks ``|y_F| ≤ bound`` or ``y_A ≥ −bound`` (``y = Mx + f``,
-    ``bound = rel·(max x + 1)``, unit largest ``|f|``)."""
+def _unverified(M: Array, F: Array, x: Array, free: Mask, rel: float) -> Index:
+    """The rows (indices) whose ``x`` breaks ``|y_F| ≤ bound`` or ``y_A ≥ −bound``
+    (``y = Mx + f``, ``bound = rel·(max x + 1)``, unit largest ``|f|``)."""
     y = matmul(x, M)
     y += F
     excess = np.negative(y)
     np.abs(y, out=excess, where=free)
     if excess.max() <= rel:  # within every row's bound (at least rel)
-        return np.zeros(F.shape[0], dtype=bool)
-    unverified: Mask = ~(excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel)  # (True if NaN)
+        return _NONE
+    verified = excess.max(axis=1) <= (x.max(axis=1) + 1.0) * rel  # (False where NaN)
+    unverified: Index = (~verified).nonzero()[0]
     return unverified
 
 
