@@ -9,7 +9,11 @@ row ``r`` feeds, so ``σ`` must be known, never assumed. A *tagged* pass (cotang
 Tags are ``τ_i = 2^(−s·π(i))`` for a fresh random permutation ``π`` at every step: neighbouring
 ranks differ by the factor ``2^s``, wide enough (``≥ 1 + 4δ``) for the precision ``δ`` of a ratio
 in the dtype the backward ran in, and the tags span at least a factor ``2^MIN_SPREAD``, so that a
-row mixing losses (a weighted mean of their tags) lands between tags. Where ``m`` tags that far
+row mixing losses (a weighted mean of their tags) lands between tags. Where an integer ``s``
+fits the dtype's spread (``m ≤ 41`` in float32 and bfloat16, ``m ≤ 9`` in float16) the tags are
+powers of two: the tagged pass then scales every intermediate exactly, and a row's ratio is its
+tag bit for bit even where the backward cancels (with other tags, rounding the products by ``τ``
+in a cancelling sum can move a small row's ratio by more than ``δ``). Where ``m`` tags that far
 apart would span more than the dtype allows (``MAX_SPREAD``, e.g. beyond ~450 losses under
 bfloat16), the check can still confirm an expected map (the identity) but not name another one.
 
@@ -79,6 +83,8 @@ class TagSource:
         needed = math.log2(1 + 4 * delta) * max(m - 1, 1)
         spread = min(max(MIN_SPREAD, needed), max_spread)
         spacing = spread / max(m - 1, 1)
+        if math.ceil(spacing) * (m - 1) <= max_spread:  # powers of two: h = τ·g bit for bit
+            spacing = math.ceil(spacing)
         rank = torch.randperm(m, generator=self.generator)
         values = torch.exp2(-spacing * rank.double()).to(losses.dtype)
         return Tags(
