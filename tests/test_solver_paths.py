@@ -105,12 +105,39 @@ def test_rows_daqp_fails_on_start_from_the_sign_guess(monkeypatch: pytest.Monkey
     assert relative_error(V, quadprog_rows(G, U)) <= 1e-8
 
 
-def test_ill_conditioned_problems_skip_daqp(monkeypatch: pytest.MonkeyPatch) -> None:
-    """κ above MAX_KAPPA: DAQP is not asked, the exact paths solve the problem."""
-    forbid(monkeypatch, compiled, "_rows")
+class _Off:
+    """A DAQP model whose answers on odd rows are off by a factor ``1 + 1e-6``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.row = model, 0
+
+    def update(self, **kwargs: Any) -> Any:
+        return self.model.update(**kwargs)
+
+    def solve(self) -> Any:
+        x, *rest = self.model.solve()
+        self.row += 1
+        return (x * (1 + 1e-6) if self.row % 2 == 0 else x, *rest)
+
+
+def test_ill_conditioned_problems_keep_only_daqps_tight_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """κ above MAX_KAPPA: DAQP's answers are kept where they meet the tolerance itself (here
+    all: tighter than the exact loop's bound eps·κ); rows that do not (planted) go to the exact
+    loop from DAQP's active sets, unpolished."""
     ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9)
     U = upgrad_rows(20)
+    calls = counting_fallback(monkeypatch)
     V = project_dual_cone(ill, U, SolverOptions(path="daqp"))
+    assert calls == []
+    assert_kkt(ill, U, V, rtol=1e-12)
+    assert relative_error(V, project_dual_cone(ill, U, SolverOptions(path="pivoting"))) > 1e-6
+    forbid(monkeypatch, compiled, "_free_solve")
+    model = compiled._model
+    monkeypatch.setattr(compiled, "_model", lambda M, q: _Off(model(M, q)))
+    V = project_dual_cone(ill, U, SolverOptions(path="daqp"))
+    assert calls == [10]
     assert_kkt(ill, U, V, rtol=1e-6)  # κ ≈ 1e9: round-off eps·κ ≈ 2e-7 of a row's scale
 
 
@@ -251,17 +278,33 @@ def test_the_shortcuts_fall_back_on_the_symmetric_problem_daqp_solved(
     assert relative_error(torch.from_numpy(w), expected) <= 1e-8
 
 
-def test_the_shortcuts_decline_what_daqp_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
-    """κ above MAX_KAPPA, or a matrix not positive definite: the shortcuts return None (the
-    weightings then take project_dual_cone, exact); DAQP failing outright leaves every row to
-    the exact loop."""
+def test_the_shortcuts_decline_a_diagonal_not_positive_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A diagonal entry not positive: the shortcuts return None (the weightings then take
+    project_dual_cone). κ above MAX_KAPPA: the DAQP path's answers (as project_dual_cone's, to
+    the round-off eps·κ of two exact answers); not
+    positive definite: the exact loop's error, as on the general path. DAQP failing outright
+    leaves every row to the exact loop."""
     forbid(monkeypatch, compiled, "_rows")
+    zero = random_gramian(20, 5, seed=13)
+    zero[3], zero[:, 3] = 0.0, 0.0
+    for name in ("upgrad", "dualproj"):
+        assert shortcut(name, zero, PREFS["uniform"](20)) is None
+    monkeypatch.undo()
     ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9)
     singular = random_gramian(20, 5, seed=13)
     for name in ("upgrad", "dualproj"):
-        for G in (ill, singular):
-            assert shortcut(name, G, PREFS["uniform"](20)) is None
-    monkeypatch.undo()
+        for prefs in PREFS.values():
+            w = shortcut(name, ill, prefs(20))
+            p = torch.from_numpy(prefs(20))
+            U = torch.diag(p) if name == "upgrad" else p.unsqueeze(0)
+            V = project_dual_cone(ill, U, SolverOptions(path="daqp"))
+            assert w is not None and relative_error(torch.from_numpy(w), V.sum(dim=0)) <= 1e-6
+            assert_kkt(ill, U, V, rtol=1e-6)
+            for path in (shortcut, general):
+                with pytest.raises(ValueError, match="not numerically positive definite"):
+                    path(name, singular, prefs(20))
     calls = counting_fallback(monkeypatch)
     monkeypatch.setattr(compiled, "_model", lambda M, q: None)
     G, pref = normalised_gramian(20, 10, seed=3), PREFS["uniform"](20)
@@ -274,17 +317,22 @@ def test_the_shortcuts_decline_what_daqp_does_not_take(monkeypatch: pytest.Monke
 
 def test_the_shortcuts_kappa_is_the_cholesky_estimate() -> None:
     """The DAQP path's scaled matrix is the Jacobi-scaled one, and its κ (condition_estimate's
-    on that matrix, tested against numpy.linalg.cond below) sets rel as the pivoting loop's."""
+    on that matrix, tested against numpy.linalg.cond below) sets the bound as the pivoting
+    loop's; above MAX_KAPPA, or not positive definite, there is none."""
     tol = SolverOptions().tolerance(F64)
     eps = float(np.finfo(np.float64).eps)
     for name in ("random", "classifier", "identity"):
         G = GRAMIANS[name]().numpy()
-        scaled = compiled._scaled(G, 0.0, tol)
+        scaled = compiled._scaled(G, 0.0)
         assert scaled is not None
-        d, M, rel = scaled
+        d, M = scaled
         np.testing.assert_allclose(M, G * d[:, None] * d, rtol=1e-14, atol=1e-15)
         kappa = compiled.condition_estimate(np.linalg.cholesky(M))
+        rel = compiled._bound(M, tol)
         assert rel == pytest.approx(max(tol, 10 * eps * kappa), rel=1e-12, abs=0.0)
+    ill = regularised(random_gramian(20, 5, seed=13), reg_eps=1e-9).numpy()
+    assert compiled._bound(compiled._scaled(ill, 0.0)[1], tol) is None  # type: ignore[index]
+    assert compiled._bound(np.ones((3, 3)), tol) is None  # semi-definite
 
 
 def test_the_weightings_take_the_shortcut_on_small_cpu_problems(

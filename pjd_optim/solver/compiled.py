@@ -2,9 +2,11 @@ r"""The DAQP path of small float64 problems on the host: each row by DAQP, a com
 active-set QP solver (Arnström, Bemporad & Axehill 2022; PyPI ``daqp``), one row at a time.
 
 DAQP's answer is accurate to its tolerances only (about 1e-12), so each row is verified against
-the KKT conditions (stationarity included) to the exact loop's bound; a row that fails takes one
-exact solve on DAQP's free sets (the polish) and is verified again, and the rows that still fail
-go on to the pivoting loop (:mod:`.pivoting`) from DAQP's active sets. DAQP is single-threaded
+the KKT conditions (stationarity included) to the tolerance, or where it fails that, to the exact
+loop's bound (the condition number is estimated only then); a row that fails takes one exact
+solve on DAQP's free sets (the polish) and is verified again, and the rows that still fail go on
+to the pivoting loop (:mod:`.pivoting`) from DAQP's active sets (at once where ``M`` is not
+numerically positive definite or ``κ > MAX_KAPPA``). DAQP is single-threaded
 C (no OpenMP), a few microseconds per row at ``m = 16``: small problems stay steady on a busy
 CPU.
 
@@ -63,12 +65,12 @@ def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
     """Rows ``x ≥ 0``, ``Mx + q ≥ 0``, ``xᵀ(Mx + q) = 0`` of ``Q`` (``[k, m]``, ``M`` SPD; ``P``:
     ``−M⁻¹Q`` if known), by DAQP's answers where they verify (:func:`_rows`); the other rows go
     to the pivoting loop from DAQP's active sets (its first step polishes them exactly), and
-    problems DAQP cannot take (not positive definite, ``κ > MAX_KAPPA``) to it whole."""
+    problems with a diagonal entry not positive to it whole."""
     tol = options.tolerance(torch.float64)
-    scaled = _scaled(M, 0.0, tol)
+    scaled = _scaled(M, 0.0)
     if scaled is None:
         return pivoting.solve_on_host(M, Q, P, options)
-    d, Ms, rel = scaled
+    d, Ms = scaled
     Qs = Q * d
     q_scale = np.abs(Qs).max(axis=1, keepdims=True)
     X = np.zeros_like(Q)
@@ -76,7 +78,7 @@ def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
     if rows.size == 0:
         return X
     scale = q_scale[rows]
-    x, free, bad = _rows(Ms, Qs[rows] / scale, rel)  # unit largest |q| per row
+    x, free, bad = _rows(Ms, Qs[rows] / scale, tol)  # unit largest |q| per row
     X[rows] = x * scale * d
     if bad.size:
         left = rows[bad]
@@ -89,24 +91,24 @@ def upgrad(G: Array, shift: float, pref: Array, options: SolverOptions) -> Array
     """UPGrad's weights ``Σᵢ vᵢ`` for ``M = G + shift·I`` and the rows ``uᵢ = pᵢeᵢ`` of
     ``U = diag(pref)``, by :func:`solve`'s rows, verification and fall-back (the weightings'
     ``G/tr(G) + reg·I`` is ``M/tr(G)`` with ``shift = reg·tr(G)``, and the weights do not change
-    under a positive factor of ``M``). ``None`` where DAQP is not asked (not positive definite,
-    ``κ > MAX_KAPPA``): the caller then takes :func:`pjd_optim.solver.project_dual_cone`.
+    under a positive factor of ``M``). ``None`` where a diagonal entry is not positive: the
+    caller then takes :func:`pjd_optim.solver.project_dual_cone`.
 
     Row ``i`` of ``Q = UM``, Jacobi-scaled, is ``(pᵢ/dᵢ) M̃ᵢ`` (``M̃ = DMD``, ``D = diag(d)``);
-    once ``κ`` passes, ``|M̃ᵢⱼ| < 1 = M̃ᵢᵢ`` (:func:`_scaled`), so at unit largest ``|q|`` it is
+    for positive definite ``M``, ``|M̃ᵢⱼ| < 1 = M̃ᵢᵢ``, so at unit largest ``|q|`` it is
     ``sign(pᵢ) M̃ᵢ``, of scale ``|pᵢ|/dᵢ``; and ``Σᵢ vᵢ = p + Σᵢ xᵢ``."""
     tol = options.tolerance(torch.float64)
-    scaled = _scaled(G, shift, tol)
+    scaled = _scaled(G, shift)
     if scaled is None:
         return None
-    d, Ms, rel = scaled
+    d, Ms = scaled
     positive = pref.min() > 0  # the usual case: F = M̃
     F = Ms if positive else Ms * np.sign(pref)[:, None]
     rows = (F.min(axis=1) < -tol).nonzero()[0]  # the others have x = 0
     if rows.size == 0:
         return pref.copy()
     every = rows.size == pref.size
-    x, free, bad = _rows(Ms, F if every else F[rows], rel)
+    x, free, bad = _rows(Ms, F if every else F[rows], tol)
     scale = pref / d if positive else np.abs(pref) / d  # each row's largest |q̃|
     scale = scale if every else scale[rows]
     if bad.size == 0:
@@ -126,15 +128,15 @@ def dualproj(G: Array, shift: float, pref: Array, options: SolverOptions) -> Arr
     """DualProj's weights ``v`` (one row ``u = pref``) as :func:`upgrad`: ``q = Mp``, whose
     Jacobi scaling is ``M̃ D⁻¹p``."""
     tol = options.tolerance(torch.float64)
-    scaled = _scaled(G, shift, tol)
+    scaled = _scaled(G, shift)
     if scaled is None:
         return None
-    d, Ms, rel = scaled
+    d, Ms = scaled
     q = Ms @ (pref / d)
     q_scale = float(np.abs(q).max())
     if not (q + tol * q_scale < 0).any():
         return pref.copy()
-    x, free, bad = _rows(Ms, (q / q_scale)[None], rel)
+    x, free, bad = _rows(Ms, (q / q_scale)[None], tol)
     if bad.size == 0:
         v: Array = pref + x[0] * q_scale * d
         return v
@@ -152,12 +154,9 @@ def _exact(
     return pivoting.solve_on_host(Ms, Qs, Ps, options, active) * d
 
 
-def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | None:
-    """For ``M = G + shift·I``: ``d = diag(M)^-½``, the Jacobi-scaled ``M̃ = DMD`` (its
-    diagonal set to exactly 1) and the verification's ``rel`` (the exact paths' round-off
-    bound), or ``None`` where DAQP is not asked: ``M`` not numerically positive definite, or
-    ``κ > MAX_KAPPA``. Once ``κ`` passes, ``|M̃ᵢⱼ| ≤ 1 − 5·10⁻⁸ < 1`` off the diagonal
-    (``Lⱼⱼ² ≤ 1 − M̃ᵢⱼ²`` for ``i < j``)."""
+def _scaled(G: Array, shift: float) -> tuple[Array, Array] | None:
+    """For ``M = G + shift·I``: ``d = diag(M)^-½`` and the Jacobi-scaled ``M̃ = DMD`` (its
+    diagonal set to exactly 1), or ``None`` where a diagonal entry is not positive."""
     diag = G.diagonal() + shift if shift else G.diagonal()
     if not diag.min() > 0:
         return None
@@ -167,14 +166,19 @@ def _scaled(G: Array, shift: float, tol: float) -> tuple[Array, Array, float] | 
     Ms += Ms.T  # the symmetric part (a Gramian computed in float32 is symmetric to 1e-7 only)
     Ms *= 0.5
     np.fill_diagonal(Ms, 1.0)
+    return d, Ms
+
+
+def _bound(M: Array, tol: float) -> float | None:
+    """The exact paths' round-off bound ``max(tol, 10·eps·κ)`` for the unit-diagonal ``M``, or
+    ``None`` where DAQP's answers are not polished: ``M`` not numerically positive definite, or
+    ``κ > MAX_KAPPA``. Computed only when a row fails the tightest bound ``tol``."""
     try:
-        L = np.linalg.cholesky(Ms)  # unblocked LAPACK at this size: single-threaded
+        L = np.linalg.cholesky(M)  # unblocked LAPACK at this size: single-threaded
     except np.linalg.LinAlgError:
         return None
     kappa = condition_estimate(L)
-    if not kappa <= MAX_KAPPA:
-        return None
-    return d, Ms, max(tol, 10 * _EPS * kappa)  # rel: as the pivoting loop's
+    return max(tol, 10 * _EPS * kappa) if kappa <= MAX_KAPPA else None
 
 
 def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
@@ -184,14 +188,15 @@ def condition_estimate(L: NDArray[np.floating[Any]]) -> float:
     return float((diag.max() / diag.min()) ** 2)
 
 
-def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
+def _rows(M: Array, F: Array, tol: float) -> tuple[Array, Mask, Index]:
     """Rows of LCP(``F``, ``M``) by DAQP (``M``: SPD, unit diagonal; every row conflicts and
     has unit largest ``|f|``, so DAQP's absolute tolerances are relative ones). Returns ``x``
     (DAQP's, zero on its active sets and clipped at 0), the free sets (DAQP's; the sign guess
     where it failed) and the rows (indices) that fail verification, which checks ``x``:
-    ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to ``rel`` times the row's scale
-    (the exact paths' bound). Rows that fail it first take one exact solve on DAQP's free sets
-    (DAQP's own answers are accurate to about 1e-12), verified again."""
+    ``|y_F| ≈ 0`` and ``y_A ≥ 0`` for ``y = Mx + f``, each to the row's scale times ``tol``,
+    or where a row fails that, the exact paths' bound (:func:`_bound`). Rows that fail it
+    take one exact solve on DAQP's free sets (DAQP's own answers are accurate to about
+    1e-12), verified again; where ``_bound`` declines, they go to the exact loop as they are."""
     model = _model(M, F[0])
     if model is None:  # every row to the exact loop, from the sign guess
         return np.zeros_like(F), F < 0, np.arange(F.shape[0])
@@ -211,9 +216,14 @@ def _rows(M: Array, F: Array, rel: float) -> tuple[Array, Mask, Index]:
     free = lam == 0.0
     x = np.where(free, x, 0.0)
     np.maximum(x, 0.0, out=x)  # the answer returned, whose KKT conditions are checked
-    bad = _unverified(M, F, x, free, rel)
+    bad = _unverified(M, F, x, free, tol)
+    rel = _bound(M, tol) if bad.size else tol
+    if rel is not None and rel > tol:
+        bad = bad[_unverified(M, F[bad], x[bad], free[bad], rel)]
     if failed:
         bad = np.union1d(bad, failed)
+    if rel is None:
+        return x, free, bad
     if bad.size:  # the polish: the exact solve on DAQP's free sets, verified again
         x[bad] = _free_solve(M, F[bad], free[bad]).clip(min=0.0)
         bad = bad[_unverified(M, F[bad], x[bad], free[bad], rel)]
