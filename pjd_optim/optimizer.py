@@ -330,9 +330,15 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @overload
+    def step(self, closure: Callable[[], None]) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], Tensor | None]) -> Tensor | None: ...
+
     def step(
         self,
-        closure: Losses | Callable[[], Losses] | Callable[[], float] | None = None,
+        closure: Losses | Callable[[], Losses | None] | Callable[[], float] | None = None,
     ) -> Losses | float | None:
         """``step(losses)``: one Jacobian-descent step (Gramian → weights → weighted backward →
         ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses;

@@ -53,6 +53,15 @@ for x, y in zip(torch.randn(4, 16, 10), torch.randn(4, 16)):
     weights: Tensor = optimizer.backward(losses)
     optimizer.step()
     returned: Tensor = optimizer.step(lambda: loss_fn(model(x).squeeze(dim=1), y))
+
+    def backward_itself() -> None:  # as Lightning's closures: the backward ran, nothing returned
+        optimizer.backward(loss_fn(model(x).squeeze(dim=1), y))
+
+    def maybe(skip: bool = False) -> Tensor | None:  # a training_step may return None to skip
+        return None if skip else loss_fn(model(x).squeeze(dim=1), y)
+
+    nothing: None = optimizer.step(backward_itself)
+    optional: Tensor | None = optimizer.step(maybe)
     tasks = [losses[:8].mean(), losses[8:].mean()]
     task_weights: Tensor = optimizer.backward(tasks)
     optimizer.zero_grad()
