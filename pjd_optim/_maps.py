@@ -244,11 +244,13 @@ def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:
 def per_column_records(
     collected: Collected,
     sample_tags: rowmap.Tags,
+    weights: Tensor,
     sample_tagged: dict[int, tuple[Tensor, ...]],
     columns: list[dict[int, tuple[Tensor, ...]]],
 ) -> list[Record]:
     """Records of the per-column path: each reached call's rows mapped to samples by
-    ``sample_tags`` (``sample_tagged``: tagged gradients by ``id`` of the record), then pass ``j``'s
+    ``sample_tags`` (``sample_tagged``: gradients by ``id`` of the record for the cotangent
+    ``τ_n·c_j``, compared with the column passes weighted by ``c = weights``), then pass ``j``'s
     row ``r`` to loss ``σ(r)·K + j``, re-indexed by loss."""
     m = collected.m
     n = sample_tags.m
@@ -256,10 +258,16 @@ def per_column_records(
     records: list[Record] = []
     for reached in collected.reached:
         call = reached.call
-        g = rowmap.flat_rows(call.output_grads, call.rows)
+        parts = [rowmap.flat_rows(column[id(reached)], call.rows) for column in columns]
+        g = torch.stack(parts).mul(weights.view(-1, 1, 1).to(parts[0].dtype)).sum(dim=0)
         h = rowmap.flat_rows(sample_tagged[id(reached)], call.rows)
         guess = torch.arange(n, device=g.device) if call.rows == n else None
         sigma = rowmap.identify(rowmap.ratios(g, h, sample_tags.delta), sample_tags, guess)
+        # A row negligible in the weighted sum but not in some column (its columns cancelling
+        # for these weights, however unlikely) is refused, never dropped.
+        sizes = torch.stack([part.abs().amax(dim=1) for part in parts]).amax(dim=0)
+        hidden = (sigma == -1) & ~rowmap.negligible(sizes, sizes, sample_tags.delta)
+        sigma = torch.where(hidden, rowmap.UNKNOWN, sigma)
         low, splits, unknown = torch.stack(
             [sigma.min(), rowmap.multiplicity(sigma, n), (sigma == rowmap.UNKNOWN).sum()]
         ).tolist()

@@ -105,8 +105,12 @@ class Passes:
             )
         flat = collected.losses
         sample_tags = self.tags.draw(n, flat, collected.tags.dtype)
+        # Samples are named by the ratio of Σ_j τ_n c_j ∇ℓ_nj to Σ_j c_j ∇ℓ_nj (the columns'
+        # gradients weighted), with random c_j in [1, 2): unit weights would let a sample whose
+        # columns' gradients cancel (softmax probabilities as objectives) look negligible.
+        weights = self.tags.column_weights(k, flat)
         anchor = [self.hooks.anchor]
-        cotangent = sample_tags.values.repeat_interleave(k)
+        cotangent = (sample_tags.values.unsqueeze(1) * weights).flatten()
         tagged = _maps.aligned(collected, self.one(flat, cotangent, anchor, retain=True)[0])
         columns = []
         for j in range(k):
@@ -114,7 +118,7 @@ class Passes:
             one_hot[:, j] = 1
             found = self.one(flat, one_hot.flatten(), anchor, retain=True)[0]
             columns.append(_maps.aligned(collected, found))
-        return _maps.per_column_records(collected, sample_tags, tagged, columns)
+        return _maps.per_column_records(collected, sample_tags, weights, tagged, columns)
 
     def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
         for call in calls:

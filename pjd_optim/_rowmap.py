@@ -97,6 +97,12 @@ class TagSource:
             dtype=precision,
         )
 
+    def column_weights(self, k: int, losses: Tensor) -> Tensor:
+        """``k`` random weights in ``[1, 2)`` (20 bits after the point, then rounded to
+        ``losses``' dtype), on ``losses``' device."""
+        draws = torch.randint(1 << 20, (k,), generator=self.generator).double() / (1 << 20) + 1
+        return draws.to(losses.device, losses.dtype)
+
 
 @dataclass(frozen=True)
 class Ratios:
@@ -119,7 +125,7 @@ def _normalised(g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return g * scale.unsqueeze(1), h * scale.unsqueeze(1), size, tagged
 
 
-def _negligible(size: Tensor, tagged: Tensor, delta: float) -> Tensor:
+def negligible(size: Tensor, tagged: Tensor, delta: float) -> Tensor:
     """Rows negligible in both passes: against the call's largest row, or absolutely (so small
     that their Gramian terms underflow: below the dtype's smallest normal number over ``δ``)."""
     larger = torch.maximum(size, tagged)
@@ -134,7 +140,7 @@ def ratios(g: Tensor, h: Tensor, delta: float) -> Ratios:
     c = torch.linalg.vecdot(g, h) / torch.linalg.vecdot(g, g)
     residual = torch.addcmul(h, g, c.unsqueeze(1), value=-1).abs().amax(dim=1)
     clean = residual <= 4 * delta * c.abs() * g.abs().amax(dim=1)
-    return Ratios(c, clean, _negligible(size, tagged, delta))
+    return Ratios(c, clean, negligible(size, tagged, delta))
 
 
 def in_order(g: Tensor, h: Tensor, tags: Tags) -> Tensor:

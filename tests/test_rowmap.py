@@ -346,3 +346,57 @@ def test_rows_whose_gradients_cancel_in_the_backward_are_followed_not_refused(se
     # the weighted backward cancels 10⁴-fold in float32 too (ours and the oracle's differ in
     # where they round): about 10⁴·eps ≈ 1e-3
     assert errors["grads"] < 5e-3, errors
+
+
+def _softmax_objectives(m: nn.Module, x: Tensor) -> Tensor:
+    return F.softmax(m(x), dim=1)  # [B, C], each row sums to 1: its gradients cancel
+
+
+def _opposite_columns(m: nn.Module, x: Tensor) -> Tensor:
+    out = squared(m(x))
+    factor = torch.tensor([-1.0, 2.0, -1.0, 0.5, 2.0, -1.0], dtype=out.dtype)
+    return torch.stack([out, factor * out], dim=1)  # [B, 2]: samples 0, 2, 5 sum to zero
+
+
+def _mixing_trunk() -> nn.Module:
+    """A considered layer that mixes the positions of a sample (the per-column path)."""
+    return nn.Sequential(nn.Linear(D, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("losses", [_softmax_objectives, _opposite_columns])
+@pytest.mark.parametrize("seed", range(3))
+def test_per_column_losses_whose_columns_cancel_within_a_sample_are_exact(
+    losses: Losses, dtype: torch.dtype, seed: int
+) -> None:
+    """``[B, K]`` losses through a considered layer whose rows the per-column path names by
+    sample: a sample whose columns' gradients sum to zero at a row (softmax probabilities as
+    objectives; columns ``ℓ, −ℓ``) is followed, not dropped as negligible."""
+    torch.manual_seed(seed)
+    model = _mixing_trunk().to(dtype)
+    x = X.to(dtype) if seed % 2 else X.flip(0).to(dtype)
+    errors = step_errors(model, [model[0]], x, losses)
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert errors["gramian"] < bound and errors["grads"] < bound, errors
+
+
+def test_columns_that_cancel_for_the_drawn_weights_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should the random column weights cancel a sample's columns (forced here: equal weights
+    on ``ℓ, −ℓ``), its rows look negligible: they are refused, never dropped."""
+    from pjd_optim import _rowmap
+
+    def equal(self: object, k: int, losses: Tensor) -> Tensor:
+        return torch.ones(k, dtype=losses.dtype, device=losses.device)
+
+    monkeypatch.setattr(_rowmap.TagSource, "column_weights", equal)
+    model = _mixing_trunk()
+    optimizer = PartialJDOptimizer(
+        SGD(model.parameters(), lr=0.1), model, considered=[model[0]], weighting=Mean()
+    )
+    before = snapshot(model, optimizer)
+    out = squared(model(X))
+    with pytest.raises(ValueError, match="each feed several losses"):
+        optimizer.step(torch.stack([out, -out], dim=1))
+    assert_unchanged(before, snapshot(model, optimizer))
