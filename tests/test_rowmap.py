@@ -358,7 +358,7 @@ def _opposite_columns(m: nn.Module, x: Tensor) -> Tensor:
     return torch.stack([out, factor * out], dim=1)  # [B, 2]: samples 0, 2, 5 sum to zero
 
 
-def _mixing_trunk() -> nn.Module:
+def _mixing_trunk() -> nn.Sequential:
     """A considered layer that mixes the positions of a sample (the per-column path)."""
     return nn.Sequential(nn.Linear(D, 7), nn.Tanh(), nn.Linear(7, 3)).double()
 
