@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from . import _maps
 from ._checks import is_finite, is_finite_tensor
 from ._distributed import CallGatherer, all_ranks_agree, world
-from ._hooks import HookSet, finalize_with, suspended
+from ._graph import reached_without
+from ._hooks import HookSet, finalize_with, is_tap, suspended
 from ._pass import Pass, TaskPass
 from ._passes import Passes
 from ._records import Record, batch_major, by_module, rows_like, scaled
@@ -78,7 +79,8 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
 
     A module owns its direct parameters; a module whose rule is ``recursive`` (e.g.
     ``MultiheadAttention``) owns those of its whole subtree. A parameter may have several owners
-    (tied weights). Raises ``ValueError`` if some considered parameter has no owner in ``model``.
+    (tied weights), none of them an ancestor of another (the innermost keeps it). Raises
+    ``ValueError`` if some considered parameter has no owner in ``model``.
     """
     wanted = {id(p) for p in considered}
     plan: Plan = {}
@@ -98,6 +100,19 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
                 visit(child)
 
     visit(model)
+    # A parameter registered in a module and in one of its descendants (Hugging Face's decoder
+    # bias, tied to its head's): the innermost owner's rule sees its uses there, which an
+    # ancestor's re-run would count again. (Uses elsewhere in the ancestor's forward reach the
+    # losses past every tap: refused, see HookedPass.)
+    for module in list(plan):
+        inner = {
+            id(p) for m in module.modules() if m is not module for p in plan.get(m, {}).values()
+        }
+        kept = {name: p for name, p in plan[module].items() if id(p) not in inner}
+        if not kept:
+            del plan[module]
+        elif len(kept) < len(plan[module]):
+            plan[module] = kept
     owned_ids = {id(p) for params in plan.values() for p in params.values()}
     missing = [p for p in considered if id(p) not in owned_ids]
     if missing:
@@ -120,6 +135,9 @@ class HookedGramian(GramianSource):
                 owners[id(p)] += 1
         self.shared = {pid for pid, count in owners.items() if count > 1}
         names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        self.param_names = {
+            id(p): f"{names[id(m)]}.{n}" for m, own in self.plan.items() for n, p in own.items()
+        }
         self.hooks = HookSet()
         self.passes = Passes(self.hooks, names)
         for module in self.plan:
@@ -278,6 +296,7 @@ class HookedPass(Pass):
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
+        self._refuse_uses_outside_modules()
         collected = source.passes.collect(losses, resume)
         self.check_seconds = source.passes.check_seconds
         m = collected.m
@@ -323,6 +342,31 @@ class HookedPass(Pass):
                     resume.usable = False
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
+
+    def _refuse_uses_outside_modules(self) -> None:
+        """Refuses losses that reach a considered parameter along a path through no tap: a use
+        outside its module's forward (a penalty on a weight added to the losses, a weight tied
+        by hand as ``h @ emb.weight.T``), whose per-sample gradients no rule sees."""
+        losses, source = self.losses, self.source
+        if losses.grad_fn is None:
+            return
+        hooks = source.hooks
+        used = reached_without(
+            (losses.grad_fn, losses.output_nr),
+            lambda node: is_tap(node) and node.hooks is hooks,
+            set(source.param_names),
+        )
+        if used:
+            names = ", ".join(source.param_names[id(p)] for p in used[:5])
+            raise ValueError(
+                f"The losses use {names} (considered) outside its module's forward, e.g. a "
+                "penalty on the weight added to the losses, or a weight tied by hand (h @ "
+                "emb.weight.T, F.linear(h, emb.weight)): the per-sample gradients of that use are "
+                "not seen by the module hooks, so the Gramian would be wrong. Fixes: add weight "
+                "penalties through the optimizer (weight_decay) or in a separate backward; tie "
+                "weights by sharing the parameter between modules (head.weight = emb.weight); or "
+                "gramian_mode='autograd' (exact, one backward per loss). Nothing was changed."
+            )
 
     @property
     def resumed(self) -> bool:  # type: ignore[override]

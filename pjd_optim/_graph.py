@@ -103,3 +103,22 @@ def leaves_and_uses(roots: Iterable[Node], used: set[int]) -> tuple[dict[int, No
     leaves.update((id(leaf(n)), None) for n in nodes if leaf(n) is not None)
     latest_first(((root, 0) for root in nodes), follow)
     return leaves, inputs
+
+
+def reached_without(root: Edge, stop: Callable[[Node], bool], wanted: set[int]) -> list[Tensor]:
+    """The leaves whose id is in ``wanted`` that ``root`` reaches along paths through no node
+    for which ``stop`` holds (each once, in the order first seen)."""
+    found: dict[int, Tensor] = {}
+
+    def follow(node: Node, _: set[int]) -> list[Edge]:
+        if stop(node):
+            return []
+        edges = children(node)
+        for child, _nr in edges:
+            variable = leaf(child)
+            if variable is not None and id(variable) in wanted:
+                found.setdefault(id(variable), variable)
+        return edges
+
+    latest_first([root], follow)
+    return list(found.values())

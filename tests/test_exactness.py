@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -122,16 +124,144 @@ class FunctionalHead(nn.Module):
         return nn.functional.linear(h, self.head.weight, self.head.bias).pow(2).sum(dim=1)
 
 
-def test_considered_parameter_used_outside_its_module_takes_the_plain_backward() -> None:
-    """A considered module whose parameters are used without calling it (no hooked call) gets no
-    book-kept gradient, so the step does not resume; ``.grad`` is ``Σ w_i ∇ℓ_i`` either way."""
+class PenalisedHead(nn.Module):
+    """Per-sample losses plus a penalty on a weight (``where``: the considered head's, computed
+    before or after the forward, or the body's), or through a head tied by hand to ``emb``."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.emb = nn.Embedding(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        penalty = torch.zeros(())
+        if self.where == "head, before the forward":
+            penalty = 0.05 * self.head.weight.pow(2).sum()
+        h = torch.tanh(self.body(x))
+        if self.where == "tied by hand":
+            return nn.functional.linear(h, self.emb.weight).pow(2).sum(dim=1)
+        out: torch.Tensor = self.head(h).pow(2).sum(dim=1)
+        if self.where == "head, after the forward":
+            penalty = 0.05 * self.head.weight.pow(2).sum()
+        if self.where == "body":
+            penalty = 0.05 * self.body.weight.pow(2).sum()
+        return out + penalty
+
+
+OUTSIDE: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], list[nn.Module]]]] = {
+    "functional head": (FunctionalHead, lambda m: [m]),
+    "penalty before the forward": (
+        lambda: PenalisedHead("head, before the forward"),
+        lambda m: [m.head],
+    ),
+    "penalty after the forward": (
+        lambda: PenalisedHead("head, after the forward"),
+        lambda m: [m.head],
+    ),
+    "penalty, all considered": (
+        lambda: PenalisedHead("head, after the forward"),
+        lambda m: [m.body, m.head],
+    ),
+    "tied by hand": (lambda: PenalisedHead("tied by hand"), lambda m: [m.emb, m.body]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTSIDE))
+@pytest.mark.parametrize("flops", [_resume_default, 0])  # (0: the step would resume)
+def test_considered_parameters_used_outside_their_modules_are_refused(
+    case: str, flops: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A considered parameter the losses reach other than through its module's forward (used
+    without calling the module, a penalty added to the losses, a head tied by hand): the hooks
+    do not see that use's per-sample gradients, so the step is refused before anything changes
+    (it used to return a Gramian 2–99 % off, and on the resumed path a wrong ``.grad``).
+    ``gramian_mode="autograd"`` takes the same losses exactly."""
+    from oracle import assert_unchanged, oracle_gramian, relative_error, snapshot
+
+    monkeypatch.setattr(_resume, "MIN_SAVED_FLOPS", flops)
+    build, considered = OUTSIDE[case]
     torch.manual_seed(0)
-    model = FunctionalHead()
-    reference = copy.deepcopy(model)
-    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model])
+    model = build()
     x = torch.randn(5, 3)
-    weights = optimizer.backward(model(x))
-    assert optimizer.last_step is not None and not optimizer.last_step.resumed
-    expected = torch.autograd.grad(reference(x), list(reference.parameters()), weights)
-    for p, e in zip(model.parameters(), expected, strict=True):
-        torch.testing.assert_close(p.grad, e)
+    optimizer = PartialJDOptimizer(
+        SGD(model.parameters(), lr=0.1), model, considered=considered(model)
+    )
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="outside its module's forward"):
+        optimizer.step(model(x))
+    assert_unchanged(before, snapshot(model, optimizer))
+    exact = PartialJDOptimizer(
+        SGD(model.parameters(), lr=0.1),
+        model,
+        considered=considered(model),
+        gramian_mode="autograd",
+    )
+    exact.backward(model(x))
+    assert exact.last_step is not None
+    params = [p for m in considered(model) for p in m.parameters()]
+    expected = oracle_gramian(model(x), params)
+    assert relative_error(exact.last_step.gramian, expected) < 1e-5
+
+
+def test_a_penalty_on_a_parameter_not_considered_is_exact() -> None:
+    """The control: a penalty on the body's weight, the head considered."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = PenalisedHead("body")
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model.head])
+    x = torch.randn(5, 3)
+    optimizer.backward(model(x))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x), list(model.head.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+
+
+class TiedBiasHead(nn.Module):
+    """Hugging Face's masked-LM head: ``decoder.bias`` is the head's own ``bias`` (registered in
+    both); ``direct``: the head also adds it itself, outside the decoder."""
+
+    def __init__(self, direct: bool = False) -> None:
+        super().__init__()
+        self.direct = direct
+        self.transform, self.decoder = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.bias = nn.Parameter(torch.randn(3))
+        self.decoder.bias = self.bias
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.decoder(torch.tanh(self.transform(h)))
+        return out + self.bias if self.direct else out
+
+
+@pytest.mark.parametrize("considered", ["decoder", "bias", "head", "decoder.weight"])
+def test_a_parameter_registered_in_a_module_and_its_child_is_counted_once(considered: str) -> None:
+    """The innermost owner's rule takes it (the head's re-run used to count the decoder's use
+    again: a Gramian 4x the oracle's on the bias); the head adding it itself as well reaches the
+    losses past every tap: refused."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    for direct in (False, True):
+        model = TiedBiasHead(direct).double()
+        choices: dict[str, list[nn.Module | torch.Tensor]] = {
+            "decoder": [model.decoder],
+            "bias": [model.bias],
+            "head": [model],
+            "decoder.weight": [model.decoder.weight],
+        }
+        picked = choices[considered]
+        params = [
+            p for c in picked for p in ([c] if isinstance(c, torch.Tensor) else c.parameters())
+        ]
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=picked)
+        losses = (model(x) - y).pow(2).mean(dim=1)
+        if direct and considered != "decoder.weight":
+            with pytest.raises(ValueError, match="outside its module's forward"):
+                optimizer.backward(losses)
+            continue
+        optimizer.backward(losses)
+        assert optimizer.last_step is not None
+        expected = oracle_gramian((model(x) - y).pow(2).mean(dim=1), params)
+        assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
