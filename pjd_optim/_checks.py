@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .gramian._sharded import is_sharded
 from .weightings import Weighting
 
 
@@ -103,6 +104,30 @@ def as_weighting(weighting: Any) -> Weighting:
         raise TypeError("weighting must be a callable mapping an [m, m] Gramian to [m] weights.")
     checked: Weighting = weighting
     return checked
+
+
+def nonfinite_gradient(params: Iterable[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """A parameter whose ``.grad`` holds NaN or inf on this process (a sharded gradient: in its
+    local shard), with that gradient (``None`` if every one is finite): a fused largest ``|g|``
+    per gradient, one host read."""
+    owners, values = [], []
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if is_sharded(grad) else grad  # type: ignore[attr-defined]
+        local = local.coalesce().values() if local.is_sparse else local
+        if local.numel():
+            owners.append((p, grad))
+            values.append(local)
+    if not values:
+        return None
+    largest = torch._foreach_norm(values, float("inf"))
+    device = largest[0].device
+    finite = torch.stack([x.to(device, non_blocking=True) for x in largest]).isfinite()
+    if bool(finite.all()):
+        return None
+    return owners[int((~finite).nonzero()[0, 0])]
 
 
 class RestoreGradsOnError:

@@ -1,6 +1,9 @@
-"""The steps without losses of ``PartialJDOptimizer``: ``base.step()`` on what is in ``.grad``,
+"""What ``PartialJDOptimizer`` does with non-finite steps, and its steps without losses (a mixin:
+the optimizer's state lives in its ``Status``): NaN weights or a skipped step or an error where
+the losses or the Gramian are not finite; the weighted backward's gradients checked (finite
+losses can still give NaN below the considered part); ``base.step()`` on what is in ``.grad``,
 guarded against what a non-finite ``backward(losses)`` left there, with the warnings of a plain
-loop (a mixin: the optimizer's state lives in its ``Status``)."""
+loop. NaN never reaches the parameters."""
 
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._info import Status
+from ._checks import RestoreGradsOnError, check_weights, nonfinite_gradient
+from ._distributed import all_ranks_agree
+from ._info import Status, StepInfo
+from ._pass import Pass
+from .weightings import Weighting
+
+
+class _NonFiniteGradients(Exception):
+    """Raised inside the weighted backward to restore the gradients."""
 
 
 class PlainSteps:
@@ -20,8 +31,72 @@ class PlainSteps:
     _status: Status
     nonfinite: str
     base: Optimizer
+    weighting: Weighting
     _considered: list[Tensor]
     param_groups: list[dict[str, Any]]
+
+    def _trainable(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
+        """The weighting's weights; where the losses or the Gramian are not finite, ``NaN``
+        weights (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient, which
+        ``GradScaler`` skips), or, when stopping there, a skipped step (``None``) or an error, as
+        ``nonfinite`` says."""
+        if finite:
+            weights = self.weighting(gramian.detach())
+            return check_weights(weights, gramian.shape[0], gramian).detach()
+        if not stop_on_nonfinite:
+            return torch.full_like(gramian[0], torch.nan).detach()
+        self._skip_or_raise(
+            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
+            "and the learning rate, skip this batch, or pass nonfinite='skip'."
+        )
+        return None
+
+    def _guarded_backward(
+        self, jd: Pass, weights: Tensor, finite: bool, stop_on_nonfinite: bool
+    ) -> tuple[bool, tuple[Tensor, Tensor] | None]:
+        """``jd.backward(weights)`` (the gradients restored if it raises); whether it was taken,
+        and a parameter with its non-finite gradient if finite losses and Gramian gave one (0·inf
+        in the trunk's backward). When stopping there: the gradients restored, and the step
+        skipped or an error, as ``nonfinite`` says."""
+        nonfinite = None
+        try:
+            with RestoreGradsOnError(self._trainable()):
+                jd.backward(weights)
+                nonfinite = nonfinite_gradient(self._trainable()) if finite else None
+                stop = stop_on_nonfinite and finite  # (every rank takes the same decision)
+                if stop and not all_ranks_agree(nonfinite is None, weights.device):
+                    raise _NonFiniteGradients
+        except _NonFiniteGradients:
+            self._skip_or_raise(
+                "The weighted backward gave non-finite gradients (NaN or inf) from finite "
+                "losses and Gramian, e.g. 0·inf in the backward of sqrt or log at 0 below the "
+                "considered part: nothing was changed. Check the model's operations there, skip "
+                "this batch, or pass nonfinite='skip'."
+            )
+            return False, None
+        return True, nonfinite
+
+    def _skip_or_raise(self, message: str) -> None:
+        """A non-finite step: skipped (counted) under ``nonfinite="skip"``, else the error."""
+        if self.nonfinite != "skip":
+            raise ValueError(message)
+        self._status.skipped_steps += 1
+        self._status.last_step = None
+
+    def _record(
+        self, info: StepInfo, finite: bool, nonfinite: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """After a Jacobian-descent backward: what it computed, or, if it was not finite, which
+        gradient (``nonfinite``, or any) a later plain step must refuse."""
+        status = self._status
+        status.pending = True
+        status.cleared = False
+        status.last_step = info if finite else None
+        if not finite:  # (kept through later finite backwards: they accumulate onto it)
+            status.nonfinite_grad = nonfinite or self._a_gradient()
 
     def _plain_step(self) -> None:
         """``base.step()`` on the gradients in ``.grad``, unless a non-finite ``backward`` left

@@ -12,11 +12,9 @@ from torch.optim import Optimizer
 
 from ._autograd import AutogradGramian, ClosedGramian
 from ._checks import (
-    RestoreGradsOnError,
     as_weighting,
     check_losses,
     check_task_losses,
-    check_weights,
 )
 from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_names, considered_of
@@ -253,8 +251,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         if weights is None:
             return None
         end = time.perf_counter()
-        with RestoreGradsOnError(self._trainable()):
-            jd.backward(weights)
+        taken, nonfinite = self._guarded_backward(jd, weights, finite, stop_on_nonfinite)
+        if not taken:
+            return None
         info = StepInfo(
             gramian.detach(),
             weights,
@@ -264,7 +263,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             resumed=jd.resumed,
             check_seconds=jd.check_seconds,
         )
-        self._record(info, finite)
+        self._record(info, finite and nonfinite is None, nonfinite)
         return jd.own(weights)
 
     def _begin(self, losses: Losses, keep_graph: bool = False) -> Pass:
@@ -282,35 +281,6 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 "step. Nothing was changed."
             )
         return source.begin(losses, self.distributed, keep_graph)
-
-    def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
-        """The weighting's weights; where the losses or the Gramian are not finite, ``NaN``
-        weights (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient, which
-        ``GradScaler`` skips), or, when stopping there, a skipped step (``None``) or an error, as
-        ``nonfinite`` says. (The one place that decides what a non-finite step does.)"""
-        if finite:
-            weights = self.weighting(gramian.detach())
-            return check_weights(weights, gramian.shape[0], gramian).detach()
-        if not stop_on_nonfinite:
-            return torch.full_like(gramian[0], torch.nan).detach()
-        if self.nonfinite == "skip":
-            self._status.skipped_steps += 1
-            self._status.last_step = None
-            return None
-        raise ValueError(
-            "Non-finite losses or Gramian (NaN or inf): nothing was changed. Check the data "
-            "and the learning rate, skip this batch, or pass nonfinite='skip'."
-        )
-
-    def _record(self, info: StepInfo, finite: bool) -> None:
-        """After a Jacobian-descent backward: what it computed, or, if it was not finite, which
-        gradient a later plain step must refuse."""
-        status = self._status
-        status.pending = True
-        status.cleared = False
-        status.last_step = info if finite else None
-        if not finite:  # (kept through later finite backwards: they accumulate onto it)
-            status.nonfinite_grad = self._a_gradient()
 
     def _trainable(self) -> list[Tensor]:
         params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}

@@ -451,13 +451,11 @@ def test_a_none_returning_closure_after_a_non_finite_backward_raises_or_skips(
         optimizer.zero_grad()
         optimizer.backward(losses_of(model, batch(1)) * float("inf"))
 
-    # (step's overloads do not list a closure returning None, though step() documents it)
-    closure: Any = none_closure
     if nonfinite == "raise":
         with pytest.raises(ValueError, match="not finite"):
-            optimizer.step(closure)
+            optimizer.step(none_closure)
     else:
-        assert optimizer.step(closure) is None
+        assert optimizer.step(none_closure) is None
         assert optimizer.skipped_steps == 1
     assert same_tensors(parameters_of(model), before[0])
     assert_same(optimizer.state_dict(), before[1], "state")
@@ -484,6 +482,69 @@ def test_a_jd_step_after_a_non_finite_backward_never_steps_on_inf(nonfinite: str
     with contextlib.suppress(ValueError):
         optimizer.step(losses_of(model, batch(1)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class AbsTrunk(nn.Module):
+    """``b(|a(x)|)`` with ``|h| = sqrt(h·h)``: two units of ``a`` exactly 0, where the backward
+    of ``sqrt`` is ``0·inf = NaN``; the losses and the Gramian (``b`` considered) are finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def zero_units(self) -> None:
+        with torch.no_grad():
+            self.a.weight[:2], self.a.bias[:2] = 0.0, 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.b(torch.sqrt(self.a(x) * self.a(x)))
+        return out
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("how", ["step(losses)", "backward, step()", "resumed"])
+def test_nan_gradients_below_the_considered_part_never_reach_the_parameters(
+    nonfinite: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finite losses and Gramian, NaN in the trunk's backward: ``step(losses)`` raises or skips
+    with nothing changed (gradients restored); ``backward(losses)`` leaves them, as for
+    non-finite losses, and the ``step()`` after it raises or skips. NaN used to reach the
+    trunk's weights either way."""
+    if how == "resumed":
+        from pjd_optim import _resume
+
+        monkeypatch.setattr(_resume, "MIN_SAVED_FLOPS", 0)
+    torch.manual_seed(0)
+    model = AbsTrunk()
+    optimizer = PartialJDOptimizer(
+        Adam(model.parameters(), lr=0.1),
+        model,
+        considered=[model.b],
+        nonfinite=nonfinite,  # type: ignore[arg-type]
+    )
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    optimizer.step((model(x) - y).pow(2).mean(dim=1))  # some Adam state (finite)
+    optimizer.zero_grad()
+    model.zero_units()
+    before = parameters_of(model), copy.deepcopy(optimizer.state_dict())
+    losses = (model(x) - y).pow(2).mean(dim=1)
+    assert torch.isfinite(losses).all()
+    if how == "backward, step()":
+        optimizer.backward(losses)
+        assert not torch.isfinite(model.a.weight.grad).all()  # type: ignore[arg-type]
+        act: Callable[[], object] = optimizer.step
+    else:
+        act = lambda: optimizer.step(losses)  # noqa: E731
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match=r"not finite|non-finite"):
+            act()
+    else:
+        act()
+        assert optimizer.skipped_steps == 1
+    if how != "backward, step()":
+        assert all(p.grad is None for p in model.parameters())
+    assert same_tensors(parameters_of(model), before[0])
+    assert_same(optimizer.state_dict(), before[1], "state")
 
 
 # -- the plain-loop warning after a JD step --------------------------------------------------------
