@@ -113,6 +113,17 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
             del plan[module]
         elif len(kept) < len(plan[module]):
             plan[module] = kept
+    for module, owned in plan.items():
+        known = rule_for(module).parameters
+        unread = sorted(set(owned) - known) if known is not None else []
+        if unread:
+            raise ValueError(
+                f"{type(module).__name__} has considered parameters {unread} that its Gramian "
+                f"rule does not read (it reads {sorted(known or ())}): e.g. weight_g and weight_v "
+                "of torch.nn.utils.weight_norm, whose weight is rebuilt outside the module's "
+                "forward. Consider the module's other parameters only, remove the "
+                "reparametrisation, or pass gramian_mode='autograd'."
+            )
     owned_ids = {id(p) for params in plan.values() for p in params.values()}
     missing = [p for p in considered if id(p) not in owned_ids]
     if missing:

@@ -265,3 +265,32 @@ def test_a_parameter_registered_in_a_module_and_its_child_is_counted_once(consid
         assert optimizer.last_step is not None
         expected = oracle_gramian((model(x) - y).pow(2).mean(dim=1), params)
         assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+@pytest.mark.parametrize("considered", ["layer", "bias"])
+def test_a_legacy_weight_norm_layer_is_refused_or_exact(considered: str) -> None:
+    """``torch.nn.utils.weight_norm`` rebuilds ``weight`` from ``weight_g``, ``weight_v`` outside
+    the Linear's forward, which the Linear rule reads: considering them is refused when the
+    optimizer is built (they were silently left out: the Gramian was the bias's alone); the bias
+    alone is exact; ``gramian_mode="autograd"`` takes the whole layer."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    layer = torch.nn.utils.weight_norm(model[2])
+    picked: list[nn.Module | torch.Tensor] = [layer] if considered == "layer" else [layer.bias]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    if considered == "layer":
+        with pytest.raises(ValueError, match="weight_g"):
+            PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=picked)
+        optimizer = PartialJDOptimizer(
+            SGD(model.parameters(), lr=0.1), model, considered=picked, gramian_mode="autograd"
+        )
+        params = list(layer.parameters())
+    else:
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=picked)
+        params = [layer.get_parameter("bias")]
+    optimizer.backward(model(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x).pow(2).sum(dim=1), params)
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12

@@ -80,6 +80,10 @@ class GramianRule:
 
     recursive: bool = False
     needs_outputs: bool = False  # the engine keeps the module's outputs in ``Call.outputs``
+    # The names of the parameters the rule's maths reads (``None``: any, as a re-run of the
+    # forward). A considered parameter of another name (``weight_g`` of the legacy
+    # ``torch.nn.utils.weight_norm``, whose ``weight`` is rebuilt outside the forward) is refused.
+    parameters: frozenset[str] | None = None
 
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)

@@ -43,6 +43,8 @@ def _without_padding(ids: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
 class EmbeddingRule(GramianRule):
     """``nn.Embedding`` (padding_idx, repeated ids within and across samples)."""
 
+    parameters = frozenset({"weight"})
+
     def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
         return 0, 1
 

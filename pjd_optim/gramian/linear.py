@@ -120,6 +120,8 @@ def cat_positions(parts: list[Tensor]) -> Tensor:
 class GroupedLinearRule(GramianRule):
     """Shared logic of layers that factor as grouped linear maps; subclasses give ``factors``."""
 
+    parameters = frozenset({"weight", "bias"})
+
     def __init__(self, mode: Mode = "auto") -> None:
         self.mode: Mode = mode
 

@@ -37,6 +37,8 @@ class AffineNormRule(GramianRule):
     """Subclasses give ``normalised(module, x) -> (x̂, channel_dims)``: ``x̂`` has the shape of
     ``x`` and ``channel_dims`` are the dims indexed by the affine parameters."""
 
+    parameters = frozenset({"weight", "bias"})
+
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         raise NotImplementedError
 
