@@ -29,7 +29,7 @@ from ._distributed import CallGatherer, all_ranks_agree, world
 from ._graph import reached_without
 from ._hooks import HookSet, finalize_with, is_tap, suspended
 from ._pass import Pass, TaskPass
-from ._passes import Passes
+from ._passes import NotConnected, Passes
 from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
@@ -308,7 +308,12 @@ class HookedPass(Pass):
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
         self._refuse_uses_outside_modules()
-        collected = source.passes.collect(losses, resume)
+        try:
+            collected = source.passes.collect(losses, resume)
+        except NotConnected:
+            self._refuse_unrecorded_uses(set())
+            raise
+        self._refuse_unrecorded_uses({id(r.module) for r in collected.reached})
         self.check_seconds = source.passes.check_seconds
         m = collected.m
         start = time.perf_counter()
@@ -376,7 +381,33 @@ class HookedPass(Pass):
                 "not seen by the module hooks, so the Gramian would be wrong. Fixes: add weight "
                 "penalties through the optimizer (weight_decay) or in a separate backward; tie "
                 "weights by sharing the parameter between modules (head.weight = emb.weight); or "
-                "gramian_mode='autograd' (exact, one backward per loss). Nothing was changed."
+                "gramian_mode='autograd' (exact, one backward per loss). (Under torch.compile: "
+                "build this optimizer before the first compiled forward, or the compiled code "
+                "runs without its hooks.) Nothing was changed."
+            )
+
+    def _refuse_unrecorded_uses(self, reached: set[int]) -> None:
+        """Refuses losses that depend on a considered module's parameters although the passes
+        reached none of its calls (a rare case, so the walk of the whole graph is affordable):
+        its hook did not run, e.g. code compiled by ``torch.compile`` before the hook existed."""
+        source, losses = self.source, self.losses
+        recorded = {
+            id(p) for m, own in source.plan.items() if id(m) in reached for p in own.values()
+        }
+        silent = {id(p) for m, own in source.plan.items() for p in own.values()} - recorded
+        if not silent or losses.grad_fn is None:
+            return
+        used = reached_without((losses.grad_fn, losses.output_nr), lambda node: False, silent)
+        if used:
+            names = ", ".join(source.param_names[id(p)] for p in used[:5])
+            raise ValueError(
+                f"The losses depend on {names} (considered), but no call of its module was "
+                "recorded: its forward hook did not run. Under torch.compile, code compiled "
+                "before this optimizer hooked the module (for the model, or another instance of "
+                "its class, with other considered modules) runs without the hook: build the "
+                "optimizer before the first compiled forward, and one optimizer per compiled "
+                "model; else the parameters are used without calling the module (see "
+                "gramian_mode='autograd'). Nothing was changed."
             )
 
     @property

@@ -20,6 +20,10 @@ from ._resume import Resume
 from ._rowmap import TagSource, precision_of
 
 
+class NotConnected(ValueError):
+    """The losses reach no considered call."""
+
+
 class Passes:
     """The passes of one optimizer's hook set; ``check_seconds``: the last tagged pass's time."""
 
@@ -131,7 +135,7 @@ class Passes:
 
     @staticmethod
     def _not_connected() -> ValueError:
-        return ValueError(
+        return NotConnected(
             "The losses do not depend on any considered parameter. Compute them from a forward "
             "of the model this optimizer was built with (not of a copy of it, e.g. "
             "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
