@@ -170,6 +170,36 @@ def test_parameter_in_two_groups_is_refused() -> None:
         PartialJDOptimizer(base, model, considered=model)
 
 
+class BatchNormAct(nn.BatchNorm1d):
+    """A BatchNorm subclass with a forward of its own, as timm's ``BatchNormAct2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+@pytest.mark.parametrize("considered", ["below", "itself"])
+def test_a_batchnorm_subclass_with_its_own_forward_is_refused_in_train_mode(
+    considered: str,
+) -> None:
+    """It takes the generic rule, whose vmapped re-run used to fail with functorch's in-place
+    error; it couples the batch as BatchNorm does: the same clear refusal, nothing changed.
+    In eval mode the step is exact."""
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), BatchNormAct(6), Linear(6, 1)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    part = [model[0]] if considered == "below" else [model[1]]
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=part)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"1 \(BatchNormAct\).*statistics of the whole batch"):
+        optimizer.step(losses_of(model, x))
+    assert_unchanged(before, snapshot(model, optimizer))
+    optimizer.close()
+    model.eval()
+    case = Case(model, x, part, lambda out: out.squeeze(1).pow(2))  # as losses_of
+    errors = errors_against_oracle(case, torch.float64)
+    assert errors["gramian"] < 1e-10 and errors["grads"] < 1e-10, errors
+
+
 def test_batchnorm_in_train_mode_after_considered_layer_is_refused_and_autograd_mode_is_exact() -> (
     None
 ):

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
 from ._sharded import call_forward, replay_parameters
+from .norm import couples_batch
 
 # Relative agreement required between the re-run and the recorded outputs, by the outputs' dtype
 # (batched and per-sample kernels round differently; under autocast the forward ran in 16 bits).
@@ -126,6 +127,13 @@ class GenericRule(GramianRule):
     """Any module: per-sample gradients by vmapped ``torch.func.vjp``, summed over calls."""
 
     needs_outputs = True
+
+    def couples_batch(self, module: nn.Module) -> bool | None:
+        """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
+        the batch as BatchNorm does."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return couples_batch(module)
+        return None
 
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
