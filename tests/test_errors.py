@@ -347,3 +347,25 @@ def test_batchnorm_in_eval_mode_without_running_statistics_is_refused() -> None:
         optimizer.step(losses_of(model, torch.randn(7, 4)))
     assert "train mode" not in str(error.value).split("(BatchNorm in train mode")[0]
     assert_unchanged(before, snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_packed_sequence_into_a_considered_rnn_is_refused_clearly(batch_first: bool) -> None:
+    """Its rows are time steps of several samples (it used to raise a reshape RuntimeError, or
+    a refusal about rows feeding several losses); nothing changes."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    rnn, head = nn.LSTM(5, 5, batch_first=batch_first).double(), Linear(5, 3).double()
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[rnn])
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([4, 2, 3, 1, 4, 2])
+    packed = pack_padded_sequence(
+        x if batch_first else x.transpose(0, 1), lengths, batch_first, enforce_sorted=False
+    )
+    _, (last, _) = rnn(packed)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="PackedSequence"):
+        optimizer.step(head(last[-1]).pow(2).sum(dim=1))
+    assert_unchanged(before, snapshot(model, optimizer))

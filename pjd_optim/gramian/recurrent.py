@@ -34,6 +34,18 @@ class RecurrentRule(GramianRule):
         batch = 0 if module.batch_first else 1
         return (batch, 1), (batch, 1)
 
+    def sample_dims(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: int
+    ) -> tuple[tuple[int | None, ...], tuple[int, ...]]:
+        if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+            raise ValueError(
+                f"A considered {type(module).__name__} received a PackedSequence, whose rows are "
+                "time steps of several samples, not samples: pass padded sequences [B, T, E] "
+                "(the losses may mask the padding), consider other modules, or pass "
+                "gramian_mode='autograd'. Nothing was changed."
+            )
+        return super().sample_dims(module, args, kwargs, rows)
+
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
     ) -> dict[str, Tensor]:
