@@ -114,6 +114,14 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
         elif len(kept) < len(plan[module]):
             plan[module] = kept
     for module, owned in plan.items():
+        if isinstance(module, nn.utils.parametrize.ParametrizationList):
+            raise ValueError(
+                f"Considered parameters {sorted(owned)} are under torch.nn.utils.parametrize "
+                "(e.g. parametrizations.weight_norm, spectral_norm): the weight is computed from "
+                "them once per forward, outside the layer's per-sample calls. Consider the "
+                "layer's other parameters, remove the parametrization, or pass "
+                "gramian_mode='autograd'."
+            )
         known = rule_for(module).parameters
         unread = sorted(set(owned) - known) if known is not None else []
         if unread:

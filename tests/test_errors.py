@@ -369,3 +369,22 @@ def test_a_packed_sequence_into_a_considered_rnn_is_refused_clearly(batch_first:
     with pytest.raises(ValueError, match="PackedSequence"):
         optimizer.step(head(last[-1]).pow(2).sum(dim=1))
     assert_unchanged(before, snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
+def test_considered_parametrized_weights_are_refused_when_the_optimizer_is_built(how: str) -> None:
+    """Their weight is computed once per forward from the parametrization's parameters: refused
+    at construction (it was refused at the step with a message about the weight's rows as batch
+    rows); the layer's bias alone is exact."""
+    torch.manual_seed(0)
+    model = Sequential(Linear(4, 6), ReLU(), Linear(6, 3)).double()
+    parametrize = getattr(nn.utils.parametrizations, how)
+    parametrize(model[2]).eval()
+    with pytest.raises(ValueError, match=r"torch\.nn\.utils\.parametrize"):
+        PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model[2]])
+    bias = model[2].get_parameter("bias")
+    case = Case(
+        model, torch.randn(7, 4, dtype=torch.float64), [bias], lambda out: out.pow(2).sum(1)
+    )
+    errors = errors_against_oracle(case, torch.float64)
+    assert errors["gramian"] < 1e-10 and errors["grads"] < 1e-10, errors
