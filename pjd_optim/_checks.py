@@ -108,9 +108,11 @@ def as_weighting(weighting: Any) -> Weighting:
 
 def nonfinite_gradient(params: Iterable[Tensor]) -> tuple[Tensor, Tensor] | None:
     """A parameter whose ``.grad`` holds NaN or inf on this process (a sharded gradient: in its
-    local shard), with that gradient (``None`` if every one is finite): a fused largest ``|g|``
-    per gradient, one host read."""
-    owners, values = [], []
+    local shard), with that gradient (``None`` if every one is finite): fused 2-norms (one host
+    read), then, only for those not finite (NaN or inf entries, or an overflow of the norm), an
+    exact check."""
+    owners: list[tuple[Tensor, Tensor]] = []
+    values: list[Tensor] = []
     for p in params:
         grad = p.grad
         if grad is None:
@@ -122,12 +124,16 @@ def nonfinite_gradient(params: Iterable[Tensor]) -> tuple[Tensor, Tensor] | None
             values.append(local)
     if not values:
         return None
-    largest = torch._foreach_norm(values, float("inf"))
-    device = largest[0].device
-    finite = torch.stack([x.to(device, non_blocking=True) for x in largest]).isfinite()
+    norms = torch._foreach_norm(values)
+    device = norms[0].device
+    finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite()
     if bool(finite.all()):
         return None
-    return owners[int((~finite).nonzero()[0, 0])]
+    suspects: list[int] = (~finite).nonzero()[:, 0].tolist()
+    for k in suspects:
+        if not bool(values[k].isfinite().all()):
+            return owners[k]
+    return None
 
 
 class RestoreGradsOnError:

@@ -716,3 +716,25 @@ def test_task_objectives_below_a_considered_linear_with_or_without_bias(bias: bo
     optimizer.step(model(x))
     names = ["mid.weight", "mid.bias"] if bias else ["mid.weight"]
     check_task_step(optimizer, model, reference, before, names, reference(x))
+
+
+def test_the_non_finite_check_is_exact_where_a_norm_overflows() -> None:
+    """Finite gradients whose 2-norm overflows (float16 above 256, float32 above 1e19) are
+    finite: the step is not refused; a NaN entry in any of them is found."""
+    from pjd_optim._checks import nonfinite_gradient
+
+    big = torch.zeros(3, requires_grad=True)
+    half = torch.zeros(2, dtype=torch.float16, requires_grad=True)
+    small = torch.zeros(2, requires_grad=True)
+    big.grad = torch.tensor([3e19, 3e19, 1.0])
+    half.grad = torch.tensor([300.0, 300.0], dtype=torch.float16)
+    small.grad = torch.tensor([1.0, 2.0])
+    assert nonfinite_gradient([big, half, small]) is None
+    for p in (big, half, small):
+        saved = p.grad
+        assert saved is not None
+        p.grad = saved.clone()
+        p.grad[-1] = float("nan")
+        found = nonfinite_gradient([big, half, small])
+        assert found is not None and found[0] is p and found[1] is p.grad
+        p.grad = saved
