@@ -64,6 +64,7 @@ class ModuleCall:
     thread: int = 0
     outputs: tuple[Tensor, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ()
+    output_versions: tuple[int, ...] = ()
 
     def saved_tensors(self) -> list[Tensor]:
         if not self.kwargs and all(isinstance(a, Tensor) for a in self.args):  # the common case
@@ -73,6 +74,10 @@ class ModuleCall:
     def modified_in_place(self) -> bool:
         """Whether a saved input was modified in place after the call (its values are stale)."""
         return tuple(t._version for t in self.saved_tensors()) != self.versions
+
+    def output_modified_in_place(self) -> bool:
+        """Whether a kept output was modified in place after the call."""
+        return tuple(y._version for y in self.outputs) != self.output_versions
 
 
 @dataclass
@@ -296,6 +301,7 @@ def _tap(
             outputs=_kept(module, (output,)),
             dtypes=_dtypes((output,)),
         )
+        call.output_versions = tuple(y._version for y in call.outputs)
         return hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, output))[0]
     leaves, spec = tree_flatten(output)
     tapped = tuple(k for k, leaf in enumerate(leaves) if _differentiable(leaf))
@@ -314,6 +320,7 @@ def _tap(
         outputs=_kept(module, [leaves[k] for k in tapped]),
         dtypes=_dtypes([leaves[k] for k in tapped]),
     )
+    call.output_versions = tuple(y._version for y in call.outputs)
     outs = hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, *(leaves[k] for k in tapped)))
     for k, out in zip(tapped, outs, strict=True):
         leaves[k] = out

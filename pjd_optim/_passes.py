@@ -132,13 +132,22 @@ class Passes:
                     "forward, so its saved value is stale. Avoid in-place operations on the inputs "
                     "of considered modules (e.g. use out = x * 2 instead of x.mul_(2))."
                 )
+            if call.output_modified_in_place():
+                raise ValueError(
+                    f"The output of {self._name(call.module)} was modified in place after its "
+                    "forward, and its rule checks a re-run of the module against that output. "
+                    "Avoid in-place operations on the outputs of considered modules (e.g. use "
+                    "out = out * 2 instead of out.mul_(2)). Nothing was changed."
+                )
 
     @staticmethod
     def _not_connected() -> ValueError:
         return NotConnected(
-            "The losses do not depend on any considered parameter. Compute them from a forward "
-            "of the model this optimizer was built with (not of a copy of it, e.g. "
-            "copy.deepcopy(model)), with gradients enabled and after the optimizer was created."
+            "The losses do not depend on any considered parameter through a recorded call of its "
+            "module. Compute them from a forward of the model this optimizer was built with (not "
+            "of a copy of it, e.g. copy.deepcopy(model)), with gradients enabled and after the "
+            "optimizer was created; considered modules inside torch.utils.checkpoint need "
+            "use_reentrant=False (the reentrant variant runs them without gradients)."
         )
 
     def _name(self, module: nn.Module) -> str:

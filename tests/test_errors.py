@@ -388,3 +388,41 @@ def test_considered_parametrized_weights_are_refused_when_the_optimizer_is_built
     )
     errors = errors_against_oracle(case, torch.float64)
     assert errors["gramian"] < 1e-10 and errors["grads"] < 1e-10, errors
+
+
+class _ScaledTwice(nn.Module):
+    """A considered generic-rule module (``Scale``) whose output the parent doubles in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = Linear(4, 4), Linear(4, 2)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.sc = _Scale(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sc(self.a(x))
+        h.mul_(2.0)
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+class _Scale(nn.Module):
+    def __init__(self, scale: nn.Parameter) -> None:
+        super().__init__()
+        self.g = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.g
+
+
+def test_an_output_modified_in_place_is_refused_naming_the_cause() -> None:
+    """The generic rule checks its re-run against the kept output, which an in-place edit
+    changes: the refusal names the edit (it said the module could not be re-run per sample)."""
+    torch.manual_seed(0)
+    model = _ScaledTwice().double()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model.sc])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"output of sc \(_Scale\) was modified in place"):
+        optimizer.step(model(x).pow(2).sum(dim=1))
+    assert_unchanged(before, snapshot(model, optimizer))
