@@ -26,14 +26,14 @@ from torch import Tensor, nn
 from . import _maps
 from ._checks import is_finite, is_finite_tensor
 from ._distributed import CallGatherer, all_ranks_agree, world
-from ._graph import reached_without
-from ._hooks import HookSet, finalize_with, is_tap, suspended
+from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
 from ._passes import NotConnected, Passes
 from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
 from ._tasks import heads
+from ._uses import check_rules_read, refuse_outside_uses, refuse_unrecorded_uses
 from .gramian import sum_of_gramians
 from .gramian._registry import accumulate, rule_for
 
@@ -103,7 +103,7 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
     # A parameter registered in a module and in one of its descendants (Hugging Face's decoder
     # bias, tied to its head's): the innermost owner's rule sees its uses there, which an
     # ancestor's re-run would count again. (Uses elsewhere in the ancestor's forward reach the
-    # losses past every tap: refused, see HookedPass.)
+    # losses past every tap: refused, see _uses.)
     for module in list(plan):
         inner = {
             id(p) for m in module.modules() if m is not module for p in plan.get(m, {}).values()
@@ -113,25 +113,7 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
             del plan[module]
         elif len(kept) < len(plan[module]):
             plan[module] = kept
-    for module, owned in plan.items():
-        if isinstance(module, nn.utils.parametrize.ParametrizationList):
-            raise ValueError(
-                f"Considered parameters {sorted(owned)} are under torch.nn.utils.parametrize "
-                "(e.g. parametrizations.weight_norm, spectral_norm): the weight is computed from "
-                "them once per forward, outside the layer's per-sample calls. Consider the "
-                "layer's other parameters, remove the parametrization, or pass "
-                "gramian_mode='autograd'."
-            )
-        known = rule_for(module).parameters
-        unread = sorted(set(owned) - known) if known is not None else []
-        if unread:
-            raise ValueError(
-                f"{type(module).__name__} has considered parameters {unread} that its Gramian "
-                f"rule does not read (it reads {sorted(known or ())}): e.g. weight_g and weight_v "
-                "of torch.nn.utils.weight_norm, whose weight is rebuilt outside the module's "
-                "forward. Consider the module's other parameters only, remove the "
-                "reparametrisation, or pass gramian_mode='autograd'."
-            )
+    check_rules_read(plan)
     owned_ids = {id(p) for params in plan.values() for p in params.values()}
     missing = [p for p in considered if id(p) not in owned_ids]
     if missing:
@@ -315,13 +297,14 @@ class HookedPass(Pass):
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
-        self._refuse_uses_outside_modules()
+        refuse_outside_uses(losses, source.hooks, source.param_names)
         try:
             collected = source.passes.collect(losses, resume)
         except NotConnected:
-            self._refuse_unrecorded_uses(set())
+            refuse_unrecorded_uses(losses, source.plan, set(), source.param_names)
             raise
-        self._refuse_unrecorded_uses({id(r.module) for r in collected.reached})
+        reached = {id(r.module) for r in collected.reached}
+        refuse_unrecorded_uses(losses, source.plan, reached, source.param_names)
         self.check_seconds = source.passes.check_seconds
         m = collected.m
         start = time.perf_counter()
@@ -366,57 +349,6 @@ class HookedPass(Pass):
                     resume.usable = False
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
-
-    def _refuse_uses_outside_modules(self) -> None:
-        """Refuses losses that reach a considered parameter along a path through no tap: a use
-        outside its module's forward (a penalty on a weight added to the losses, a weight tied
-        by hand as ``h @ emb.weight.T``), whose per-sample gradients no rule sees."""
-        losses, source = self.losses, self.source
-        if losses.grad_fn is None:
-            return
-        hooks = source.hooks
-        used = reached_without(
-            (losses.grad_fn, losses.output_nr),
-            lambda node: is_tap(node) and node.hooks is hooks,
-            set(source.param_names),
-        )
-        if used:
-            names = ", ".join(source.param_names[id(p)] for p in used[:5])
-            raise ValueError(
-                f"The losses use {names} (considered) outside its module's forward, e.g. a "
-                "penalty on the weight added to the losses, or a weight tied by hand (h @ "
-                "emb.weight.T, F.linear(h, emb.weight)): the per-sample gradients of that use are "
-                "not seen by the module hooks, so the Gramian would be wrong. Fixes: add weight "
-                "penalties through the optimizer (weight_decay) or in a separate backward; tie "
-                "weights by sharing the parameter between modules (head.weight = emb.weight); or "
-                "gramian_mode='autograd' (exact, one backward per loss). (Under torch.compile: "
-                "build this optimizer before the first compiled forward, or the compiled code "
-                "runs without its hooks.) Nothing was changed."
-            )
-
-    def _refuse_unrecorded_uses(self, reached: set[int]) -> None:
-        """Refuses losses that depend on a considered module's parameters although the passes
-        reached none of its calls (a rare case, so the walk of the whole graph is affordable):
-        its hook did not run, e.g. code compiled by ``torch.compile`` before the hook existed."""
-        source, losses = self.source, self.losses
-        recorded = {
-            id(p) for m, own in source.plan.items() if id(m) in reached for p in own.values()
-        }
-        silent = {id(p) for m, own in source.plan.items() for p in own.values()} - recorded
-        if not silent or losses.grad_fn is None:
-            return
-        used = reached_without((losses.grad_fn, losses.output_nr), lambda node: False, silent)
-        if used:
-            names = ", ".join(source.param_names[id(p)] for p in used[:5])
-            raise ValueError(
-                f"The losses depend on {names} (considered), but no call of its module was "
-                "recorded: its forward hook did not run. Under torch.compile, code compiled "
-                "before this optimizer hooked the module (for the model, or another instance of "
-                "its class, with other considered modules) runs without the hook: build the "
-                "optimizer before the first compiled forward, and one optimizer per compiled "
-                "model; else the parameters are used without calling the module (see "
-                "gramian_mode='autograd'). Nothing was changed."
-            )
 
     @property
     def resumed(self) -> bool:  # type: ignore[override]
