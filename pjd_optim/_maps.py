@@ -246,14 +246,14 @@ def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:
 def per_column_records(
     collected: Collected,
     sample_tags: rowmap.Tags,
-    weights: Tensor,
+    weighted: dict[int, tuple[Tensor, ...]],
     sample_tagged: dict[int, tuple[Tensor, ...]],
     columns: list[dict[int, tuple[Tensor, ...]]],
 ) -> list[Record]:
     """Records of the per-column path: each reached call's rows mapped to samples by
-    ``sample_tags`` (``sample_tagged``: gradients by ``id`` of the record for the cotangent
-    ``τ_n·c_j``, compared with the column passes weighted by ``c = weights``), then pass ``j``'s
-    row ``r`` to loss ``σ(r)·K + j``, re-indexed by loss."""
+    ``sample_tags`` (``sample_tagged`` and ``weighted``: gradients by ``id`` of the record for
+    the cotangents ``τ_n·c_j`` and ``c_j``), then pass ``j``'s row ``r`` to loss ``σ(r)·K + j``,
+    re-indexed by loss."""
     m = collected.m
     n = sample_tags.m
     k = m // n
@@ -261,7 +261,7 @@ def per_column_records(
     for reached in collected.reached:
         call = reached.call
         parts = [rowmap.flat_rows(column[id(reached)], call.rows) for column in columns]
-        g = torch.stack(parts).mul(weights.view(-1, 1, 1).to(parts[0].dtype)).sum(dim=0)
+        g = rowmap.flat_rows(weighted[id(reached)], call.rows)
         h = rowmap.flat_rows(sample_tagged[id(reached)], call.rows)
         guess = torch.arange(n, device=g.device) if call.rows == n else None
         sigma = rowmap.identify(rowmap.ratios(g, h, sample_tags.delta), sample_tags, guess)

@@ -109,20 +109,23 @@ class Passes:
             )
         flat = collected.losses
         sample_tags = self.tags.draw(n, flat, collected.tags.dtype)
-        # Samples are named by the ratio of Σ_j τ_n c_j ∇ℓ_nj to Σ_j c_j ∇ℓ_nj (the columns'
-        # gradients weighted), with random c_j in [1, 2): unit weights would let a sample whose
-        # columns' gradients cancel (softmax probabilities as objectives) look negligible.
+        # Samples are named by the ratio of Σ_j τ_n c_j ∇ℓ_nj to Σ_j c_j ∇ℓ_nj (two passes, whose
+        # arithmetic differs by the factors τ_n only), with random c_j in [1, 2): unit weights
+        # would let a sample whose columns' gradients cancel (softmax probabilities as
+        # objectives) look negligible.
         weights = self.tags.column_weights(k, flat)
         anchor = [self.hooks.anchor]
         cotangent = (sample_tags.values.unsqueeze(1) * weights).flatten()
         tagged = _maps.aligned(collected, self.one(flat, cotangent, anchor, retain=True)[0])
+        weighted = self.one(flat, weights.repeat(n), anchor, retain=True)[0]
         columns = []
         for j in range(k):
             one_hot = torch.zeros(n, k, dtype=flat.dtype, device=flat.device)
             one_hot[:, j] = 1
             found = self.one(flat, one_hot.flatten(), anchor, retain=True)[0]
             columns.append(_maps.aligned(collected, found))
-        return _maps.per_column_records(collected, sample_tags, weights, tagged, columns)
+        records = _maps.aligned(collected, weighted)
+        return _maps.per_column_records(collected, sample_tags, records, tagged, columns)
 
     def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
         for call in calls:

@@ -400,3 +400,22 @@ def test_columns_that_cancel_for_the_drawn_weights_are_refused(
     with pytest.raises(ValueError, match="each feed several losses"):
         optimizer.step(torch.stack([out, -out], dim=1))
     assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_close_column_weights_do_not_make_the_check_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32, softmax probabilities ``[B, 3]``: the weighted sum is ``Σ_j (c_j − c₃)·∇p_j``.
+    Summed from the column passes it rounded differently from the tagged pass by about
+    ``eps/|c_j − c₃|``, and weights 1e-3 apart refused; from a pass of its own it differs by the
+    tags only, and the step is exact."""
+    from pjd_optim import _rowmap
+
+    def close(self: object, k: int, losses: Tensor) -> Tensor:
+        return 1 + 1e-3 * torch.arange(k, dtype=losses.dtype, device=losses.device)
+
+    monkeypatch.setattr(_rowmap.TagSource, "column_weights", close)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = _mixing_trunk().float()
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed)).float()
+        errors = step_errors(model, [model[0]], x, _softmax_objectives)
+        assert errors["gramian"] < 1e-5, errors
