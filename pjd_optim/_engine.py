@@ -102,8 +102,8 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
     visit(model)
     # A parameter registered in a module and in one of its descendants (Hugging Face's decoder
     # bias, tied to its head's): the innermost owner's rule sees its uses there, which an
-    # ancestor's re-run would count again. (Uses elsewhere in the ancestor's forward reach the
-    # losses past every tap: refused, see _uses.)
+    # ancestor's re-run would count again. (A use in the ancestor's own forward lies outside
+    # every call of the innermost owner: refused, see _uses.)
     for module in list(plan):
         inner = {
             id(p) for m in module.modules() if m is not module for p in plan.get(m, {}).values()
@@ -297,7 +297,7 @@ class HookedPass(Pass):
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
-        refuse_outside_uses(losses, source.hooks, source.param_names)
+        refuse_outside_uses(losses, source.hooks, source.plan, source.param_names)
         try:
             collected = source.passes.collect(losses, resume)
         except NotConnected:

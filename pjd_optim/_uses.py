@@ -10,13 +10,14 @@ anything changes.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-from ._graph import reached_without
-from ._hooks import HookSet, is_tap
+from ._graph import Edge, Node, children, leaf, reached_without
+from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian._registry import rule_for
 
 Plan = Mapping[nn.Module, Mapping[str, Tensor]]
@@ -46,13 +47,23 @@ def check_rules_read(plan: Plan) -> None:
             )
 
 
-def refuse_outside_uses(losses: Tensor, hooks: HookSet, names: Mapping[int, str]) -> None:
-    """Refuses losses that reach a considered parameter (ids: ``names``) along a path through no
-    tap: a use outside its module's forward, whose per-sample gradients no rule sees."""
-    used = _reached(losses, lambda node: is_tap(node) and node.hooks is hooks, set(names), names)
+def refuse_outside_uses(
+    losses: Tensor, hooks: HookSet, plan: Plan, names: Mapping[int, str]
+) -> None:
+    """Refuses losses that reach a considered parameter (ids: ``names``) from a node outside
+    every recorded call of a module that owns it: a use outside its module's forward, whose
+    per-sample gradients no rule sees."""
+    if losses.grad_fn is None:
+        return
+    owners: dict[int, set[int]] = {}
+    for module, own in plan.items():
+        for p in own.values():
+            owners.setdefault(id(p), set()).add(id(module))
+    used = _outside_owners(losses.grad_fn, hooks, owners)
     if used:
+        listed = ", ".join(names[id(p)] for p in used[:5])
         raise ValueError(
-            f"The losses use {used} (considered) outside its module's forward, e.g. a "
+            f"The losses use {listed} (considered) outside its module's forward, e.g. a "
             "penalty on the weight added to the losses, or a weight tied by hand (h @ "
             "emb.weight.T, F.linear(h, emb.weight)): the per-sample gradients of that use are "
             "not seen by the module hooks, so the Gramian would be wrong. Fixes: add weight "
@@ -62,6 +73,56 @@ def refuse_outside_uses(losses: Tensor, hooks: HookSet, names: Mapping[int, str]
             "build this optimizer before the first compiled forward, or the compiled code "
             "runs without its hooks.) Nothing was changed."
         )
+
+
+def _outside_owners(root: Node, hooks: HookSet, owners: Mapping[int, set[int]]) -> list[Tensor]:
+    """The considered parameters (``owners``: id → ids of the modules owning it) that some node
+    takes outside every recorded call of their owners. Nodes are visited latest first, each with
+    the calls whose region (between the call's tap and its inputs) every path to it lies in; the
+    walk stops at nodes outside every call and older than the first tap that only paths through
+    a call reach (the trunk below the considered part)."""
+    first = hooks.live.first_seq()
+    state: dict[Node, tuple[frozenset[ModuleCall], bool]] = {}
+    heap: list[tuple[int, int, Node]] = []
+    exits: dict[int, set[Edge]] = {}
+    found: dict[int, Tensor] = {}
+
+    def push(node: Node, inside: frozenset[ModuleCall], entered: bool) -> None:
+        if node in state:
+            before, was = state[node]
+            state[node] = (before & inside, was and entered)
+            return
+        state[node] = (inside, entered)
+        heapq.heappush(heap, (-node._sequence_nr(), len(state), node))
+
+    def inputs_of(call: ModuleCall) -> set[Edge]:
+        if id(call) not in exits:
+            exits[id(call)] = {(t.grad_fn, t.output_nr) for t in call.sources if t.grad_fn}
+        return exits[id(call)]
+
+    push(root, frozenset(), False)
+    while heap:
+        node = heapq.heappop(heap)[2]
+        inside, entered = state.pop(node)
+        if entered and not inside and node._sequence_nr() < first:
+            continue
+        edges = children(node)
+        if is_tap(node) and node.hooks is hooks:  # (its first edge goes to the anchor)
+            for child, _ in edges[1:]:
+                if leaf(child) is None:
+                    push(child, inside | {node.call}, True)
+            continue
+        for child, nr in edges:
+            variable = leaf(child)
+            if variable is None:
+                push(
+                    child, frozenset(c for c in inside if (child, nr) not in inputs_of(c)), entered
+                )
+                continue
+            mine = owners.get(id(variable))
+            if mine is not None and not any(id(c.module) in mine for c in inside):
+                found.setdefault(id(variable), variable)
+    return list(found.values())
 
 
 def refuse_unrecorded_uses(

@@ -294,3 +294,91 @@ def test_a_legacy_weight_norm_layer_is_refused_or_exact(considered: str) -> None
     assert optimizer.last_step is not None
     expected = oracle_gramian(model(x).pow(2).sum(dim=1), params)
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+class RootTied(nn.Module):
+    """A root with a parameter of its own (hooked under the generic rule, ``considered=[root]``)
+    and a head tied to the embedding: by hand in the root's forward, or by sharing the
+    parameter between modules (``head.weight = emb.weight``, exact)."""
+
+    def __init__(self, by_hand: bool) -> None:
+        super().__init__()
+        self.by_hand = by_hand
+        self.emb, self.mix = nn.Embedding(7, 4), nn.Linear(4, 4)
+        self.pos = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.emb(ids) + self.pos))
+        logits = nn.functional.linear(h, self.emb.weight) if self.by_hand else self.head(h)
+        return logits.logsumexp(dim=1)
+
+
+class HeadWithReference(nn.Module):
+    """A considered head that reads another considered module's weight in its own forward."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.refs = [emb]  # (not registered)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h * self.scale, self.refs[0].weight)
+
+
+class ParentUsingChildBias(nn.Module):
+    """A parent with a parameter of its own that also adds its child's bias itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.child, self.scale = nn.Linear(4, 4), nn.Parameter(torch.rand(4) + 0.5)
+        self.bias = self.child.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.child(x) * self.scale + 2 * self.bias
+        return out
+
+
+@pytest.mark.parametrize("case", ["root tied by hand", "reference in a head", "parent's bias"])
+def test_a_considered_parameter_used_inside_another_considered_call_is_refused(
+    case: str,
+) -> None:
+    """The use lies below a tap, but of a module that does not own the parameter, whose rule
+    does not see it (the Gramian was 17-84 % off): refused, nothing changed."""
+    from oracle import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 7, (5,))
+    model: nn.Module
+    if case == "root tied by hand":
+        model = RootTied(by_hand=True).double()
+        considered: list[nn.Module] = [model]
+    elif case == "reference in a head":
+        emb = nn.Embedding(7, 4)
+        model = nn.Sequential(emb, nn.Tanh(), HeadWithReference(emb)).double()
+        considered = [model[0], model[2]]
+    else:
+        model = nn.Sequential(nn.Embedding(7, 4), ParentUsingChildBias(), nn.Linear(4, 3))
+        model = model.double()
+        considered = [model[1]]
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=considered)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="outside its module's forward"):
+        optimizer.step(model(x).pow(2).sum(dim=-1) if model(x).ndim > 1 else model(x))
+    assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_a_root_with_its_own_parameter_and_a_head_tied_by_sharing_is_exact() -> None:
+    """The control: the same root, the head tied by sharing the parameter (both modules own
+    it, each call is seen), every parameter considered."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = RootTied(by_hand=False).double()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model])
+    x = torch.randint(0, 7, (5,))
+    optimizer.backward(model(x))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x), list(model.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
