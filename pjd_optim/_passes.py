@@ -80,14 +80,23 @@ class Passes:
         """One collection pass: every reached call's output gradients, and those of ``inputs[1:]``
         (``per_instance``: refuse a pass through a module that couples the batch)."""
         with self.hooks.collecting() as collector:
-            found = torch.autograd.grad(
-                self.hooks.probe(losses),
-                inputs,
-                cotangent,
-                retain_graph=retain,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            try:
+                found = torch.autograd.grad(
+                    self.hooks.probe(losses),
+                    inputs,
+                    cotangent,
+                    retain_graph=retain,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            except RuntimeError as error:
+                if "use_reentrant" not in str(error):
+                    raise
+                raise ValueError(
+                    "The considered modules lie below a torch.utils.checkpoint with "
+                    "use_reentrant=True, which the collection passes cannot go through: use "
+                    "use_reentrant=False. Nothing was changed."
+                ) from error
         if collector.coupling and per_instance:
             self._refuse_coupling(collector.coupling)
         calls = dict(collector.calls)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._graph import Edge, Node, children, leaf, reached_without
+from ._graph import Edge, Node, children, latest_first, leaf, reached_without
 from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian._registry import rule_for
 
@@ -135,6 +135,13 @@ def refuse_unrecorded_uses(
     recorded = {id(p) for m, own in plan.items() if id(m) in reached for p in own.values()}
     silent = {id(p) for own in plan.values() for p in own.values()} - recorded
     used = _reached(losses, lambda node: False, silent, names)
+    if silent and not used and losses.grad_fn is not None and _behind_reentrant(losses.grad_fn):
+        raise ValueError(
+            "The losses go through a torch.utils.checkpoint with use_reentrant=True, which "
+            "runs its function without gradients and hides it from the graph: considered "
+            "modules inside it cannot be followed (their calls were not recorded). Use "
+            "use_reentrant=False. Nothing was changed."
+        )
     if used:
         raise ValueError(
             f"The losses depend on {used} (considered), but no call of its module was "
@@ -145,6 +152,15 @@ def refuse_unrecorded_uses(
             "model; else the parameters are used without calling the module (see "
             "gramian_mode='autograd'). Nothing was changed."
         )
+
+
+def _behind_reentrant(root: Node) -> bool:
+    """Whether the graph below ``root`` holds a reentrant checkpoint's node."""
+
+    def follow(node: Node, _: set[int]) -> list[Edge] | None:
+        return None if type(node).__name__ == "CheckpointFunctionBackward" else children(node)
+
+    return not latest_first([(root, 0)], follow)
 
 
 def _reached(
