@@ -21,6 +21,14 @@ from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian._registry import rule_for
 
 Plan = Mapping[nn.Module, Mapping[str, Tensor]]
+Context = frozenset[ModuleCall]  # the calls whose regions a path lies in
+MAX_CONTEXTS = 64  # distinct contexts kept per node; beyond, their intersection (stricter)
+COMPILED = (
+    "(Under torch.compile a graph compiled without a module's hook runs without it: compiled "
+    "before this optimizer was built, or for another instance of the class that is not "
+    "considered, e.g. the other blocks when only the last one is, which dynamo reuses unless "
+    "torch._dynamo.config.skip_nnmodule_hook_guards = False is set before compiling.)"
+)
 
 
 def check_rules_read(plan: Plan) -> None:
@@ -69,30 +77,33 @@ def refuse_outside_uses(
             "not seen by the module hooks, so the Gramian would be wrong. Fixes: add weight "
             "penalties through the optimizer (weight_decay) or in a separate backward; tie "
             "weights by sharing the parameter between modules (head.weight = emb.weight); or "
-            "gramian_mode='autograd' (exact, one backward per loss). (Under torch.compile: "
-            "build this optimizer before the first compiled forward, or the compiled code "
-            "runs without its hooks.) Nothing was changed."
+            f"gramian_mode='autograd' (exact, one backward per loss). {COMPILED} Nothing was "
+            "changed."
         )
 
 
 def _outside_owners(root: Node, hooks: HookSet, owners: Mapping[int, set[int]]) -> list[Tensor]:
     """The considered parameters (``owners``: id → ids of the modules owning it) that some node
     takes outside every recorded call of their owners. Nodes are visited latest first, each with
-    the calls whose region (between the call's tap and its inputs) every path to it lies in; the
-    walk stops at nodes outside every call and older than the first tap that only paths through
-    a call reach (the trunk below the considered part)."""
+    the sets of calls whose region (between the call's tap and its inputs) its paths lie in, one
+    set per distinct path context (autocast's cached cast of a weight, say, is taken by every
+    call of the module); the walk stops at nodes outside every call and older than the first
+    tap that only paths through a call reach (the trunk below the considered part)."""
     first = hooks.live.first_seq()
-    state: dict[Node, tuple[frozenset[ModuleCall], bool]] = {}
+    state: dict[Node, tuple[set[Context], bool]] = {}
     heap: list[tuple[int, int, Node]] = []
     exits: dict[int, set[Edge]] = {}
     found: dict[int, Tensor] = {}
 
-    def push(node: Node, inside: frozenset[ModuleCall], entered: bool) -> None:
+    def push(node: Node, contexts: set[Context], entered: bool) -> None:
         if node in state:
             before, was = state[node]
-            state[node] = (before & inside, was and entered)
+            merged = before | contexts
+            if len(merged) > MAX_CONTEXTS:  # (never seen: the calls every path lies in)
+                merged = {frozenset.intersection(*merged)}
+            state[node] = (merged, was and entered)
             return
-        state[node] = (inside, entered)
+        state[node] = (contexts, entered)
         heapq.heappush(heap, (-node._sequence_nr(), len(state), node))
 
     def inputs_of(call: ModuleCall) -> set[Edge]:
@@ -100,27 +111,31 @@ def _outside_owners(root: Node, hooks: HookSet, owners: Mapping[int, set[int]]) 
             exits[id(call)] = {(t.grad_fn, t.output_nr) for t in call.sources if t.grad_fn}
         return exits[id(call)]
 
-    push(root, frozenset(), False)
+    push(root, {frozenset()}, False)
     while heap:
         node = heapq.heappop(heap)[2]
-        inside, entered = state.pop(node)
-        if entered and not inside and node._sequence_nr() < first:
+        contexts, entered = state.pop(node)
+        if entered and node._sequence_nr() < first and not any(contexts):
             continue
         edges = children(node)
         if is_tap(node) and node.hooks is hooks:  # (its first edge goes to the anchor)
+            inner = {context | {node.call} for context in contexts}
             for child, _ in edges[1:]:
                 if leaf(child) is None:
-                    push(child, inside | {node.call}, True)
+                    push(child, inner, True)
             continue
         for child, nr in edges:
             variable = leaf(child)
             if variable is None:
-                push(
-                    child, frozenset(c for c in inside if (child, nr) not in inputs_of(c)), entered
-                )
+                kept = {
+                    frozenset(c for c in ctx if (child, nr) not in inputs_of(c)) for ctx in contexts
+                }
+                push(child, kept, entered)
                 continue
             mine = owners.get(id(variable))
-            if mine is not None and not any(id(c.module) in mine for c in inside):
+            if mine is not None and not all(
+                any(id(c.module) in mine for c in context) for context in contexts
+            ):
                 found.setdefault(id(variable), variable)
     return list(found.values())
 
@@ -145,12 +160,8 @@ def refuse_unrecorded_uses(
     if used:
         raise ValueError(
             f"The losses depend on {used} (considered), but no call of its module was "
-            "recorded: its forward hook did not run. Under torch.compile, code compiled "
-            "before this optimizer hooked the module (for the model, or another instance of "
-            "its class, with other considered modules) runs without the hook: build the "
-            "optimizer before the first compiled forward, and one optimizer per compiled "
-            "model; else the parameters are used without calling the module (see "
-            "gramian_mode='autograd'). Nothing was changed."
+            f"recorded: its forward hook did not run. {COMPILED} Else the parameters are used "
+            "without calling the module (see gramian_mode='autograd'). Nothing was changed."
         )
 
 

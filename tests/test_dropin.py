@@ -327,6 +327,43 @@ def test_compiled_code_without_the_hooks_of_a_later_optimizer_is_refused() -> No
     assert_unchanged(before, snapshot(second, late))
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = x + self.fc(self.norm(x))
+        return out
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_compiled_blocks_with_only_the_last_considered(
+    guards: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identical blocks, the last one considered, the optimizer built before compiling: dynamo
+    reuses the graph compiled for the first block (no hook) for the last one unless it guards on
+    module hooks. Without the guards the step is refused, naming the setting; with them, exact."""
+    import torch._dynamo
+    from oracle import oracle_gramian
+
+    torch._dynamo.reset()  # (this test's own compilations only)
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", not guards)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Block(), _Block(), nn.Linear(4, 2))
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model[2]])
+    compiled = torch.compile(model)
+    x = torch.randn(5, 3)
+    if not guards:
+        with pytest.raises(ValueError, match="skip_nnmodule_hook_guards"):
+            optimizer.backward(losses_of(compiled, x))
+        return
+    optimizer.backward(losses_of(compiled, x))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(losses_of(model, x), list(model[2].parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+
+
 @pytest.mark.parametrize("through", ["lightning_optimizer", "optimizer"])
 def test_lightning_manual_optimisation_is_exact(through: str) -> None:
     """``self.optimizers()`` is Lightning's proxy of the optimizer; ``backward`` may be called on

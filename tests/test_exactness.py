@@ -424,3 +424,40 @@ def test_considered_modules_and_checkpoints(reentrant: bool, part: str) -> None:
     assert optimizer.last_step is not None
     expected = oracle_gramian(model(x), [p for m in modules for p in m.parameters()])
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+class TwiceUnderAutocast(nn.Module):
+    """``lin`` called twice (``tied``: two Linears sharing one weight), after ``a``."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.a, self.lin = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.other = nn.Linear(4, 4) if tied else self.lin
+        if tied:
+            self.other.weight = self.lin.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.other(torch.tanh(self.lin(torch.tanh(self.a(x)))))
+        return h.float().pow(2).sum(dim=1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_weight_cast_once_by_autocast_for_several_calls_is_not_refused(tied: bool) -> None:
+    """Autocast caches a weight's low-precision cast: one node that every call of the module
+    (or of the modules sharing it) takes. Each path to it lies inside a call of an owner, so
+    the step is not refused (it was: the walk intersected the calls of the paths), and it
+    matches the oracle run under the same autocast."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = TwiceUnderAutocast(tied)
+    considered = [model.a, model.lin, model.other]
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=considered)
+    x = torch.randn(6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        optimizer.backward(model(x))
+        losses = model(x)
+    assert optimizer.last_step is not None
+    params = list({id(p): p for m in considered for p in m.parameters()}.values())
+    expected = oracle_gramian(losses, params)
+    assert relative_error(optimizer.last_step.gramian, expected) < 2e-2
