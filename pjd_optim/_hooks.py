@@ -65,6 +65,7 @@ class ModuleCall:
     outputs: tuple[Tensor, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ()
     output_versions: tuple[int, ...] = ()
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
     def saved_tensors(self) -> list[Tensor]:
         if not self.kwargs and all(isinstance(a, Tensor) for a in self.args):  # the common case
@@ -277,9 +278,14 @@ def _kept(module: nn.Module, outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 def _dtypes(outputs: Sequence[Tensor]) -> tuple[torch.dtype, ...]:
     """The outputs' dtypes, and the autocast dtype where autocast is on for their device."""
-    kinds = {y.device.type for y in outputs}
-    cast = [torch.get_autocast_dtype(k) for k in kinds if torch.is_autocast_enabled(k)]
-    return (*(y.dtype for y in outputs), *cast)
+    return (*(y.dtype for y in outputs), *(dtype for _, dtype in _autocast(outputs)))
+
+
+def _autocast(outputs: Sequence[Tensor]) -> tuple[tuple[str, torch.dtype], ...]:
+    """``(device type, dtype)`` of the autocast on for the outputs' devices (rules that re-run
+    the module re-run it under the same)."""
+    kinds = sorted({y.device.type for y in outputs})
+    return tuple((k, torch.get_autocast_dtype(k)) for k in kinds if torch.is_autocast_enabled(k))
 
 
 def _tap(
@@ -300,6 +306,7 @@ def _tap(
             rows=_rows(output),
             outputs=_kept(module, (output,)),
             dtypes=_dtypes((output,)),
+            autocast=_autocast((output,)),
         )
         call.output_versions = tuple(y._version for y in call.outputs)
         return hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, output))[0]
@@ -319,6 +326,7 @@ def _tap(
         rows=tuple(r for k in tapped for r in _rows(leaves[k])),
         outputs=_kept(module, [leaves[k] for k in tapped]),
         dtypes=_dtypes([leaves[k] for k in tapped]),
+        autocast=_autocast([leaves[k] for k in tapped]),
     )
     call.output_versions = tuple(y._version for y in call.outputs)
     outs = hooks.live.add(call, _Tap.apply(call, hooks, hooks.anchor, *(leaves[k] for k in tapped)))

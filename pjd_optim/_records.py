@@ -45,6 +45,7 @@ def batch_major(call: ModuleCall, grads: tuple[Tensor, ...]) -> Call:
         output_dims=output_dims,
         outputs=moved(call.outputs, output_dims),
         precision=min(call.dtypes, key=_resolution, default=None),
+        autocast=call.autocast,
     )
     return replace(record, output_grads=moved(grads, output_dims))
 

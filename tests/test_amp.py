@@ -230,3 +230,66 @@ def test_jd_scaler_refuses_second_order_and_bad_arguments() -> None:
         scaler(losses, optimizer, clip_grad=1.0, clip_mode="x", parameters=model.parameters())
     with pytest.raises(TypeError, match="PartialJDOptimizer"):
         scaler(losses, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+
+
+class _ReRun(nn.Module):
+    """A module re-run by its rule (``core``: attention, a GRU cell loop, an LSTM, or a module
+    with a parameter of its own) between two Linears, under autocast."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.inp, self.head = nn.Linear(4, 8), nn.Linear(8, 1)
+        builders: dict[str, Callable[[], nn.Module]] = {
+            "attention": lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+            "gru cell": lambda: nn.GRUCell(8, 8),
+            "lstm": lambda: nn.LSTM(8, 8, batch_first=True),
+            "own parameter": lambda: _Gain(),
+        }
+        self.core = builders[kind]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        if self.kind == "attention":
+            a, _ = self.core(h, h, h)
+        elif self.kind == "lstm":
+            a, _ = self.core(h)
+        elif self.kind == "gru cell":
+            z = torch.zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                z = self.core(h[:, t], z)
+            a = z.unsqueeze(1)
+        else:
+            a = self.core(h)
+        out: Tensor = self.head(a).float().mean(dim=(1, 2)) ** 2
+        return out
+
+
+class _Gain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(h @ torch.diag(self.gain))
+
+
+@pytest.mark.parametrize("kind", ["attention", "gru cell", "lstm", "own parameter"])
+def test_rules_that_re_run_a_module_re_run_it_under_the_forwards_autocast(kind: str) -> None:
+    """Under bf16 autocast the module's inputs are bf16: its re-run outside autocast met bf16
+    inputs and float32 weights and was refused (attention, cells, custom modules) or raised a
+    RuntimeError (LSTM). The re-run now runs under the forward's autocast: the Gramian is the
+    oracle's under the same autocast, to bf16 precision."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = _ReRun(kind)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = PartialJDOptimizer(base, model, considered=[model.core])
+    x = torch.randn(4, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        optimizer.backward(model(x))
+        losses = model(x)
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(losses, list(model.core.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 2e-2

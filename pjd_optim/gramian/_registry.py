@@ -18,6 +18,7 @@ rule (``torch.func`` per-sample VJPs), which is exact for any module whose sampl
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +43,8 @@ class Call:
     index among the module's flattened outputs and ``output_dims[k]`` its batch dim in the module's
     own layout (empty: 0). ``outputs`` holds the outputs themselves (batch on dim 0) for rules whose
     ``needs_outputs`` holds, and ``precision`` the least precise dtype the forward ran in
-    (autocast's, say; ``None``: the outputs').
+    (autocast's, say; ``None``: the outputs'), and ``autocast`` the ``(device type, dtype)`` of
+    the autocast the forward ran under (a rule that re-runs the module re-runs it under it).
     """
 
     args: tuple[Any, ...]
@@ -53,6 +55,7 @@ class Call:
     output_dims: tuple[int, ...] = ()
     outputs: tuple[Tensor, ...] = ()
     precision: torch.dtype | None = None
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -158,6 +161,14 @@ _K = TypeVar("_K")
 def accumulate(total: dict[_K, Tensor], key: _K, value: Tensor) -> None:
     """``total[key] += value`` (set if absent)."""
     total[key] = total[key] + value if key in total else value
+
+
+def under_autocast(call: Call) -> contextlib.ExitStack:
+    """The autocast ``call``'s forward ran under, to re-run the module under it."""
+    stack = contextlib.ExitStack()
+    for device_type, dtype in call.autocast:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype))
+    return stack
 
 
 def summed_over_calls(

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
+from ._registry import (
+    Call,
+    GramianRule,
+    register_gramian_rule,
+    summed_over_calls,
+    under_autocast,
+)
 from ._sharded import call_forward, replay_parameters
 from .norm import couples_batch
 
@@ -81,9 +87,10 @@ def per_sample_vjp(
         return pullback(cotangents)[0], squeezed
 
     try:
-        grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
-            dict(values), samples, call.output_grads
-        )
+        with under_autocast(call):
+            grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
+                dict(values), samples, call.output_grads
+            )
     except RuntimeError as error:
         if "random" in str(error):
             raise ValueError(

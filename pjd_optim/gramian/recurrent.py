@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls
+from ._registry import Call, GramianRule, register_gramian_rule, summed_over_calls, under_autocast
 from ._sharded import replay_parameters
 
 
@@ -82,9 +82,10 @@ def _per_sample(
 
         return vjp(forward, theta)[1](gys)[0]
 
-    grads: dict[str, Tensor] = vmap(one_sample, in_dims=(None, 0, 0))(
-        values, [x, *states], call.output_grads
-    )
+    with under_autocast(call):
+        grads: dict[str, Tensor] = vmap(one_sample, in_dims=(None, 0, 0))(
+            values, [x, *states], call.output_grads
+        )
     return grads
 
 
