@@ -336,6 +336,31 @@ class Noisy(nn.Module):
         return F.dropout(torch.tanh(x @ self.w), 0.5, self.training)
 
 
+CELLS: dict[str, Callable[[int, int], nn.Module]] = {
+    "RNNCell": nn.RNNCell,
+    "GRUCell": nn.GRUCell,
+    "LSTMCell": nn.LSTMCell,
+}
+
+
+def cell(kind: str, states: bool) -> Setting:
+    """A recurrent cell on ``[B, 3]``, given its state or not (``hx=None``: zeros)."""
+    lstm = kind == "LSTMCell"
+
+    def inputs(gen: torch.Generator) -> Inputs:
+        x = randn(gen, B, 3)
+        if not states:
+            return (x,), {}
+        hx = (randn(gen, B, 2), randn(gen, B, 2)) if lstm else randn(gen, B, 2)
+        return (x, hx), {}
+
+    in_dims = (0, 0, 0) if states and lstm else (0, 0) if states else (0,)
+    build = lambda: CELLS[kind](3, 2).double()  # noqa: E731
+    key = type(CELLS[kind](1, 1))
+    name = f"cell_{kind}_{'states' if states else 'no_state'}"
+    return Setting(key, name, build, inputs, in_dims, (0, 0) if lstm else (0,))
+
+
 def with_table(rows: int) -> Setting:
     def inputs(gen: torch.Generator) -> Inputs:
         return (randn(gen, B, 2, 3), randn(gen, rows, 3)), {"scale": 0.7}
@@ -451,6 +476,7 @@ def settings() -> list[Setting]:
                 (0,), train=True, refusal="random"),
         Setting(nn.Module, "generic_dropout_eval", Noisy, one(lambda g: randn(g, B, 3)), (0,),
                 (0,)),
+        *(cell(kind, states) for kind in CELLS for states in (False, True)),
     ]  # fmt: skip
     return table
 

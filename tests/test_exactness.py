@@ -461,3 +461,39 @@ def test_a_weight_cast_once_by_autocast_for_several_calls_is_not_refused(tied: b
     params = list({id(p): p for m in considered for p in m.parameters()}.values())
     expected = oracle_gramian(losses, params)
     assert relative_error(optimizer.last_step.gramian, expected) < 2e-2
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell unrolled over 4 steps, its first step without a state (``hx=None``)."""
+
+    def __init__(self, cell: Callable[[int, int], nn.RNNCellBase]) -> None:
+        super().__init__()
+        self.inp, self.cell, self.out = nn.Linear(3, 5), cell(5, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        state: Any = None
+        for t in range(h.shape[1]):
+            state = self.cell(h[:, t], state)
+        last = state[0] if isinstance(state, tuple) else state
+        out: torch.Tensor = self.out(last).pow(2).sum(dim=1)
+        return out
+
+
+@pytest.mark.parametrize("cell", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_a_cell_loop_starting_without_a_state_is_exact(
+    cell: Callable[[int, int], nn.RNNCellBase],
+) -> None:
+    """The cell makes its zero state inside the per-sample re-run, without a batch dim: it was
+    refused ("cannot be re-run per sample"); the re-run now gets the zeros as per-sample
+    inputs."""
+    from oracle import oracle_gramian, relative_error
+
+    torch.manual_seed(0)
+    model = CellLoop(cell).double()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=[model.cell])
+    x = torch.randn(4, 4, 3, dtype=torch.float64)
+    optimizer.backward(model(x))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x), list(model.cell.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12

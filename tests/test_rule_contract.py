@@ -75,6 +75,16 @@ def per_sample_losses(outputs: list[Tensor], dims: tuple[int, ...]) -> Tensor:
     return mse(features)
 
 
+class _Tapped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *outputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(y.clone() for y in outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, ...]:
+        return grads
+
+
 def forward_call(
     module: nn.Module, setting: Setting, gen: torch.Generator
 ) -> tuple[Call, list[Tensor], Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -86,7 +96,9 @@ def forward_call(
     tensor_positions = [k for k, y in enumerate(leaves) if isinstance(y, Tensor)]
     dims_at = dict(zip(tensor_positions, setting.out_dims, strict=True))
     positions = tuple(k for k in tensor_positions if leaves[k].requires_grad)
-    outputs = [leaves[k] for k in positions]
+    # As the engine's tap: the outputs through one identity node, so that the gradient w.r.t.
+    # an output another output is computed from (an LSTM cell's c, under h) is its own use only.
+    outputs = list(_Tapped.apply(*(leaves[k] for k in positions)))
     out_dims = tuple(dims_at[k] for k in positions)
     losses = per_sample_losses(outputs, out_dims)
     in_leaves, spec = tree_flatten((args, kwargs))

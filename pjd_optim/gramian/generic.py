@@ -205,3 +205,31 @@ class AttentionRule(GenericRule):
             else:
                 dims.append(None)
         return tuple(dims), (batch, 0)
+
+
+@register_gramian_rule(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+class CellRule(GenericRule):
+    """Recurrent cells: a call without a state (``hx=None``, the first step of a loop) is re-run
+    with the zeros the cell starts from, given as per-sample inputs (a state the cell makes
+    inside the per-sample re-run has no batch dim)."""
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        return super().per_sample_grads(module, [_with_state(module, c) for c in calls], params)
+
+
+def _with_state(module: nn.Module, call: Call) -> Call:
+    """``call`` with its missing state made explicit: zeros ``[rows, hidden]`` (two for LSTM)."""
+    x = call.args[0] if call.args else None
+    hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    if hx is not None or not isinstance(x, Tensor) or x.ndim != 2:
+        return call
+    zeros = x.new_zeros(x.shape[0], getattr(module, "hidden_size", 0))
+    state: Tensor | tuple[Tensor, Tensor] = zeros
+    if isinstance(module, nn.LSTMCell):
+        state = (zeros, zeros.clone())
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "hx"}
+    added = (0,) * (2 if isinstance(state, tuple) else 1)
+    dims = (call.sample_dims[0], *added, *call.sample_dims[1:]) if call.sample_dims else ()
+    return replace(call, args=(x, state), kwargs=kwargs, sample_dims=dims)
