@@ -30,12 +30,18 @@ def world() -> tuple[int, int]:
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     """Whether every rank says ``ok`` (one all-reduce under torch.distributed, else ``ok``): a
     step one rank refuses is refused on all, before any other collective, so none waits."""
+    return each_agreed([ok], device)[0]
+
+
+def each_agreed(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether every rank says it (one all-reduce for all, every rank passing as
+    many flags; without torch.distributed the flags themselves)."""
     size, _ = world()
     if size == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        return flags
+    values = torch.tensor([1 if f else 0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in values.tolist()]
 
 
 class CallGatherer:

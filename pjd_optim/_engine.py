@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import _maps
 from ._checks import is_finite, is_finite_tensor
-from ._distributed import CallGatherer, all_ranks_agree, world
+from ._distributed import CallGatherer, each_agreed, world
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
 from ._passes import NotConnected, Passes
@@ -279,12 +279,17 @@ class HookedPass(Pass):
         try:
             records, gramian, finite = self._checked()
         except ValueError:
-            all_ranks_agree(False, losses.device)
+            each_agreed([False, False], losses.device)
             raise
-        if not all_ranks_agree(True, losses.device):
+        # One all-reduce: whether every rank went through, and (the Gramians being local
+        # unless "global") whether every rank's is finite, so that all skip, raise or go on
+        # together (a rank stepping alone would wait in DDP's all-reduce).
+        ok, every_finite = each_agreed([True, finite], losses.device)
+        if not ok:
             raise ValueError(
                 "Another rank refused this step (its error says why): nothing changed."
             )
+        finite = every_finite if self.gather is None else finite
         if gramian is None:  # "global": the Gramian of every rank's calls
             assert self.gather is not None
             records = self.gather(records)

@@ -143,8 +143,17 @@ def test_a_step_one_rank_refuses_is_refused_on_every_rank(mode: str, tmp_path: P
 def test_an_overflow_on_one_rank_is_a_non_finite_step_not_an_error(
     mode: str, tmp_path: Path
 ) -> None:
-    """Rank 0's losses overflow: its backward gives NaN weights (GradScaler then skips), and under
-    "global" so does every rank's (their Gramian holds rank 0's rows); none raises."""
+    """Rank 0's losses overflow: every rank's backward gives NaN weights (GradScaler then skips;
+    under "global" their Gramian holds rank 0's rows, under "local" the ranks agree on
+    finiteness); none raises."""
     spawn(mode, tmp_path)
     results = [(tmp_path / f"nonfinite{rank}.txt").read_text() for rank in range(WORLD)]
-    assert results == (["True", "True"] if mode.endswith("global") else ["True", "False"])
+    assert results == ["True", "True"]
+
+
+def test_an_overflow_on_one_rank_in_step_losses_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    """``step(losses)`` with ``nonfinite="skip"``, rank 0's losses overflowing: every rank skips
+    (rank 1 used to go on into DDP's all-reduce alone and wait), nothing changes."""
+    spawn("skip", tmp_path)
+    results = [(tmp_path / f"skip{rank}.txt").read_text() for rank in range(WORLD)]
+    assert results == ["1 True", "1 True"]
