@@ -228,6 +228,11 @@ def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:
         f"each of {unknown} of its {rows} batch rows feeds (only the rows' own order can be "
         "checked at this precision)"
     )
+    if tags.dtype == torch.float16:
+        cause += (
+            " (in float16, gradients this small may be subnormal: scale the losses, as a "
+            "GradScaler or JDScaler does, or use bfloat16)"
+        )
     shape = tuple(collected.shape)
     return ValueError(
         f"{reached.name}: {cause}, so the Gramian cannot be computed from per-row gradients. "

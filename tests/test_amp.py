@@ -293,3 +293,20 @@ def test_rules_that_re_run_a_module_re_run_it_under_the_forwards_autocast(kind: 
     assert optimizer.last_step is not None
     expected = oracle_gramian(losses, list(model.core.parameters()))
     assert relative_error(optimizer.last_step.gramian, expected) < 2e-2
+
+
+def test_a_float16_refusal_of_tiny_gradients_says_to_scale_the_losses() -> None:
+    """Under float16 autocast, losses of order 1e-5 give subnormal gradients whose tagged and
+    plain passes cannot be told apart: the refusal says so (and to scale the losses), and
+    scaled by 2^16, as a GradScaler does, the same step goes through."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = PartialJDOptimizer(base, model, considered=[model[0]])
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = 1e-5 * model(x).float().pow(2).sum(dim=1)
+        with pytest.raises(ValueError, match="subnormal: scale the losses"):
+            optimizer.backward(losses)
+        optimizer.backward(losses * 2.0**16)
+    assert optimizer.last_step is not None
