@@ -130,11 +130,12 @@ class HookedGramian(GramianSource):
 
     def __init__(self, model: nn.Module, considered: Sequence[Tensor]) -> None:
         self.plan = plan_modules(model, considered)
-        owners: defaultdict[int, int] = defaultdict(int)
-        for params in self.plan.values():
-            for p in set(params.values()):
-                owners[id(p)] += 1
-        self.shared = {pid for pid, count in owners.items() if count > 1}
+        # id of each considered parameter -> ids of the modules that own it (several: tied)
+        self.owners: defaultdict[int, set[int]] = defaultdict(set)
+        for module, params in self.plan.items():
+            for p in params.values():
+                self.owners[id(p)].add(id(module))
+        self.shared = {pid for pid, modules in self.owners.items() if len(modules) > 1}
         names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.param_names = {
             id(p): f"{names[id(m)]}.{n}" for m, own in self.plan.items() for n, p in own.items()
@@ -302,14 +303,14 @@ class HookedPass(Pass):
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
-        refuse_outside_uses(losses, source.hooks, source.plan, source.param_names)
+        refuse_outside_uses(losses, source.hooks, source.owners, source.param_names)
         try:
             collected = source.passes.collect(losses, resume)
         except NotConnected:
-            refuse_unrecorded_uses(losses, source.plan, set(), source.param_names)
+            refuse_unrecorded_uses(losses, source.owners, set(), source.param_names)
             raise
         reached = {id(r.module) for r in collected.reached}
-        refuse_unrecorded_uses(losses, source.plan, reached, source.param_names)
+        refuse_unrecorded_uses(losses, source.owners, reached, source.param_names)
         self.check_seconds = source.passes.check_seconds
         m = collected.m
         start = time.perf_counter()

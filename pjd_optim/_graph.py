@@ -105,14 +105,12 @@ def leaves_and_uses(roots: Iterable[Node], used: set[int]) -> tuple[dict[int, No
     return leaves, inputs
 
 
-def reached_without(root: Edge, stop: Callable[[Node], bool], wanted: set[int]) -> list[Tensor]:
-    """The leaves whose id is in ``wanted`` that ``root`` reaches along paths through no node
-    for which ``stop`` holds (each once, in the order first seen)."""
+def reached_leaves(root: Edge, wanted: set[int]) -> list[Tensor]:
+    """The leaves whose id is in ``wanted`` that ``root`` reaches (each once, in the order first
+    seen)."""
     found: dict[int, Tensor] = {}
 
     def follow(node: Node, _: set[int]) -> list[Edge]:
-        if stop(node):
-            return []
         edges = children(node)
         for child, _nr in edges:
             variable = leaf(child)

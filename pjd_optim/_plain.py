@@ -62,10 +62,11 @@ class PlainSteps:
         in the trunk's backward). When stopping there: the gradients restored, and the step
         skipped or an error, as ``nonfinite`` says."""
         nonfinite = None
+        trainable = self._trainable()
         try:
-            with RestoreGradsOnError(self._trainable()):
+            with RestoreGradsOnError(trainable):
                 jd.backward(weights)
-                nonfinite = nonfinite_gradient(self._trainable()) if finite else None
+                nonfinite = nonfinite_gradient(trainable) if finite else None
                 stop = stop_on_nonfinite and finite  # (every rank takes the same decision)
                 if stop and not all_ranks_agree(nonfinite is None, weights.device):
                     raise _NonFiniteGradients

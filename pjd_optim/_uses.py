@@ -11,16 +11,16 @@ anything changes.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from ._graph import Edge, Node, children, latest_first, leaf, reached_without
+from ._graph import Edge, Node, children, latest_first, leaf, reached_leaves
 from ._hooks import HookSet, ModuleCall, is_tap
 from .gramian._registry import rule_for
 
 Plan = Mapping[nn.Module, Mapping[str, Tensor]]
+Owners = Mapping[int, set[int]]  # id of a considered parameter -> ids of the modules owning it
 Context = frozenset[ModuleCall]  # the calls whose regions a path lies in
 MAX_CONTEXTS = 64  # distinct contexts kept per node; beyond, their intersection (stricter)
 COMPILED = (
@@ -56,17 +56,13 @@ def check_rules_read(plan: Plan) -> None:
 
 
 def refuse_outside_uses(
-    losses: Tensor, hooks: HookSet, plan: Plan, names: Mapping[int, str]
+    losses: Tensor, hooks: HookSet, owners: Owners, names: Mapping[int, str]
 ) -> None:
-    """Refuses losses that reach a considered parameter (ids: ``names``) from a node outside
-    every recorded call of a module that owns it: a use outside its module's forward, whose
-    per-sample gradients no rule sees."""
+    """Refuses losses that reach a considered parameter from a node outside every recorded call
+    of a module that owns it (``owners``): a use outside its module's forward, whose per-sample
+    gradients no rule sees."""
     if losses.grad_fn is None:
         return
-    owners: dict[int, set[int]] = {}
-    for module, own in plan.items():
-        for p in own.values():
-            owners.setdefault(id(p), set()).add(id(module))
     used = _outside_owners(losses.grad_fn, hooks, owners)
     if used:
         listed = ", ".join(names[id(p)] for p in used[:5])
@@ -82,7 +78,7 @@ def refuse_outside_uses(
         )
 
 
-def _outside_owners(root: Node, hooks: HookSet, owners: Mapping[int, set[int]]) -> list[Tensor]:
+def _outside_owners(root: Node, hooks: HookSet, owners: Owners) -> list[Tensor]:
     """The considered parameters (``owners``: id → ids of the modules owning it) that some node
     takes outside every recorded call of their owners. Nodes are visited latest first, each with
     the sets of calls whose region (between the call's tap and its inputs) its paths lie in, one
@@ -141,16 +137,18 @@ def _outside_owners(root: Node, hooks: HookSet, owners: Mapping[int, set[int]]) 
 
 
 def refuse_unrecorded_uses(
-    losses: Tensor, plan: Plan, reached: set[int], names: Mapping[int, str]
+    losses: Tensor, owners: Owners, reached: set[int], names: Mapping[int, str]
 ) -> None:
-    """Refuses losses that depend on a considered module's parameters although the passes
-    reached none of its calls (ids of the modules reached: ``reached``; a rare case, so the walk
+    """Refuses losses that depend on a considered parameter although the passes reached no call
+    of a module that owns it (ids of the modules reached: ``reached``; a rare case, so the walk
     of the whole graph is affordable): its hook did not run, e.g. code compiled by
     ``torch.compile`` before the hook existed."""
-    recorded = {id(p) for m, own in plan.items() if id(m) in reached for p in own.values()}
-    silent = {id(p) for own in plan.values() for p in own.values()} - recorded
-    used = _reached(losses, lambda node: False, silent, names)
-    if silent and not used and losses.grad_fn is not None and _behind_reentrant(losses.grad_fn):
+    silent = {pid for pid, modules in owners.items() if not modules & reached}
+    if not silent or losses.grad_fn is None:
+        return
+    found = reached_leaves((losses.grad_fn, losses.output_nr), silent)
+    used = ", ".join(names[id(p)] for p in found[:5])
+    if not used and _behind_reentrant(losses.grad_fn):
         raise ValueError(
             "The losses go through a torch.utils.checkpoint with use_reentrant=True, which "
             "runs its function without gradients and hides it from the graph: considered "
@@ -172,14 +170,3 @@ def _behind_reentrant(root: Node) -> bool:
         return None if type(node).__name__ == "CheckpointFunctionBackward" else children(node)
 
     return not latest_first([(root, 0)], follow)
-
-
-def _reached(
-    losses: Tensor, stop: Callable[[Any], bool], wanted: set[int], names: Mapping[int, str]
-) -> str:
-    """The names of the parameters (ids in ``wanted``) the losses reach along paths through no
-    node where ``stop`` holds (``""``: none)."""
-    if losses.grad_fn is None or not wanted:
-        return ""
-    used = reached_without((losses.grad_fn, losses.output_nr), stop, wanted)
-    return ", ".join(names[id(p)] for p in used[:5])
