@@ -12,6 +12,18 @@ from .gramian._sharded import is_sharded
 from .weightings import Weighting
 
 
+def check_modes(gramian_mode: str, distributed: str, nonfinite: str) -> None:
+    """The wrapper's string options, each one of its values, and the combination allowed."""
+    if gramian_mode not in ("hooks", "autograd"):
+        raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
+    if distributed not in ("local", "global"):
+        raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}.")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+    if distributed == "global" and gramian_mode != "hooks":
+        raise ValueError("distributed='global' needs gramian_mode='hooks'.")
+
+
 def check_losses(losses: object) -> Tensor:
     """The flattened losses, or a clear error for what cannot be per-instance losses."""
     if not isinstance(losses, Tensor):

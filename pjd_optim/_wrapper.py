@@ -13,6 +13,21 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+# What torch sets on an optimizer instance and ``Optimizer.__getstate__`` does not pickle: an LR
+# scheduler's wrapper of the bound ``step`` and its flag (``LRScheduler.__init__``), the hooks.
+_TORCH_PER_INSTANCE = frozenset(
+    {
+        "step",
+        "_opt_called",
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    }
+)
+
 
 class WrappedOptimizer(Optimizer):
     def __init__(self, base: Optimizer) -> None:
@@ -47,3 +62,7 @@ class WrappedOptimizer(Optimizer):
         if base is None or name.startswith("__"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(base, name)
+
+    def _picklable_state(self) -> dict[str, Any]:
+        """``__dict__`` without torch's per-instance plumbing, as ``Optimizer.__getstate__``."""
+        return {k: v for k, v in self.__dict__.items() if k not in _TORCH_PER_INSTANCE}

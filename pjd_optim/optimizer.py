@@ -14,6 +14,7 @@ from ._autograd import AutogradGramian, ClosedGramian
 from ._checks import (
     as_weighting,
     check_losses,
+    check_modes,
     check_task_losses,
 )
 from ._engine import GramianSource, HookedGramian
@@ -28,21 +29,6 @@ Losses = Tensor | Sequence[Tensor]  # per-instance losses, or task losses (one s
 GramianMode = Literal["hooks", "autograd"]
 Distributed = Literal["local", "global"]
 NonFinite = Literal["raise", "skip"]
-
-# What torch sets on an optimizer instance and ``Optimizer.__getstate__`` does not pickle: an LR
-# scheduler's wrapper of the bound ``step`` and its flag (``LRScheduler.__init__``), the hooks.
-_TORCH_PER_INSTANCE = frozenset(
-    {
-        "step",
-        "_opt_called",
-        "_optimizer_step_pre_hooks",
-        "_optimizer_step_post_hooks",
-        "_optimizer_state_dict_pre_hooks",
-        "_optimizer_state_dict_post_hooks",
-        "_optimizer_load_state_dict_pre_hooks",
-        "_optimizer_load_state_dict_post_hooks",
-    }
-)
 
 
 class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
@@ -120,14 +106,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         weighting = as_weighting(UPGrad() if weighting is None else weighting)
-        if gramian_mode not in ("hooks", "autograd"):
-            raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
-        if distributed not in ("local", "global"):
-            raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}.")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
-        if distributed == "global" and gramian_mode != "hooks":
-            raise ValueError("distributed='global' needs gramian_mode='hooks'.")
+        check_modes(gramian_mode, distributed, nonfinite)
         check_disjoint(base.param_groups)
         params = considered_of(base.param_groups, [] if considered is None else considered)
         if not params:
@@ -373,7 +352,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         LR scheduler attached or not. As ``Optimizer.__getstate__``, torch's per-instance plumbing
         is left out (``Optimizer.__setstate__`` makes it anew, without hooks): a scheduler's patch
         of ``step`` (a closure, not picklable) and its flag, and the step and state-dict hooks."""
-        state = {k: v for k, v in self.__dict__.items() if k not in _TORCH_PER_INSTANCE}
+        state = self._picklable_state()
         closed = isinstance(self._status.source, ClosedGramian)
         state["_status"] = (closed, self._status.last_step, self._status.skipped_steps)
         return state
