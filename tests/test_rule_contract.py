@@ -1,5 +1,5 @@
 """The rule contract: every registered layer rule, over non-default hyperparameters (the table of
-``rule_settings.py`` and hypothesis draws), against the per-sample oracle (one ``autograd.grad``
+``rule_table.py`` and hypothesis draws), against the per-sample oracle (one ``autograd.grad``
 per loss): per-sample gradients, Gramian and summed gradients of the rule called directly (one
 call and a reused layer's two calls), and the whole step (Gramian, weights, ``.grad``).
 
@@ -19,11 +19,9 @@ import torch
 from case import Case, mse
 from hypothesis import HealthCheck, given, settings
 from oracle import errors_against_oracle, oracle_jacobian
-from rule_settings import (
-    F64,
+from rule_settings import F64, B, Setting
+from rule_table import (
     SETTINGS,
-    B,
-    Setting,
     attention_settings,
     conv_settings,
     embedding_settings,
