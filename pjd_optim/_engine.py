@@ -342,7 +342,8 @@ class HookedPass(Pass):
         if losses.ndim > 1 and resume is None:
             per_column = lambda reached: source.passes.per_column(collected)  # noqa: E731
         start = time.perf_counter()
-        records, rows = _maps.named(collected, per_column)
+        confirm = source.passes.confirm(collected, resume)  # (rows named by their tags)
+        records, rows = _maps.named(collected, per_column, confirm)
         self.check_seconds += time.perf_counter() - start
         if resume is not None:
             resume.records = records
@@ -350,7 +351,7 @@ class HookedPass(Pass):
                 resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
             else:
                 try:
-                    resume.rows = _maps.boundary_rows(collected)
+                    resume.rows = _maps.boundary_rows(collected, confirm)
                 except ValueError:  # the pass kept the graph: losses.backward(w) instead
                     resume.usable = False
         gramian = source._sum(records, m)

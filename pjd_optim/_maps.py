@@ -126,15 +126,14 @@ def expected(collected: Collected) -> tuple[list[Record], Tensor] | None:
 PerColumn = Callable[[list[Reached]], list[Record]]
 
 
-def named(
-    collected: Collected, per_column: PerColumn | None
-) -> tuple[list[Record], dict[int, Tensor]]:
-    """The records re-indexed by the loss each row feeds, read from the tags, and ``σ`` of each
-    reached call's rows (by ``id``); the per-column path (if given) for calls whose rows feed
-    several losses; else a clear refusal."""
+Choice = tuple[Call, Tensor, tuple[Call, Tensor] | None]  # call, σ; as positions, σ per position
+
+
+def _choices(collected: Collected) -> list[Choice]:
+    """Per reached call: ``σ`` of its rows read from the tags and, for a position-wise call, the
+    call as positions and ``σ`` of each position."""
     m, tags = collected.m, collected.tags
-    choices = []
-    summary: list[Tensor] = []
+    choices: list[Choice] = []
     for reached in collected.reached:
         coarse_call, g, h = rows_of(reached, positions=False)
         guess = torch.arange(m, device=g.device) if coarse_call.rows == m else None
@@ -148,6 +147,30 @@ def named(
         else:
             sigma = rowmap.identify(rowmap.ratios(g, h, tags.delta), tags, guess)
         choices.append((coarse_call, sigma, fine))
+    return choices
+
+
+def _agreed(first: Choice, second: Choice) -> Choice:
+    call, sigma, fine = first
+    if fine is not None and second[2] is not None:
+        fine = (fine[0], rowmap.agreed(fine[1], second[2][1]))
+    return call, rowmap.agreed(sigma, second[1]), fine
+
+
+def named(
+    collected: Collected, per_column: PerColumn | None, confirm: Collected | None = None
+) -> tuple[list[Record], dict[int, Tensor]]:
+    """The records re-indexed by the loss each row feeds, read from the tags (and, with
+    ``confirm``, only where the mirrored tags name the same loss), and ``σ`` of each reached
+    call's rows (by ``id``); the per-column path (if given) for calls whose rows feed several
+    losses; else a clear refusal."""
+    m = collected.m
+    choices = _choices(collected)
+    if confirm is not None:
+        pairs = zip(choices, _choices(confirm), strict=True)
+        choices = [_agreed(first, second) for first, second in pairs]
+    summary: list[Tensor] = []
+    for _, sigma, fine in choices:
         summary += [sigma.min(), rowmap.multiplicity(sigma, m), (sigma == rowmap.UNKNOWN).sum()]
         if fine is not None:
             summary += [fine[1].min(), rowmap.multiplicity(fine[1], m)]
@@ -194,8 +217,16 @@ def rows_of_inputs(
     return single_losses(out)
 
 
-def boundary_rows(collected: Collected) -> list[Tensor]:
-    """``σ`` of the rows of each boundary tensor; a clear error if a row feeds several losses."""
+def boundary_rows(collected: Collected, confirm: Collected | None = None) -> list[Tensor]:
+    """``σ`` of the rows of each boundary tensor (with ``confirm``, where both draws agree); a
+    clear error if a row feeds several losses."""
+    out = _boundary_sigmas(collected)
+    if confirm is not None:
+        out = [rowmap.agreed(a, b) for a, b in zip(out, _boundary_sigmas(confirm), strict=True)]
+    return single_losses(out)
+
+
+def _boundary_sigmas(collected: Collected) -> list[Tensor]:
     m, tags = collected.m, collected.tags
     out = []
     for plain, tagged in collected.boundary:
@@ -203,7 +234,7 @@ def boundary_rows(collected: Collected) -> list[Tensor]:
         guess = torch.arange(m, device=plain.device) if rows == m else None
         r = rowmap.ratios(plain.reshape(rows, -1), tagged.reshape(rows, -1), tags.delta)
         out.append(rowmap.identify(r, tags, guess))
-    return single_losses(out)
+    return out
 
 
 def single_losses(sigmas: list[Tensor]) -> list[Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,7 @@ class Passes:
     def collect(self, losses: Tensor, resume: Resume | None = None) -> _maps.Collected:
         """The tagged pass, then the pass with cotangent 1: every reached call with its output
         gradients in both. With ``resume`` (1-D losses) they also give the gradients at the
-        boundary, and the second pass frees the graph above it."""
+        boundary."""
         flat = losses.reshape(-1)
         m = flat.shape[0]
         dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
@@ -48,8 +49,9 @@ class Passes:
         start = time.perf_counter()
         tagged, tagged_boundary = self.one(flat, tags.values, checked, retain=True)
         self.check_seconds = time.perf_counter() - start
-        keep = resume is None or resume.skips  # (a skip may still make resuming inexact)
-        plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, keep)
+        # (The graph is kept: a skip may still make resuming inexact, and rows that are not in
+        # the losses' order take a confirming pass, see ``confirm``.)
+        plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, retain=True)
         if not plain:
             raise self._not_connected()
         if resume is not None:
@@ -68,6 +70,22 @@ class Passes:
             reached.append(_maps.Reached(call.module, record, moved_tagged, name, call))
         boundary = list(zip(plain_boundary, tagged_boundary, strict=False))
         return _maps.Collected(flat, losses.shape, tags, reached, boundary)
+
+    def confirm(self, collected: _maps.Collected, resume: Resume | None) -> _maps.Collected:
+        """``collected`` with the tagged gradients of a pass with the mirrored tags (rows named
+        by their ratio are kept only where both draws agree: ``_rowmap.agreed``); the last pass
+        of a resumed step, which frees the graph above its boundary."""
+        tags = TagSource.mirrored(collected.tags)
+        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
+        checked = inputs if resume is not None and resume.skips else inputs[:1]
+        start = time.perf_counter()
+        keep = resume is None or resume.skips
+        found, boundary = self.one(collected.losses, tags.values, checked, retain=keep)
+        self.check_seconds += time.perf_counter() - start
+        tagged = _maps.aligned(collected, found)
+        reached = [replace(r, tagged=tagged[id(r)]) for r in collected.reached]
+        pairs = [(plain, t) for (plain, _), t in zip(collected.boundary, boundary, strict=False)]
+        return replace(collected, tags=tags, reached=reached, boundary=pairs)
 
     def one(
         self,

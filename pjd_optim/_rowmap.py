@@ -84,24 +84,50 @@ class TagSource:
         spread = min(max(MIN_SPREAD, needed), max_spread)
         spacing = spread / max(m - 1, 1)
         if math.ceil(spacing) * (m - 1) <= max_spread:  # powers of two: h = τ·g bit for bit
-            spacing = math.ceil(spacing)
+            # (as far apart as the spread allows: from 2^2 apart, the mean of two tags is no tag)
+            spacing = max(math.ceil(spacing), math.floor(max_spread / max(m - 1, 1)))
         rank = torch.randperm(m, generator=self.generator)
-        values = torch.exp2(-spacing * rank.double()).to(losses.dtype)
-        return Tags(
-            values=values.to(losses.device),
-            exact=values.double().to(losses.device),
-            loss_of_rank=torch.argsort(rank).to(losses.device),
-            spacing=spacing,
-            delta=delta,
-            identifies=needed <= max_spread,
-            dtype=precision,
-        )
+        return _tags(rank, spacing, losses, delta, needed <= max_spread, precision)
+
+    @staticmethod
+    def mirrored(tags: Tags) -> Tags:
+        """The same tags in the reverse order of ranks (``τ'_i = τ_max·τ_min / τ_i``): a row
+        feeding two losses whose ratio names one loss in both draws cannot exist (see
+        :func:`agreed`)."""
+        rank = (tags.m - 1) - torch.argsort(tags.loss_of_rank).cpu()
+        return _tags(rank, tags.spacing, tags.values, tags.delta, tags.identifies, tags.dtype)
 
     def column_weights(self, k: int, losses: Tensor) -> Tensor:
         """``k`` random weights in ``[1, 2)`` (20 bits after the point, then rounded to
         ``losses``' dtype), on ``losses``' device."""
         draws = torch.randint(1 << 20, (k,), generator=self.generator).double() / (1 << 20) + 1
         return draws.to(losses.device, losses.dtype)
+
+
+def _tags(
+    rank: Tensor, spacing: float, like: Tensor, delta: float, identifies: bool, dtype: torch.dtype
+) -> Tags:
+    """Tags ``2^(−spacing·rank_i)`` in ``like``'s dtype and on its device."""
+    values = torch.exp2(-spacing * rank.double()).to(like.dtype)
+    return Tags(
+        values=values.to(like.device),
+        exact=values.double().to(like.device),
+        loss_of_rank=torch.argsort(rank).to(like.device),
+        spacing=spacing,
+        delta=delta,
+        identifies=identifies,
+        dtype=dtype,
+    )
+
+
+def agreed(first: Tensor, second: Tensor) -> Tensor:
+    """``σ`` where two draws of tags, the second the mirror of the first, name the same loss (or
+    none), :data:`UNKNOWN` elsewhere. One draw cannot tell a row feeding loss ``k`` from a row
+    feeding losses ``p`` and ``q`` in proportions whose mean tag is ``τ_k`` (from parallel
+    gradients: copies of a loss, a scalar output per row). Both draws agree on such a row only
+    if ``(aτ_p + bτ_q)/(a + b) = τ_k`` and ``(a/τ_p + b/τ_q)/(a + b) = 1/τ_k``, whose sum gives
+    ``(τ_k − τ_p)(τ_k − τ_q) = 0``: ``k`` is ``p`` or ``q`` and the other's share is zero."""
+    return torch.where(first == second, first, UNKNOWN)
 
 
 @dataclass(frozen=True)

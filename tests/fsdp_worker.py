@@ -18,16 +18,16 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import fsdp
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from pjd_optim import Distributed, PartialJDOptimizer
 
+FSDP2 = hasattr(fsdp, "fully_shard")  # public from torch 2.6 (before, it fails on the CPU)
 BATCH = 3
 LR = 0.1
 
@@ -104,18 +104,23 @@ def losses_of(case: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 def shard(model: nn.Module, case: str, mp: bool) -> None:
     """Each layer with parameters, then the root (as FSDP2 users do)."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    options: dict[str, Any] = {"mesh": mesh, "mp_policy": policy if mp else MixedPrecisionPolicy()}
+    policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    options: dict[str, Any] = {
+        "mesh": mesh,
+        "mp_policy": policy if mp else fsdp.MixedPrecisionPolicy(),
+    }
     blocks = cast(nn.Sequential, model.blocks) if case == "vit" else model
     layers = list(blocks.children())
     for layer in layers:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer, **options)
-    fully_shard(model, **options)
+            fsdp.fully_shard(layer, **options)
+    fsdp.fully_shard(model, **options)
 
 
 def whole(t: Tensor) -> Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+    return (
+        (t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t).detach().clone()
+    )
 
 
 def one_step(rank: int, case: str, mode: Distributed, mp: bool = False) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_worker import JOBS, LR, batch, losses_of, make_model, run
+from fsdp_worker import FSDP2, JOBS, LR, batch, losses_of, make_model, run
 from oracle import oracle_grads, oracle_gramian, relative_error
 from test_distributed import free_port
 
@@ -24,6 +24,10 @@ pytestmark = [
     pytest.mark.distributed,
     pytest.mark.slow,
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+    pytest.mark.skipif(
+        not FSDP2,
+        reason="FSDP2 on the CPU needs torch >= 2.6 (fully_shard in torch.distributed.fsdp)",
+    ),
 ]
 WORLD = 2
 CASES = ["generic", "attention", "recurrent", "vit"]

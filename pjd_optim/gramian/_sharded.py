@@ -11,6 +11,7 @@ hooks: FSDP2's hooks would all-gather (and reshard) inside ``vmap``.
 
 from __future__ import annotations
 
+import importlib
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -19,10 +20,25 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+
+def _first_found(modules: tuple[str, ...], name: str) -> Any:
+    """``name`` from the first of ``modules`` that defines it (torch moved FSDP2 and ``DTensor``
+    out of private modules in 2.5 and 2.6), or ``None`` (a torch built without distributed)."""
+    for module in modules:
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+DTensor = _first_found(("torch.distributed.tensor", "torch.distributed._tensor"), "DTensor")
+_FSDP_STATE = (
+    "torch.distributed.fsdp._fully_shard._fsdp_state",
+    "torch.distributed._composable.fsdp._fsdp_state",
+)
 
 
 def is_sharded(t: object) -> bool:
@@ -75,13 +91,12 @@ def call_forward(
 
 def _forward_dtypes() -> dict[int, torch.dtype]:
     """``{id(sharded parameter): dtype of its forward}`` over the live FSDP2 states."""
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-    except ImportError:  # another torch layout: the parameters' own dtype
+    mapping = _first_found(("torch.distributed._composable_state",), "_module_state_mapping")
+    FSDPState = _first_found(_FSDP_STATE, "FSDPState")
+    if mapping is None or FSDPState is None:  # another torch layout: the parameters' own dtype
         return {}
     dtypes: dict[int, torch.dtype] = {}
-    for entry in list(_module_state_mapping.values()):
+    for entry in list(mapping.values()):
         state = entry() if isinstance(entry, weakref.ReferenceType) else entry
         group = state._fsdp_param_group if isinstance(state, FSDPState) else None
         for fsdp_param in group.fsdp_params if group is not None else ():

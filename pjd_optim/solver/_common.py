@@ -115,7 +115,10 @@ def inverse_from_cholesky(factor: Tensor, sync_free: bool) -> Tensor:
     CPU, exactly symmetric), or with ``sync_free`` ``L⁻ᵀ L⁻¹`` by triangular solves, which check
     no error and so never synchronise with an accelerator (symmetrised)."""
     if not sync_free:
-        lapack: Tensor = torch.cholesky_inverse(factor)
+        try:
+            lapack: Tensor = torch.cholesky_inverse(factor)
+        except RuntimeError:  # a singular factor (torch < 2.5 raises LinAlgError, later: inf)
+            return torch.full_like(factor, torch.nan)
         return lapack
     eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
     inverse: Tensor = torch.linalg.solve_triangular(factor, eye, upper=False)

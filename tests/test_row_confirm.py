@@ -1,0 +1,167 @@
+"""Rows that feed several losses along parallel gradients (copies of a loss, scaled copies, a
+scalar output per row) are refused at every draw of the tags, never named after a third loss;
+rows that each feed one loss (permutations) are still named and exact. Oracle: the per-loss
+``autograd.grad`` Jacobian. Each case builds a fresh optimizer per trial (fresh tags)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import oracle_gramian, relative_error
+from torch import Tensor, nn
+from torch.optim import SGD
+
+from pjd_optim import PartialJDOptimizer, _rowmap
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def copy_first(losses: Tensor) -> Tensor:
+    return losses[torch.tensor([0, *range(losses.shape[0])])]
+
+
+LAYOUTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "a copy": copy_first,
+    "a copy times 2": lambda losses: torch.cat([losses, 2 * losses[:1]]),
+    "a copy times 3": lambda losses: torch.cat([losses, 3 * losses[:1]]),
+    "two copies": lambda losses: torch.cat([losses, losses[:1], losses[:1]]),
+    "repeated": lambda losses: losses.repeat(2),
+}
+SETTINGS = [
+    pytest.param(torch.float32, 40, False, id="f32-B40"),
+    pytest.param(torch.float32, 16, False, id="f32-B16"),
+    pytest.param(torch.float64, 40, False, id="f64-B40"),
+    pytest.param(torch.float64, 6, False, id="f64-B6"),
+    pytest.param(torch.float32, 16, True, id="bf16-autocast-B16"),
+]
+
+
+def trials(
+    dtype: torch.dtype, batch: int, bf16: bool, losses_of: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[int, list[float]]:
+    """25 steps, each with a fresh optimizer: the number refused and, for the others, the
+    Gramian's error against the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x = torch.randn(batch, 5, dtype=dtype)
+    refused, errors = 0, []
+    for _ in range(25):
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
+        autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            losses = losses_of(model(x), x)
+        expected = oracle_gramian(losses, list(model[2].parameters()))
+        try:
+            optimizer.backward(losses)
+        except ValueError:
+            refused += 1
+        else:
+            assert optimizer.last_step is not None
+            errors.append(relative_error(optimizer.last_step.gramian, expected))
+        optimizer.close()
+        model.zero_grad(set_to_none=True)
+    return refused, errors
+
+
+@pytest.mark.parametrize(("dtype", "batch", "bf16"), SETTINGS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_rows_feeding_several_losses_are_refused_at_every_draw(
+    layout: str, dtype: torch.dtype, batch: int, bf16: bool
+) -> None:
+    """One row behind two or three losses whose gradients are parallel: with one draw of tags
+    the mean of their tags could be a third loss's tag (e.g. ``(τ + 2·τ/4)/3 = τ/2``)."""
+    labels = torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(1))
+
+    def losses_of(out: Tensor, x: Tensor) -> Tensor:
+        return LAYOUTS[layout](F.cross_entropy(out.float(), labels, reduction="none"))
+
+    refused, errors = trials(dtype, batch, bf16, losses_of)
+    assert refused == 25, f"accepted {25 - refused} steps, Gramian errors {errors}"
+
+
+@pytest.mark.parametrize(("dtype", "batch", "bf16"), SETTINGS)
+def test_a_scalar_output_feeding_overlapping_windows_is_refused(
+    dtype: torch.dtype, batch: int, bf16: bool
+) -> None:
+    """A regression head with one output per row (every gradient of a row is parallel), losses
+    over overlapping pairs of rows: each row feeds two losses with weights from the data."""
+
+    def losses_of(out: Tensor, x: Tensor) -> Tensor:
+        o = out[:, 0].float()
+        return (o[:-1] + o[1:] - 1.0) ** 2
+
+    refused, errors = trials(dtype, batch, bf16, losses_of)
+    assert refused == 25, f"accepted {25 - refused} steps, Gramian errors {errors}"
+
+
+@pytest.mark.parametrize(("dtype", "batch", "bf16"), SETTINGS)
+def test_permuted_losses_are_named_and_exact_at_every_draw(
+    dtype: torch.dtype, batch: int, bf16: bool
+) -> None:
+    """Rows that each feed one loss, in another order: both draws name them, never refused."""
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (batch,), generator=gen)
+    order = torch.randperm(batch, generator=gen)
+
+    def losses_of(out: Tensor, x: Tensor) -> Tensor:
+        return F.cross_entropy(out.float(), labels, reduction="none")[order]
+
+    refused, errors = trials(dtype, batch, bf16, losses_of)
+    assert refused == 0
+    bound = 3e-2 if bf16 else 1e-5 if dtype == torch.float32 else 1e-12
+    assert max(errors) < bound
+
+
+@pytest.mark.parametrize("m", [2, 9, 17, 41, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_mirrored_tags_reverse_the_ranks(m: int, dtype: torch.dtype) -> None:
+    """``τ_i · τ'_i`` is the same for every loss (the product of the largest and smallest tag),
+    the mirror names the same losses by reversed ranks, and where the tags are powers of two
+    they are spaced at least ``2^2`` apart when the dtype's spread allows."""
+    losses = torch.zeros(m, dtype=dtype)
+    tags = _rowmap.TagSource().draw(m, losses, dtype)
+    mirror = _rowmap.TagSource.mirrored(tags)
+    product = tags.exact * mirror.exact
+    rtol = 4 * torch.finfo(dtype).eps  # (tags rounded to the dtype where not powers of two)
+    torch.testing.assert_close(product, product[:1].expand(m), rtol=rtol, atol=0)
+    assert torch.equal(mirror.loss_of_rank, tags.loss_of_rank.flip(0))
+    spread = _rowmap.PRECISION[dtype][1]
+    if float(tags.spacing).is_integer() and 2 * (m - 1) <= spread:
+        assert tags.spacing >= 2
+
+
+def test_agreed_keeps_only_what_both_draws_name() -> None:
+    first = torch.tensor([0, 1, -1, 3, _rowmap.UNKNOWN])
+    second = torch.tensor([0, 2, -1, _rowmap.UNKNOWN, _rowmap.UNKNOWN])
+    expected = torch.tensor([0, _rowmap.UNKNOWN, -1, _rowmap.UNKNOWN, _rowmap.UNKNOWN])
+    assert torch.equal(_rowmap.agreed(first, second), expected)
+
+
+@pytest.mark.parametrize("layout", ["permuted", "a copy"])
+def test_a_resumed_step_confirms_rows_named_by_their_tags(layout: str) -> None:
+    """A head large enough for the step to resume the trunk's backward at its input: permuted
+    losses are named by both draws (the confirming pass is the one that frees the graph above
+    the boundary) and exact, a copied loss is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 2048)).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    labels = torch.randint(0, 2048, (16,), generator=torch.Generator().manual_seed(3))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(4))
+    for _ in range(5):
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
+        losses = F.cross_entropy(model(x), labels, reduction="none")
+        losses = losses[order] if layout == "permuted" else copy_first(losses)
+        expected = oracle_gramian(losses, list(model[2].parameters()))
+        if layout == "a copy":
+            with pytest.raises(ValueError, match="several losses"):
+                optimizer.backward(losses)
+        else:
+            optimizer.backward(losses)
+            assert optimizer.last_step is not None and optimizer.last_step.resumed
+            assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+        optimizer.close()
+        model.zero_grad(set_to_none=True)
