@@ -5,9 +5,11 @@ gradient is ``P[i] = vjp(θ ↦ f(θ, x_i), Gy_i)``, vmapped over samples; calls
 summed. Exact for any module whose samples are independent along the batch dim.
 
 The rule re-runs the module, so it checks that the re-run is the forward that happened: the
-per-sample outputs must equal the recorded ones. That catches an input taken for per-sample that
-is shared (a table whose first dim happens to equal the batch size: the rule then tries it as
-shared) and stale or changed state. Random operations (dropout in train mode) cannot be replayed
+per-sample outputs must equal the recorded ones, and the per-sample gradients must sum to one VJP
+of the module re-run on the whole batch (values alone miss a misreading behind a parameter at
+zero). That catches an input taken for per-sample that is shared (a table whose first dim happens
+to equal the batch size: the rule then tries it as shared), samples that are not independent
+inside the module, and stale or changed state. Random operations (dropout in train mode) cannot be replayed
 with the forward's masks and are refused.
 """
 
@@ -102,14 +104,57 @@ def per_sample_vjp(
         raise ReplayMismatch(f"its re-run per sample failed ({error})") from error
     for recorded, replayed in zip(call.outputs, outputs, strict=False):
         _check_replay(recorded, replayed, call.precision or recorded.dtype)
+    with under_autocast(call):
+        _check_summed(module, call, (leaves, spec, batched), (values, constants), grads)
     result: dict[str, Tensor] = grads
     return result
+
+
+def _check_summed(
+    module: nn.Module,
+    call: Call,
+    flat: tuple[list[Any], Any, list[int | None]],
+    replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
+    grads: Mapping[str, Tensor],
+) -> None:
+    """``Σ_i P[i]`` against one VJP of the module re-run on the whole batch: equal when the
+    samples are independent and the per-sample inputs are read right. The outputs' check alone
+    misses a misreading whose effect on the values vanishes while its gradient does not (a
+    shared input or a batch mean behind a parameter initialised at zero: ReZero, LayerScale)."""
+    leaves, spec, batched = flat
+    values, constants = replay
+    filled = [x if d is None else x.movedim(0, d) for x, d in zip(leaves, batched, strict=True)]
+    args, kwargs = tree_unflatten(filled, spec)
+    out_dims = call.output_dims or (0,) * len(call.output_grads)
+
+    def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        out = tree_flatten(call_forward(module, {**constants, **theta}, tuple(args), kwargs))[0]
+        return tuple(out[k] for k in call.output_positions)
+
+    pullback = vjp(forward, dict(values))[1]
+    cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
+    whole = pullback(cotangents)[0]
+    lowest = min(call.precision or torch.float64, *(g.dtype for g in grads.values()), key=_eps)
+    tolerance = REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
+    for name, per_sample in grads.items():
+        summed, expected = per_sample.sum(dim=0).double(), whole[name].double()
+        scale = torch.maximum(summed.abs().amax(), expected.abs().amax()).clamp_min(1e-30)
+        if not bool((summed - expected).abs().amax() <= tolerance * scale):
+            raise ReplayMismatch(
+                f"its per-sample gradients of {name} do not sum to the gradient of its re-run on "
+                "the whole batch (an input read per sample that is shared, or samples that are "
+                "not independent)"
+            )
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return -torch.finfo(dtype).eps
 
 
 def _check_replay(recorded: Tensor, replayed: Tensor, precision: torch.dtype) -> None:
     if recorded.shape != replayed.shape:
         raise ReplayMismatch(f"its re-run gave outputs {tuple(replayed.shape)}")
-    lowest = min(precision, recorded.dtype, key=lambda d: -torch.finfo(d).eps)
+    lowest = min(precision, recorded.dtype, key=_eps)
     tolerance = REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
     scale = recorded.abs().amax().double().clamp_min(1e-30)
     error = (replayed.to(recorded.dtype) - recorded).abs().amax().double()

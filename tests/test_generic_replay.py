@@ -1,0 +1,94 @@
+"""The generic rule's re-run is checked on its gradients too, not only on its outputs: a shared
+input whose first dim equals the batch size, or a batch mean inside the module, behind a
+parameter initialised at (or near) zero (ReZero, LayerScale, adaLN-zero) leaves the outputs
+unchanged but not the gradients. The shared input is then read as shared (exact against the
+per-loss oracle), the batch mean refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import oracle_gramian, relative_error
+from torch import Tensor, nn
+from torch.optim import SGD
+
+from pjd_optim import PartialJDOptimizer
+
+B, D = 5, 4
+
+
+class SharedGate(nn.Module):
+    """``x·s + g·Σ table``: ``table`` is shared by the samples (a memory bank whose first dim
+    happens to be the batch size)."""
+
+    def __init__(self, gate: float) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+        self.g = nn.Parameter(torch.full((D,), gate))
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        return x * self.s + self.g * table.sum()
+
+
+class BatchContext(nn.Module):
+    """``x·s + g·mean_batch(x)``: every sample's output depends on the whole batch."""
+
+    def __init__(self, gate: float) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+        self.g = nn.Parameter(torch.full((D,), gate))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s + self.g * x.mean(0)
+
+
+class Net(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.block = block
+        self.register_buffer("bank", torch.randn(B, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        out: Tensor = (
+            self.block(h, self.bank) if isinstance(self.block, SharedGate) else self.block(h)
+        )
+        return out
+
+
+GATES = [
+    pytest.param(torch.float64, 0.0, id="f64-zero"),
+    pytest.param(torch.float32, 0.0, id="f32-zero"),
+    pytest.param(torch.float32, 1e-4, id="f32-small"),
+    pytest.param(torch.float32, 0.5, id="f32-large"),
+]
+
+
+def step(block: nn.Module, dtype: torch.dtype) -> tuple[PartialJDOptimizer, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = Net(block).to(dtype)
+    x, y = torch.randn(B, D, dtype=dtype), torch.randn(B, D, dtype=dtype)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model.block)
+    losses = (model(x) - y).pow(2).sum(dim=1)
+    return optimizer, losses, oracle_gramian(losses, list(model.block.parameters()))
+
+
+@pytest.mark.parametrize(("dtype", "gate"), GATES)
+def test_a_shared_input_sized_as_the_batch_is_read_as_shared(
+    dtype: torch.dtype, gate: float
+) -> None:
+    torch.manual_seed(1)
+    optimizer, losses, expected = step(SharedGate(gate), dtype)
+    optimizer.backward(losses)
+    assert optimizer.last_step is not None
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(optimizer.last_step.gramian, expected) < bound
+
+
+@pytest.mark.parametrize(("dtype", "gate"), GATES)
+def test_a_batch_mean_inside_a_module_is_refused(dtype: torch.dtype, gate: float) -> None:
+    torch.manual_seed(1)
+    optimizer, losses, _ = step(BatchContext(gate), dtype)
+    with pytest.raises(ValueError, match="cannot be re-run per sample"):
+        optimizer.backward(losses)
