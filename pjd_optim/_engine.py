@@ -347,13 +347,14 @@ class HookedPass(Pass):
         self.check_seconds += time.perf_counter() - start
         if resume is not None:
             resume.records = records
-            if not resume.skips:
-                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
-            else:
-                try:
-                    resume.rows = _maps.boundary_rows(collected, confirm)
-                except ValueError:  # the pass kept the graph: losses.backward(w) instead
-                    resume.usable = False
+            try:
+                resume.rows = (
+                    _maps.boundary_rows(collected, confirm)
+                    if resume.skips
+                    else _maps.rows_of_inputs(resume.boundary, collected, rows)
+                )
+            except ValueError:  # (the passes kept the graph: losses.backward(w) instead)
+                resume.usable = False
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
 

@@ -49,8 +49,9 @@ class Passes:
         start = time.perf_counter()
         tagged, tagged_boundary = self.one(flat, tags.values, checked, retain=True)
         self.check_seconds = time.perf_counter() - start
-        # (The graph is kept: a skip may still make resuming inexact, and rows that are not in
-        # the losses' order take a confirming pass, see ``confirm``.)
+        # (The graph is kept: rows not in the losses' order take a confirming pass, ``confirm``,
+        # and a boundary whose rows turn out to feed several losses falls back to
+        # ``losses.backward(w)``.)
         plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, retain=True)
         if not plain:
             raise self._not_connected()
@@ -64,6 +65,16 @@ class Passes:
                     f"{self._name(call.module)} returned a scalar: a considered module's output "
                     "needs a batch (one row per sample)."
                 )
+            for g in record.output_grads:
+                if g.ndim == 0 or g.shape[0] != record.rows:
+                    raise ValueError(
+                        f"{self._name(call.module)} returned, besides outputs of {record.rows} "
+                        f"rows, a differentiable output of shape {tuple(g.shape)} without that "
+                        "batch (an auxiliary loss, a batch statistic?): every output of a "
+                        "considered module needs one row per sample. Detach it inside the module "
+                        "if the losses do not use it (aux.detach()), compute it in another "
+                        "module, or consider other modules. Nothing was changed."
+                    )
             other = tagged.get(call, tuple(torch.zeros_like(g) for g in plain[call]))
             moved_tagged = moved(other, record.output_dims)
             name = self._name(call.module)
@@ -73,14 +84,12 @@ class Passes:
 
     def confirm(self, collected: _maps.Collected, resume: Resume | None) -> _maps.Collected:
         """``collected`` with the tagged gradients of a pass with the mirrored tags (rows named
-        by their ratio are kept only where both draws agree: ``_rowmap.agreed``); the last pass
-        of a resumed step, which frees the graph above its boundary."""
+        by their ratio are kept only where both draws agree: ``_rowmap.agreed``)."""
         tags = TagSource.mirrored(collected.tags)
         inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
         checked = inputs if resume is not None and resume.skips else inputs[:1]
         start = time.perf_counter()
-        keep = resume is None or resume.skips
-        found, boundary = self.one(collected.losses, tags.values, checked, retain=keep)
+        found, boundary = self.one(collected.losses, tags.values, checked, retain=True)
         self.check_seconds += time.perf_counter() - start
         tagged = _maps.aligned(collected, found)
         reached = [replace(r, tagged=tagged[id(r)]) for r in collected.reached]

@@ -92,3 +92,33 @@ def test_a_batch_mean_inside_a_module_is_refused(dtype: torch.dtype, gate: float
     optimizer, losses, _ = step(BatchContext(gate), dtype)
     with pytest.raises(ValueError, match="cannot be re-run per sample"):
         optimizer.backward(losses)
+
+
+class WithAux(nn.Module):
+    """A per-sample output and an auxiliary scalar over the batch (an MoE balancing loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = x * self.s
+        return y, y.pow(2).mean()
+
+
+@pytest.mark.parametrize("aux_used", [False, True])
+def test_an_output_without_the_batch_is_refused_clearly(aux_used: bool) -> None:
+    """Refused with a clear error naming the module and the output's shape, before anything
+    changes (it was a raw reshape error)."""
+    from oracle import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    a, block, head = nn.Linear(D, D), WithAux(), nn.Linear(D, 3)
+    model = nn.ModuleDict({"a": a, "block": block, "head": head})
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
+    y, aux = block(torch.tanh(a(torch.randn(B, D))))
+    losses = head(y).pow(2).sum(dim=1) + (aux if aux_used else 0.0)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"block \(WithAux\).*shape \(\)"):
+        optimizer.step(losses)
+    assert_unchanged(before, snapshot(model, optimizer))

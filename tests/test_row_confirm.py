@@ -6,6 +6,7 @@ rows that each feed one loss (permutations) are still named and exact. Oracle: t
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -165,3 +166,49 @@ def test_a_resumed_step_confirms_rows_named_by_their_tags(layout: str) -> None:
             assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
         optimizer.close()
         model.zero_grad(set_to_none=True)
+
+
+class SequenceFirst(nn.Module):
+    """A sequence-first encoder (``[T, B, D]``) and a head large enough for the step to try
+    resuming at its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 8192)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out: Tensor = self.head(self.encoder(self.embed(ids)))
+        return out
+
+
+@pytest.mark.parametrize("length", [15, 16, 17])
+def test_a_sequence_first_boundary_as_long_as_the_batch_falls_back_exactly(length: int) -> None:
+    """With ``T = B`` the head's input ``[T, B, D]`` has one row per loss by coincidence: its rows
+    (positions) feed every loss, so the step falls back to ``losses.backward(w)`` (it raised);
+    against the oracle for every parameter."""
+    from oracle import oracle_backward
+
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    ids, targets = (
+        torch.randint(0, 50, (length, 16), generator=gen),
+        torch.randint(0, 8192, (length, 16), generator=gen),
+    )
+
+    def losses_of(m: nn.Module) -> Tensor:
+        return F.cross_entropy(m(ids).permute(1, 2, 0), targets.T, reduction="none").mean(dim=1)
+
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model.head)
+    weights = optimizer.backward(losses_of(model))
+    expected = oracle_backward(
+        losses_of(reference), list(reference.head.parameters()), list(reference.parameters())
+    )
+    assert relative_error(weights, expected) < 1e-10
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert relative_error(p.grad, q.grad) < 1e-10

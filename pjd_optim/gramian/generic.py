@@ -9,8 +9,8 @@ per-sample outputs must equal the recorded ones, and the per-sample gradients mu
 of the module re-run on the whole batch (values alone miss a misreading behind a parameter at
 zero). That catches an input taken for per-sample that is shared (a table whose first dim happens
 to equal the batch size: the rule then tries it as shared), samples that are not independent
-inside the module, and stale or changed state. Random operations (dropout in train mode) cannot be replayed
-with the forward's masks and are refused.
+inside the module, and stale or changed state. Random operations (dropout in train mode) cannot
+be replayed with the forward's masks and are refused.
 """
 
 from __future__ import annotations
