@@ -20,13 +20,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 class Tokens(torch.utils.data.Dataset[dict[str, Tensor]]):
-    def __init__(self, count: int, length: int, vocab: int, classes: int | None = None) -> None:
+    def __init__(
+        self, count: int, length: int, vocab: int, classes: int | None = None, padded: bool = True
+    ) -> None:
         generator = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, vocab, (count, length), generator=generator)
         if classes is None:
             self.labels = self.ids.clone()
-            self.labels[0, 2:] = -100  # a sequence with one valid token
-            self.labels[1, :] = -100  # and one without any (left out of "sequence" objectives)
+            if padded:
+                self.labels[0, 2:] = -100  # a sequence with one valid token
+                self.labels[1, :] = -100  # and one without any (left out of "sequence" objectives)
         else:
             self.labels = torch.randint(0, classes, (count,), generator=generator)
 
@@ -151,3 +154,31 @@ def test_sequence_and_token_objectives_follow_the_labels() -> None:
     assert torch.allclose(sequences[1], expected)
     first = torch.nn.functional.cross_entropy(logits[0, :1], labels[0, 1:2])
     assert torch.allclose(sequences[0], first)
+
+
+@pytest.mark.slow
+def test_token_objectives_with_the_last_block_considered_match_the_oracle() -> None:
+    """Every label valid: the token losses are ``[B, T]``, so the last block (attention mixes the
+    positions) can be considered (flat losses were refused); two SGD steps against the per-token
+    oracle (``autograd.grad`` per loss) over the block, every parameter compared."""
+    from oracle import oracle_backward
+
+    model = gpt2()
+    reference = copy.deepcopy(model)
+    seen = train(model, Tokens(8, 6, 23, padded=False), "transformer.h.1", "token", 1)
+    reference.train()
+    considered = list(reference.get_submodule("transformer.h.1").parameters())
+    for inputs in seen:
+        logits = reference(input_ids=inputs["input_ids"]).logits[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+        )
+        reference.zero_grad(set_to_none=True)
+        oracle_backward(losses, considered, list(reference.parameters()))
+        with torch.no_grad():
+            for p in reference.parameters():
+                if p.grad is not None:
+                    p.sub_(0.1 * p.grad)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

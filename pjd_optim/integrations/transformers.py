@@ -7,7 +7,9 @@ builds is wrapped in a :class:`~pjd_optim.PartialJDOptimizer`, and the loss it b
 
 - ``objectives="sequence"``: each sequence's loss, the mean over its valid tokens (labels shifted
   for causal language models, ``-100`` ignored; sequences without a valid token are left out);
-- ``objectives="token"``: each valid token's loss;
+- ``objectives="token"``: each valid token's loss (``[B, T]`` when every token is valid, so that
+  considered layers that mix positions, e.g. the last block, work; flat otherwise, which they
+  refuse: only position-wise layers such as ``lm_head`` or the final norm then);
 - models whose logits are ``[B, classes]`` (sequence classification): each example's loss
   (cross-entropy, or squared error for one regression label).
 
@@ -114,8 +116,8 @@ def objective_losses(
         logits, labels = logits[:, :-1], labels[:, 1:]
     tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
     valid = labels != -100
-    if objectives == "token":
-        return tokens[valid]
+    if objectives == "token":  # [B, T] where every token counts: layers that mix positions work
+        return tokens if bool(valid.all()) else tokens[valid]
     counts = valid.sum(dim=1)
     keep = counts > 0
     return (tokens * valid).sum(dim=1)[keep] / counts[keep]
