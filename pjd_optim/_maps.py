@@ -283,13 +283,13 @@ def per_column_records(
     collected: Collected,
     sample_tags: rowmap.Tags,
     weighted: dict[int, tuple[Tensor, ...]],
-    sample_tagged: dict[int, tuple[Tensor, ...]],
+    sample_tagged: list[dict[int, tuple[Tensor, ...]]],
     columns: list[dict[int, tuple[Tensor, ...]]],
 ) -> list[Record]:
     """Records of the per-column path: each reached call's rows mapped to samples by
-    ``sample_tags`` (``sample_tagged`` and ``weighted``: gradients by ``id`` of the record for
-    the cotangents ``τ_n·c_j`` and ``c_j``), then pass ``j``'s row ``r`` to loss ``σ(r)·K + j``,
-    re-indexed by loss."""
+    ``sample_tags`` and their mirror, where both agree (``sample_tagged`` and ``weighted``:
+    gradients by ``id`` of the record for the cotangents ``τ_n·c_j``, ``τ'_n·c_j`` and ``c_j``),
+    then pass ``j``'s row ``r`` to loss ``σ(r)·K + j``, re-indexed by loss."""
     m = collected.m
     n = sample_tags.m
     k = m // n
@@ -298,9 +298,14 @@ def per_column_records(
         call = reached.call
         parts = [rowmap.flat_rows(column[id(reached)], call.rows) for column in columns]
         g = rowmap.flat_rows(weighted[id(reached)], call.rows)
-        h = rowmap.flat_rows(sample_tagged[id(reached)], call.rows)
         guess = torch.arange(n, device=g.device) if call.rows == n else None
-        sigma = rowmap.identify(rowmap.ratios(g, h, sample_tags.delta), sample_tags, guess)
+        first, second = (
+            rowmap.identify(
+                rowmap.ratios(g, rowmap.flat_rows(h[id(reached)], call.rows), t.delta), t, guess
+            )
+            for h, t in zip(sample_tagged, (sample_tags, _mirror(sample_tags)), strict=True)
+        )
+        sigma = rowmap.agreed(first, second)
         # A row negligible in the weighted sum but not in some column (its columns cancelling
         # for these weights, however unlikely) is refused, never dropped.
         sizes = torch.stack([part.abs().amax(dim=1) for part in parts]).amax(dim=0)
@@ -321,6 +326,10 @@ def per_column_records(
         placed = rowmap.place(stacked, mapped, m, max(splits, 1), positions=False)
         records += [(reached.module, c) for c in placed]
     return records
+
+
+def _mirror(tags: rowmap.Tags) -> rowmap.Tags:
+    return rowmap.TagSource.mirrored(tags)
 
 
 def call_repeated(call: Call, k: int, grads: tuple[Tensor, ...]) -> Call:

@@ -151,8 +151,12 @@ class Passes:
         # objectives) look negligible.
         weights = self.tags.column_weights(k, flat)
         anchor = [self.hooks.anchor]
-        cotangent = (sample_tags.values.unsqueeze(1) * weights).flatten()
-        tagged = _maps.aligned(collected, self.one(flat, cotangent, anchor, retain=True)[0])
+        tagged = []
+        for tags in (sample_tags, TagSource.mirrored(sample_tags)):  # (see ``confirm``)
+            cotangent = (tags.values.unsqueeze(1) * weights).flatten()
+            tagged.append(
+                _maps.aligned(collected, self.one(flat, cotangent, anchor, retain=True)[0])
+            )
         weighted = self.one(flat, weights.repeat(n), anchor, retain=True)[0]
         columns = []
         for j in range(k):

@@ -212,3 +212,23 @@ def test_a_sequence_first_boundary_as_long_as_the_batch_falls_back_exactly(lengt
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert relative_error(p.grad, q.grad) < 1e-10
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 63.0])
+def test_per_token_losses_with_a_sample_copied_are_refused_at_every_draw(scale: float) -> None:
+    """``[N, T]`` losses after attention (one pass per column, samples named by their tags):
+    a sample's row of losses copied (or scaled by 3, or by 63: 1/64 is 2^-6, the tags' spacing
+    here) makes one sample feed two rows of losses,
+    refused at every draw."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(8, 3))
+    x = torch.randn(6, 4, 8)
+    labels = torch.randint(0, 3, (6, 4), generator=torch.Generator().manual_seed(6))
+    for _ in range(25):
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=layer)
+        tokens = F.cross_entropy(model(x).transpose(1, 2), labels, reduction="none")  # [6, 4]
+        losses = torch.cat([tokens, scale * tokens[:1]])
+        with pytest.raises(ValueError, match="several losses"):
+            optimizer.backward(losses)
+        optimizer.close()
