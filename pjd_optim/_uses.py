@@ -83,23 +83,22 @@ def _outside_owners(root: Node, hooks: HookSet, owners: Owners) -> list[Tensor]:
     takes outside every recorded call of their owners. Nodes are visited latest first, each with
     the sets of calls whose region (between the call's tap and its inputs) its paths lie in, one
     set per distinct path context (autocast's cached cast of a weight, say, is taken by every
-    call of the module); the walk stops at nodes outside every call and older than the first
-    tap that only paths through a call reach (the trunk below the considered part)."""
-    first = hooks.live.first_seq()
-    state: dict[Node, tuple[set[Context], bool]] = {}
+    call of the module). The walk goes on below the considered part, through the whole trunk:
+    a parameter used there by hand (a bias added to its module's input) is outside every call
+    too (measured: 0.2 ms of a ResNet-18 step, 0.9 ms of a ViT-tiny's)."""
+    state: dict[Node, set[Context]] = {}
     heap: list[tuple[int, int, Node]] = []
     exits: dict[int, set[Edge]] = {}
     found: dict[int, Tensor] = {}
 
-    def push(node: Node, contexts: set[Context], entered: bool) -> None:
+    def push(node: Node, contexts: set[Context]) -> None:
         if node in state:
-            before, was = state[node]
-            merged = before | contexts
+            merged = state[node] | contexts
             if len(merged) > MAX_CONTEXTS:  # (never seen: the calls every path lies in)
                 merged = {frozenset.intersection(*merged)}
-            state[node] = (merged, was and entered)
+            state[node] = merged
             return
-        state[node] = (contexts, entered)
+        state[node] = contexts
         heapq.heappush(heap, (-node._sequence_nr(), len(state), node))
 
     def inputs_of(call: ModuleCall) -> set[Edge]:
@@ -107,18 +106,16 @@ def _outside_owners(root: Node, hooks: HookSet, owners: Owners) -> list[Tensor]:
             exits[id(call)] = {(t.grad_fn, t.output_nr) for t in call.sources if t.grad_fn}
         return exits[id(call)]
 
-    push(root, {frozenset()}, False)
+    push(root, {frozenset()})
     while heap:
         node = heapq.heappop(heap)[2]
-        contexts, entered = state.pop(node)
-        if entered and node._sequence_nr() < first and not any(contexts):
-            continue
+        contexts = state.pop(node)
         edges = children(node)
         if is_tap(node) and node.hooks is hooks:  # (its first edge goes to the anchor)
             inner = {context | {node.call} for context in contexts}
             for child, _ in edges[1:]:
                 if leaf(child) is None:
-                    push(child, inner, True)
+                    push(child, inner)
             continue
         for child, nr in edges:
             variable = leaf(child)
@@ -126,7 +123,7 @@ def _outside_owners(root: Node, hooks: HookSet, owners: Owners) -> list[Tensor]:
                 kept = {
                     frozenset(c for c in ctx if (child, nr) not in inputs_of(c)) for ctx in contexts
                 }
-                push(child, kept, entered)
+                push(child, kept)
                 continue
             mine = owners.get(id(variable))
             if mine is not None and not all(
