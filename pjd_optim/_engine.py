@@ -303,7 +303,6 @@ class HookedPass(Pass):
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
         every rank's calls) and whether it is finite."""
         losses, resume, source = self.losses, self.resume, self.source
-        refuse_outside_uses(losses, source.hooks, source.owners, source.param_names)
         try:
             collected = source.passes.collect(losses, resume)
         except NotConnected:
@@ -311,7 +310,21 @@ class HookedPass(Pass):
             raise
         reached = {id(r.module) for r in collected.reached}
         refuse_unrecorded_uses(losses, source.owners, reached, source.param_names)
+        # (after: a module with no recorded call, e.g. run before the optimizer hooked it, is
+        # named as such rather than as used outside its forward)
+        refuse_outside_uses(losses, source.hooks, source.owners, source.param_names)
         self.check_seconds = source.passes.check_seconds
+        try:
+            return self._mapped(collected)
+        except ValueError:  # (refused before anything changed: retried if positions were tried)
+            if not _maps.without_trials(collected):
+                raise
+            return self._mapped(collected)
+
+    def _mapped(self, collected: _maps.Collected) -> tuple[list[Record], Tensor | None, bool]:
+        """:meth:`_checked` once the row → loss maps are collected: the expected maps, else the
+        named ones (or the per-column path)."""
+        losses, resume, source = self.losses, self.resume, self.source
         m = collected.m
         start = time.perf_counter()
         fast = _maps.expected(collected)

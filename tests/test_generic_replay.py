@@ -122,3 +122,55 @@ def test_an_output_without_the_batch_is_refused_clearly(aux_used: bool) -> None:
     with pytest.raises(ValueError, match=r"block \(WithAux\).*shape \(\)"):
         optimizer.step(losses)
     assert_unchanged(before, snapshot(model, optimizer))
+
+
+class OtherRMSNorm(nn.Module):
+    """A norm of another library (as Hugging Face's ``LlamaRMSNorm``): no rule of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(D))
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+
+class RunningMix(nn.Module):
+    """Mixes the positions of a sequence (a running mean), scaled per feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+        return self.weight * x.cumsum(dim=1) / steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["flat", "[B, T]"])
+def test_a_module_without_a_rule_takes_per_token_losses_by_position_or_refuses(
+    dtype: torch.dtype, layout: str
+) -> None:
+    """Per-token losses through a generic module: a position-wise one (a norm of another
+    library) takes its positions as rows, exact against the oracle; one that mixes positions
+    (its re-run per position does not reproduce it) is refused with flat losses, naming the fix
+    (``[B, T]`` losses), and exact with ``[B, T]`` losses (one pass per position)."""
+    for block, mixes in ((OtherRMSNorm(), False), (RunningMix(), True)):
+        torch.manual_seed(2)
+        embed, head = nn.Linear(3, D), nn.Linear(D, 2)
+        model = nn.Sequential(embed, block, head).to(dtype)
+        x, y = torch.randn(4, 6, 3, dtype=dtype), torch.randn(4, 6, 2, dtype=dtype)
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
+        tokens = (model(x) - y).pow(2).sum(dim=-1)
+        losses = tokens.flatten() if layout == "flat" else tokens
+        expected = oracle_gramian(losses, list(block.parameters()))
+        if mixes and layout == "flat":
+            with pytest.raises(ValueError, match="several losses"):
+                optimizer.backward(losses)
+            continue
+        optimizer.backward(losses)
+        assert optimizer.last_step is not None
+        bound = 1e-12 if dtype == torch.float64 else 1e-5
+        assert relative_error(optimizer.last_step.gramian, expected) < bound

@@ -95,7 +95,9 @@ def test_considered_parameters_used_outside_their_modules_are_refused(
         SGD(model.parameters(), lr=0.1), model, considered=considered(model)
     )
     before = snapshot(model, optimizer)
-    with pytest.raises(ValueError, match="outside its module's forward"):
+    # (a module never called is named as such: its hook may not have run, or it is used by hand)
+    message = r"outside its module's forward|without calling the module"
+    with pytest.raises(ValueError, match=message):
         optimizer.step(model(x))
     assert_unchanged(before, snapshot(model, optimizer))
     exact = PartialJDOptimizer(
