@@ -17,29 +17,26 @@ from oracle import oracle_gramian, relative_error
 from torch import Tensor, nn
 from torch.optim import SGD
 
-from pjd_optim import Mean, PartialJDOptimizer
+from pjd_optim import Mean, NonFinite, PartialJDOptimizer
 from pjd_optim import _rowmap as rowmap
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def mlp() -> nn.Sequential:
+def mlp_and_optimizer(nonfinite: str) -> tuple[nn.Sequential, PartialJDOptimizer]:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    base = SGD(model.parameters(), lr=0.1)
+    mode: NonFinite = "raise" if nonfinite == "raise" else "skip"
+    return model, PartialJDOptimizer(base, model, considered=model[2], nonfinite=mode)
 
 
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 def test_a_non_finite_micro_batch_before_a_finite_one_is_never_stepped(nonfinite: str) -> None:
     """Two ``weighted_loss`` backwards accumulated, the first non-finite: ``step()`` refuses or
     skips (the second, finite, must not clear the first's record)."""
-    model = mlp()
-    optimizer = PartialJDOptimizer(
-        SGD(model.parameters(), lr=0.1),
-        model,
-        considered=model[2],
-        nonfinite=nonfinite,  # type: ignore[arg-type]
-    )
+    model, optimizer = mlp_and_optimizer(nonfinite)
     x, t = torch.randn(6, 5), torch.randn(6, 2)
     before = [p.detach().clone() for p in model.parameters()]
     bad = (model(x) - t).pow(2).mean(dim=1) * torch.tensor([1, 1, float("inf"), 1, 1, 1])
@@ -58,13 +55,7 @@ def test_a_non_finite_micro_batch_before_a_finite_one_is_never_stepped(nonfinite
 def test_the_models_zero_grad_clears_a_non_finite_backward(nonfinite: str) -> None:
     """After a non-finite ``backward(losses)``, ``model.zero_grad()`` (the module's) removes its
     gradients: a plain ``step()`` is then a no-op, and training goes on."""
-    model = mlp()
-    optimizer = PartialJDOptimizer(
-        SGD(model.parameters(), lr=0.1),
-        model,
-        considered=model[2],
-        nonfinite=nonfinite,  # type: ignore[arg-type]
-    )
+    model, optimizer = mlp_and_optimizer(nonfinite)
     x, t = torch.randn(6, 5), torch.randn(6, 2)
     optimizer.backward(
         (model(x) - t).pow(2).mean(dim=1) * torch.tensor([1, 1, float("inf"), 1, 1, 1])

@@ -59,8 +59,10 @@ def test_mtl_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_hf_trainer_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    if not transformers.utils.is_torch_available():  # (transformers 5 needs torch >= 2.6)
+        pytest.skip("this transformers does not run with this torch")
     load_example("hf_trainer").main(["--steps", "4", "--objectives", "token"])
     out = capsys.readouterr().out
     assert "final training loss" in out and "objectives" in out
