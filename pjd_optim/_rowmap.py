@@ -10,12 +10,13 @@ Tags are ``τ_i = 2^(−s·π(i))`` for a fresh random permutation ``π`` at eve
 ranks differ by the factor ``2^s``, wide enough (``≥ 1 + 4δ``) for the precision ``δ`` of a ratio
 in the dtype the backward ran in, and the tags span at least a factor ``2^MIN_SPREAD``, so that a
 row mixing losses (a weighted mean of their tags) lands between tags. Where an integer ``s``
-fits the dtype's spread (``m ≤ 41`` in float32 and bfloat16, ``m ≤ 9`` in float16) the tags are
-powers of two: the tagged pass then scales every intermediate exactly, and a row's ratio is its
-tag bit for bit even where the backward cancels (with other tags, rounding the products by ``τ``
-in a cancelling sum can move a small row's ratio by more than ``δ``). Where ``m`` tags that far
-apart would span more than the dtype allows (``MAX_SPREAD``, e.g. beyond ~450 losses under
-bfloat16), the check can still confirm an expected map (the identity) but not name another one.
+fits the dtype's spread (``m ≤ 65`` in float32 and bfloat16, ``m ≤ 129`` in float64, ``m ≤ 9`` in
+float16) the tags are powers of two: the tagged pass then scales every intermediate exactly, and
+a row's ratio is its tag bit for bit even where the backward cancels (with other tags, rounding
+the products by ``τ`` in a cancelling sum can move a small row's ratio by more than ``δ``). Where
+``m`` tags that far apart would span more than the dtype allows (``MAX_SPREAD``, e.g. beyond ~700
+losses under bfloat16), the check can still confirm an expected map (the identity) but not name
+another one.
 
 Rows whose gradients are negligible in both passes (below ``δ·NEGLIGIBLE`` of the call's largest)
 feed no loss (``σ = −1``); rows that feed several losses, or whose loss cannot be told, get
@@ -37,11 +38,13 @@ from .gramian._registry import map_rows
 # dtype -> (relative precision of a ratio of two gradients, widest log2 spread of the tags).
 # Precision: twice or more the error of such ratios through chains of autocast layers (figures:
 # docs/benchmarks.md). Spread: tags scale gradients down by up to 2^spread in the tagged pass
-# only; float16 (GradScaler's range) keeps them within 2^8.
+# only, so the widest spread keeps gradients above ~1e-18 (float32, bfloat16) or ~1e-270 (float64)
+# normal numbers, and as many losses as it allows get powers of two (m ≤ spread + 1); float16
+# (GradScaler's range) keeps them within 2^8.
 PRECISION: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-9, 60.0),
-    torch.float32: (2e-5, 40.0),
-    torch.bfloat16: (1.6e-2, 40.0),
+    torch.float64: (1e-9, 128.0),
+    torch.float32: (2e-5, 64.0),
+    torch.bfloat16: (1.6e-2, 64.0),
     torch.float16: (2e-3, 8.0),
 }
 MIN_SPREAD = 4.0
@@ -84,8 +87,9 @@ class TagSource:
         spread = min(max(MIN_SPREAD, needed), max_spread)
         spacing = spread / max(m - 1, 1)
         if math.ceil(spacing) * (m - 1) <= max_spread:  # powers of two: h = τ·g bit for bit
-            # (as far apart as the spread allows: from 2^2 apart, the mean of two tags is no tag)
-            spacing = max(math.ceil(spacing), math.floor(max_spread / max(m - 1, 1)))
+            # (2^2 apart where the spread allows: the mean of two tags is then no tag; no wider,
+            # so that small gradients scaled by the smallest tag stay normal numbers)
+            spacing = max(math.ceil(spacing), min(2, math.floor(max_spread / max(m - 1, 1))))
         rank = torch.randperm(m, generator=self.generator)
         return _tags(rank, spacing, losses, delta, needed <= max_spread, precision)
 

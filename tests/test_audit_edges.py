@@ -223,7 +223,7 @@ def test_a_state_change_of_two_percent_after_the_forward_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("m", "dtype"),
-    [(41, torch.float32), (41, torch.bfloat16), (9, torch.float16), (21, torch.float32)],
+    [(65, torch.float32), (65, torch.bfloat16), (9, torch.float16), (129, torch.float64)],
 )
 def test_tags_are_powers_of_two_up_to_the_documented_count(m: int, dtype: torch.dtype) -> None:
     tags = rowmap.TagSource().draw(m, torch.zeros(m, dtype=dtype), dtype)
@@ -233,14 +233,36 @@ def test_tags_are_powers_of_two_up_to_the_documented_count(m: int, dtype: torch.
 
 
 def test_rows_off_the_expected_map_are_unknown_where_the_tags_cannot_name() -> None:
-    """500 losses under bfloat16: the tags confirm the expected map, and name no other loss."""
-    m = 500
+    """800 losses under bfloat16: the tags confirm the expected map, and name no other loss."""
+    m = 800
     tags = rowmap.TagSource().draw(m, torch.zeros(m, dtype=torch.bfloat16), torch.bfloat16)
     assert not tags.identifies
     g = torch.randn(m, 7, generator=torch.Generator().manual_seed(0)) + 3.0
     truth = torch.arange(m).roll(1)
-    truth[:250] = torch.arange(250)
+    truth[:400] = torch.arange(400)
     h = tags.exact.float()[truth].unsqueeze(1) * g
     sigma = rowmap.identify(rowmap.ratios(g, h, tags.delta), tags, torch.arange(m))
-    assert torch.equal(sigma[:250], torch.arange(250))
-    assert bool((sigma[250:] == rowmap.UNKNOWN).all())
+    assert torch.equal(sigma[:400], torch.arange(400))
+    assert bool((sigma[400:] == rowmap.UNKNOWN).all())
+
+
+@pytest.mark.parametrize("batch", [41, 64])
+def test_a_cosine_loss_near_convergence_is_followed_not_refused(batch: int) -> None:
+    """float32, per-sample ``1 − cos`` at an angle of 1e-3 (its backward cancels): with tags
+    that are not powers of two (beyond 41 losses, before their cap was raised to 65) every draw
+    refused the step; powers of two scale the tagged pass exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    x = torch.randn(batch, 16)
+    with torch.no_grad():
+        out = model(x)
+        target = out + 1e-3 * out.norm(dim=1, keepdim=True) * torch.randn(batch, 8) / 8**0.5
+    for _ in range(3):
+        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
+        losses = 1 - F.cosine_similarity(model(x), target, dim=1)
+        expected = oracle_gramian(losses, list(model[2].parameters()))
+        optimizer.backward(losses)
+        assert optimizer.last_step is not None
+        assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+        optimizer.close()
+        model.zero_grad(set_to_none=True)
