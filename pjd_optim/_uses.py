@@ -155,8 +155,11 @@ def refuse_unrecorded_uses(
     if used:
         raise ValueError(
             f"The losses depend on {used} (considered), but no call of its module was "
-            f"recorded: its forward hook did not run. {COMPILED} Else the parameters are used "
-            "without calling the module (see gramian_mode='autograd'). Nothing was changed."
+            "recorded: the parameters are used without calling their module (by hand, or by a "
+            "parent's forward, as Hugging Face's MambaMixer uses its conv1d's weight), or the "
+            f"module's forward hook did not run. {COMPILED} Fixes: consider other modules (a "
+            "parent's own parameters), call the module instead of reading its parameters, or "
+            "pass gramian_mode='autograd'. Nothing was changed."
         )
 
 

@@ -96,7 +96,7 @@ def test_considered_parameters_used_outside_their_modules_are_refused(
     )
     before = snapshot(model, optimizer)
     # (a module never called is named as such: its hook may not have run, or it is used by hand)
-    message = r"outside its module's forward|without calling the module"
+    message = r"outside its module's forward|without calling their module"
     with pytest.raises(ValueError, match=message):
         optimizer.step(model(x))
     assert_unchanged(before, snapshot(model, optimizer))
