@@ -314,17 +314,6 @@ class HookedPass(Pass):
         # named as such rather than as used outside its forward)
         refuse_outside_uses(losses, source.hooks, source.owners, source.param_names)
         self.check_seconds = source.passes.check_seconds
-        try:
-            return self._mapped(collected)
-        except ValueError:  # (refused before anything changed: retried if positions were tried)
-            if not _maps.without_trials(collected):
-                raise
-            return self._mapped(collected)
-
-    def _mapped(self, collected: _maps.Collected) -> tuple[list[Record], Tensor | None, bool]:
-        """:meth:`_checked` once the row → loss maps are collected: the expected maps, else the
-        named ones (or the per-column path)."""
-        losses, resume, source = self.losses, self.resume, self.source
         m = collected.m
         start = time.perf_counter()
         fast = _maps.expected(collected)

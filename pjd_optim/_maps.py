@@ -43,16 +43,8 @@ class Reached:
     tagged: tuple[Tensor, ...]
     name: str
     source: ModuleCall
-    trial: bool = True  # whether a rule that allows it tries the call as position-wise
 
     def features(self) -> tuple[int, int] | None:
-        rule = rule_for(self.module)
-        declared = rule.positionwise(self.module)
-        if declared is None and self.trial and getattr(rule, "positions_by_trial", False):
-            return (1, 1)
-        return declared
-
-    def declared(self) -> tuple[int, int] | None:
         return rule_for(self.module).positionwise(self.module)
 
     def positions(self) -> int:
@@ -78,14 +70,6 @@ class Collected:
     @property
     def m(self) -> int:
         return self.losses.shape[0]
-
-
-def without_trials(collected: Collected) -> bool:
-    """Stops trying calls as position-wise (their rule refused that reading); whether any was."""
-    tried = [r for r in collected.reached if r.trial and r.features() != r.declared()]
-    for reached in collected.reached:
-        reached.trial = False
-    return bool(tried)
 
 
 def rows_of(reached: Reached, positions: bool) -> tuple[Call, Tensor, Tensor]:

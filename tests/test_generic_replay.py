@@ -15,6 +15,7 @@ from torch.optim import SGD
 from pjd_optim import PartialJDOptimizer
 
 B, D = 5, 4
+F64 = torch.float64
 
 
 class SharedGate(nn.Module):
@@ -148,29 +149,69 @@ class RunningMix(nn.Module):
         return self.weight * x.cumsum(dim=1) / steps
 
 
+class GatedTimeMean(nn.Module):
+    """A mean over the positions (``dim=1``) behind a gate initialised at zero: at zero its
+    outputs are those of a position-wise module, its gradients are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * self.weight
+        return h + self.gate * h.mean(dim=1, keepdim=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["flat", "[B, T]"])
-def test_a_module_without_a_rule_takes_per_token_losses_by_position_or_refuses(
-    dtype: torch.dtype, layout: str
+@pytest.mark.parametrize("block", [OtherRMSNorm, RunningMix, GatedTimeMean])
+def test_a_module_without_a_rule_takes_per_token_losses_as_b_t(
+    block: type[nn.Module], dtype: torch.dtype, layout: str
 ) -> None:
-    """Per-token losses through a generic module: a position-wise one (a norm of another
-    library) takes its positions as rows, exact against the oracle; one that mixes positions
-    (its re-run per position does not reproduce it) is refused with flat losses, naming the fix
-    (``[B, T]`` losses), and exact with ``[B, T]`` losses (one pass per position)."""
-    for block, mixes in ((OtherRMSNorm(), False), (RunningMix(), True)):
-        torch.manual_seed(2)
-        embed, head = nn.Linear(3, D), nn.Linear(D, 2)
-        model = nn.Sequential(embed, block, head).to(dtype)
-        x, y = torch.randn(4, 6, 3, dtype=dtype), torch.randn(4, 6, 2, dtype=dtype)
-        optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
-        tokens = (model(x) - y).pow(2).sum(dim=-1)
-        losses = tokens.flatten() if layout == "flat" else tokens
-        expected = oracle_gramian(losses, list(block.parameters()))
-        if mixes and layout == "flat":
-            with pytest.raises(ValueError, match="several losses"):
-                optimizer.backward(losses)
-            continue
-        optimizer.backward(losses)
-        assert optimizer.last_step is not None
-        bound = 1e-12 if dtype == torch.float64 else 1e-5
-        assert relative_error(optimizer.last_step.gramian, expected) < bound
+    """Per-token losses through a module the generic rule re-runs (a norm of another library,
+    one that mixes the positions, one that mixes them behind a gate at zero): ``[B, T]`` losses
+    are exact against the oracle (one pass per position), flat ones refused, naming
+    ``[B, T]`` (its positions are never taken as rows: a re-run per position could not tell the
+    gated mean from a position-wise module)."""
+    torch.manual_seed(2)
+    module = block()
+    model = nn.Sequential(nn.Linear(3, D), module, nn.Linear(D, 2)).to(dtype)
+    x, y = torch.randn(4, 6, 3, dtype=dtype), torch.randn(4, 6, 2, dtype=dtype)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=module)
+    tokens = (model(x) - y).pow(2).sum(dim=-1)
+    if layout == "flat":
+        with pytest.raises(ValueError, match=r"\[B, T\]"):
+            optimizer.backward(tokens.flatten())
+        return
+    expected = oracle_gramian(tokens, list(module.parameters()))
+    optimizer.backward(tokens)
+    assert optimizer.last_step is not None
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(optimizer.last_step.gramian, expected) < bound
+
+
+class ReZero(nn.Module):
+    """``x + α·tanh(W x)`` with a scalar (0-d) ``α``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D))
+        self.alpha = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.alpha * torch.tanh(x @ self.weight.T)
+
+
+def test_a_scalar_parameter_of_a_module_without_a_rule_is_exact() -> None:
+    """A 0-d parameter's per-example gradients are ``[B]`` (a raw IndexError before)."""
+    torch.manual_seed(3)
+    block = ReZero()
+    model = nn.Sequential(nn.Linear(3, D), block, nn.Linear(D, 2)).double()
+    x, y = torch.randn(7, 3, dtype=F64), torch.randn(7, 2, dtype=F64)
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
+    losses = (model(x) - y).pow(2).sum(dim=1)
+    expected = oracle_gramian(losses, list(block.parameters()))
+    optimizer.backward(losses)
+    assert optimizer.last_step is not None
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12

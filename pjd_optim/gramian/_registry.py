@@ -205,7 +205,8 @@ def map_rows(
 def sum_of_gramians(per_sample: Sequence[Tensor]) -> Tensor:
     """``Σ_k P_k P_kᵀ`` with each ``P_k`` flattened to ``[B, -1]``, in float32 or wider."""
     flat = [
-        p.flatten(start_dim=1).to(torch.promote_types(p.dtype, torch.float32)) for p in per_sample
+        p.reshape(p.shape[0], -1).to(torch.promote_types(p.dtype, torch.float32))
+        for p in per_sample  # (a 0-d parameter's P is [B])
     ]
     matrix = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
     return matrix @ matrix.T

@@ -179,10 +179,6 @@ class GenericRule(GramianRule):
     """Any module: per-sample gradients by vmapped ``torch.func.vjp``, summed over calls."""
 
     needs_outputs = True
-    # Tried as position-wise over one trailing feature dim (a norm of another library: per-token
-    # losses then take its positions as rows); where its re-run's checks refuse that reading
-    # (positions that interact, features over more dims), the step maps it again without it.
-    positions_by_trial = True
 
     def couples_batch(self, module: nn.Module) -> bool | None:
         """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
@@ -230,8 +226,6 @@ class AttentionRule(GenericRule):
 
     recursive = True
 
-    positions_by_trial = False  # (its positions attend to each other)
-
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         batch = 0 if getattr(module, "batch_first", False) else 1
         return (batch,), (batch, 0)
@@ -263,8 +257,6 @@ class CellRule(GenericRule):
     """Recurrent cells: a call without a state (``hx=None``, the first step of a loop) is re-run
     with the zeros the cell starts from, given as per-sample inputs (a state the cell makes
     inside the per-sample re-run has no batch dim)."""
-
-    positions_by_trial = False  # (one step of a loop: no positions)
 
     def per_sample_grads(
         self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
