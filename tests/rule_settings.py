@@ -74,6 +74,22 @@ def linear(name: str, d: int, p: int, bias: bool, middle: tuple[int, ...]) -> Se
     )
 
 
+def hf_conv1d(name: str, d: int, p: int, middle: tuple[int, ...]) -> Setting:
+    """Hugging Face's ``Conv1D`` (GPT-2's linear layers, weight ``[in, out]``)."""
+
+    def build() -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        module: nn.Module = Conv1D(p, d)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            module.get_parameter("bias").normal_()  # (zeros by default)
+        return module
+
+    key = "transformers.pytorch_utils.Conv1D"
+    inputs = one(lambda g: randn(g, B, *middle, d))
+    return Setting(key, f"hf_conv1d_{name}", build, inputs, (0,), (0,), needs="transformers")
+
+
 CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 

@@ -36,7 +36,7 @@ from pjd_optim import Call, GramianRule, PartialJDOptimizer
 from pjd_optim.gramian._registry import _RULES, _RULES_BY_NAME, batch_dim, rule_for
 from pjd_optim.gramian.conv import ConvRule
 from pjd_optim.gramian.generic import GenericRule
-from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule, Mode
+from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule, Mode, TransposedLinearRule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -295,7 +295,11 @@ GROUPED = [s for s in SETTINGS if isinstance(registry_key(s.key), GroupedLinearR
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("setting", GROUPED, ids=[s.name for s in GROUPED])
 def test_both_branches_of_the_grouped_linear_cost_model(setting: Setting, mode: Mode) -> None:
-    rule = LinearRule(mode) if setting.key is nn.Linear else ConvRule(mode)
+    rule: GroupedLinearRule = ConvRule(mode)
+    if setting.key is nn.Linear:
+        rule = LinearRule(mode)
+    elif setting.key == "transformers.pytorch_utils.Conv1D":
+        rule = TransposedLinearRule(mode)
     check_rule(setting, calls=2, rule=rule)
 
 

@@ -186,3 +186,31 @@ class LinearRule(GroupedLinearRule):
 
     def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         return linear_factors(calls)
+
+
+@register_gramian_rule("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` ``[in, out]``, a ``Linear``
+    whose weight is stored transposed (the Gramian is the same)."""
+
+    def per_sample_grads(
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        grads = super().per_sample_grads(
+            module, calls, {k: params[k] for k in params if k != "weight"}
+        )
+        if "weight" in params:
+            a, gy = self.factors(module, calls)
+            grads["weight"] = weight_grads(a, gy)[:, 0].transpose(1, 2)
+        return grads
+
+    def summed_grads(
+        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, Tensor]:
+        grads = super().summed_grads(module, calls, {k: params[k] for k in params if k != "weight"})
+        if "weight" in params:
+            a, gy = self.factors(module, calls)
+            a, gy = wide(a), wide(gy)
+            rows = a.shape[0] * a.shape[1]
+            grads["weight"] = a.reshape(rows, -1).T @ gy.reshape(rows, -1)
+        return grads
