@@ -344,19 +344,23 @@ class HookedPass(Pass):
         if losses.ndim > 1 and resume is None:
             per_column = lambda reached: source.passes.per_column(collected)  # noqa: E731
         start = time.perf_counter()
-        confirm = source.passes.confirm(collected, resume)  # (rows named by their tags)
+        freed = resume is not None and not resume.skips  # (the graph above the boundary)
+        # Rows named by their tags are confirmed by a pass with the mirrored tags; where the
+        # graph is freed, only a one-to-one map (a permutation) is taken.
+        confirm = None if freed else source.passes.confirm(collected, resume)
         records, rows = _maps.named(collected, per_column, confirm)
+        if freed:
+            _maps.one_to_one(rows, m)
         self.check_seconds += time.perf_counter() - start
         if resume is not None:
             resume.records = records
-            try:
-                resume.rows = (
-                    _maps.boundary_rows(collected, confirm)
-                    if resume.skips
-                    else _maps.rows_of_inputs(resume.boundary, collected, rows)
-                )
-            except ValueError:  # (the passes kept the graph: losses.backward(w) instead)
-                resume.usable = False
+            if not resume.skips:
+                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
+            else:
+                try:
+                    resume.rows = _maps.boundary_rows(collected, confirm)
+                except ValueError:  # the passes kept the graph: losses.backward(w) instead
+                    resume.usable = False
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
 

@@ -198,6 +198,27 @@ def named(
     }
 
 
+def one_to_one(sigmas: dict[int, Tensor], m: int) -> None:
+    """A clear error unless every call's rows feed the ``m`` losses one to one (a permutation):
+    the map a resumed step can take from one draw of tags. (A row feeding two losses along
+    parallel gradients can take a third loss's tag; that loss then has two rows, or the map is
+    not one to one, unless that loss is fed by no row at all.)"""
+    checks = [
+        (s.numel() == m) & (s >= 0).all() & (rowmap.multiplicity(s, m) == 1)
+        for s in sigmas.values()
+    ]
+    if checks and not bool(torch.stack(checks).all()):
+        raise ValueError(
+            "The losses are not one per batch row in another order (a permutation), and the "
+            "considered part is large enough that the step resumes the trunk's backward at its "
+            "inputs, where no other map of rows to losses can be confirmed. Compute the losses "
+            "in the batch order (a copied or mixed row is refused anyway); a sequence-first "
+            "layer whose sequence is as long as the batch puts positions in the rows: run it "
+            "batch-first (batch_first=True); or pass gramian_mode='autograd'. Nothing was "
+            "changed."
+        )
+
+
 def rows_of_inputs(
     boundary: list[Tensor], collected: Collected, sigmas: dict[int, Tensor]
 ) -> list[Tensor]:

@@ -37,7 +37,8 @@ class Passes:
     def collect(self, losses: Tensor, resume: Resume | None = None) -> _maps.Collected:
         """The tagged pass, then the pass with cotangent 1: every reached call with its output
         gradients in both. With ``resume`` (1-D losses) they also give the gradients at the
-        boundary."""
+        boundary, and the second pass frees the graph above it unless the boundary reaches the
+        losses past the calls (``Resume.skips``)."""
         flat = losses.reshape(-1)
         m = flat.shape[0]
         dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
@@ -49,10 +50,11 @@ class Passes:
         start = time.perf_counter()
         tagged, tagged_boundary = self.one(flat, tags.values, checked, retain=True)
         self.check_seconds = time.perf_counter() - start
-        # (The graph is kept: rows not in the losses' order take a confirming pass, ``confirm``,
-        # and a boundary whose rows turn out to feed several losses falls back to
-        # ``losses.backward(w)``.)
-        plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, retain=True)
+        # (The graph is kept for rows not in the losses' order, which take a confirming pass,
+        # ``confirm``, and for a boundary that reaches the losses past the calls; a resumed step
+        # without such a boundary frees it here: its logits-sized tensors, say.)
+        keep = resume is None or resume.skips
+        plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, retain=keep)
         if not plain:
             raise self._not_connected()
         if resume is not None:

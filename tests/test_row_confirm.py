@@ -143,23 +143,31 @@ def test_agreed_keeps_only_what_both_draws_name() -> None:
     assert torch.equal(_rowmap.agreed(first, second), expected)
 
 
-@pytest.mark.parametrize("layout", ["permuted", "a copy"])
-def test_a_resumed_step_confirms_rows_named_by_their_tags(layout: str) -> None:
-    """A head large enough for the step to resume the trunk's backward at its input: permuted
-    losses are named by both draws (the confirming pass is the one that frees the graph above
-    the boundary) and exact, a copied loss is refused."""
+RESUMED_LAYOUTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "permuted": lambda losses: losses[
+        torch.randperm(16, generator=torch.Generator().manual_seed(4))
+    ],
+    "a copy": copy_first,
+    "a copy in place of a row": lambda losses: losses[torch.tensor([0, 0, *range(2, 16)])],
+    "a copy times 3 in place of a row": lambda losses: torch.cat([losses[:15], 3 * losses[:1]]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(RESUMED_LAYOUTS))
+def test_a_resumed_step_takes_a_permutation_and_refuses_copies(layout: str) -> None:
+    """A head large enough for the step to resume the trunk's backward at its input, which frees
+    the graph above it (no confirming pass): permuted losses are exact; copied losses are
+    refused at every draw, as many losses as rows or not."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 2048)).double()
     x = torch.randn(16, 6, dtype=torch.float64)
     labels = torch.randint(0, 2048, (16,), generator=torch.Generator().manual_seed(3))
-    order = torch.randperm(16, generator=torch.Generator().manual_seed(4))
-    for _ in range(5):
+    for _ in range(10):
         optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
-        losses = F.cross_entropy(model(x), labels, reduction="none")
-        losses = losses[order] if layout == "permuted" else copy_first(losses)
+        losses = RESUMED_LAYOUTS[layout](F.cross_entropy(model(x), labels, reduction="none"))
         expected = oracle_gramian(losses, list(model[2].parameters()))
-        if layout == "a copy":
-            with pytest.raises(ValueError, match="several losses"):
+        if layout != "permuted":
+            with pytest.raises(ValueError, match=r"several losses|one per batch row"):
                 optimizer.backward(losses)
         else:
             optimizer.backward(losses)
@@ -186,25 +194,28 @@ class SequenceFirst(nn.Module):
 
 
 @pytest.mark.parametrize("length", [15, 16, 17])
-def test_a_sequence_first_boundary_as_long_as_the_batch_falls_back_exactly(length: int) -> None:
+def test_a_sequence_first_boundary_as_long_as_the_batch_is_exact_or_refused(length: int) -> None:
     """With ``T = B`` the head's input ``[T, B, D]`` has one row per loss by coincidence: its rows
-    (positions) feed every loss, so the step falls back to ``losses.backward(w)`` (it raised);
-    against the oracle for every parameter."""
+    (positions) feed every loss, and the resumed step (which freed the graph above the boundary)
+    refuses, naming the fix; other lengths are exact against the oracle for every parameter."""
     from oracle import oracle_backward
 
     torch.manual_seed(0)
     model = SequenceFirst().double()
     reference = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(5)
-    ids, targets = (
-        torch.randint(0, 50, (length, 16), generator=gen),
-        torch.randint(0, 8192, (length, 16), generator=gen),
-    )
+    ids = torch.randint(0, 50, (length, 16), generator=gen)
+    targets = torch.randint(0, 8192, (length, 16), generator=gen)
 
     def losses_of(m: nn.Module) -> Tensor:
         return F.cross_entropy(m(ids).permute(1, 2, 0), targets.T, reduction="none").mean(dim=1)
 
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model.head)
+    if length == 16:
+        with pytest.raises(ValueError, match="batch_first=True"):
+            optimizer.backward(losses_of(model))
+        assert all(p.grad is None for p in model.parameters())
+        return
     weights = optimizer.backward(losses_of(model))
     expected = oracle_backward(
         losses_of(reference), list(reference.head.parameters()), list(reference.parameters())
@@ -213,6 +224,22 @@ def test_a_sequence_first_boundary_as_long_as_the_batch_falls_back_exactly(lengt
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert relative_error(p.grad, q.grad) < 1e-10
+
+
+def test_a_resumed_step_frees_the_graph_above_its_boundary() -> None:
+    """Losses in the batch order with a head large enough to resume: the collection pass frees
+    the graph between the losses and the head (the loss's saved logits-sized tensors), as a
+    plain backward would; another backward through it is refused by autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 2048)).double()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
+    labels = torch.randint(0, 2048, (16,), generator=torch.Generator().manual_seed(3))
+    logits = model(torch.randn(16, 6, dtype=torch.float64))
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    optimizer.backward(losses)
+    assert optimizer.last_step is not None and optimizer.last_step.resumed
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(losses.sum(), logits)  # (through the loss only, above the head)
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 63.0])
