@@ -28,7 +28,7 @@ from ._checks import is_finite, is_finite_tensor
 from ._distributed import CallGatherer, each_agreed, world
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
-from ._passes import NotConnected, Passes
+from ._passes import NotConnected, Passes, keeps_graph
 from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
@@ -344,7 +344,7 @@ class HookedPass(Pass):
         if losses.ndim > 1 and resume is None:
             per_column = lambda reached: source.passes.per_column(collected)  # noqa: E731
         start = time.perf_counter()
-        freed = resume is not None and not resume.skips  # (the graph above the boundary)
+        freed = not keeps_graph(resume)
         # Rows named by their tags are confirmed by a pass with the mirrored tags; where the
         # graph is freed, only a one-to-one map (a permutation) is taken.
         confirm = None if freed else source.passes.confirm(collected, resume)

@@ -302,16 +302,17 @@ def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:
 
 def per_column_records(
     collected: Collected,
-    sample_tags: rowmap.Tags,
     weighted: dict[int, tuple[Tensor, ...]],
-    sample_tagged: list[dict[int, tuple[Tensor, ...]]],
+    draws: list[tuple[rowmap.Tags, dict[int, tuple[Tensor, ...]]]],
     columns: list[dict[int, tuple[Tensor, ...]]],
 ) -> list[Record]:
-    """Records of the per-column path: each reached call's rows mapped to samples by
-    ``sample_tags`` and their mirror, where both agree (``sample_tagged`` and ``weighted``:
-    gradients by ``id`` of the record for the cotangents ``τ_n·c_j``, ``τ'_n·c_j`` and ``c_j``),
-    then pass ``j``'s row ``r`` to loss ``σ(r)·K + j``, re-indexed by loss."""
+    """Records of the per-column path: each reached call's rows mapped to samples by two draws
+    of tags per sample, the second the mirror of the first, where both agree (``draws``: the tags
+    ``τ`` with the gradients, by ``id`` of the record, for the cotangents ``τ_n·c_j``;
+    ``weighted``: those for ``c_j``), then pass ``j``'s row ``r`` to loss ``σ(r)·K + j``,
+    re-indexed by loss."""
     m = collected.m
+    sample_tags = draws[0][0]
     n = sample_tags.m
     k = m // n
     records: list[Record] = []
@@ -324,7 +325,7 @@ def per_column_records(
             rowmap.identify(
                 rowmap.ratios(g, rowmap.flat_rows(h[id(reached)], call.rows), t.delta), t, guess
             )
-            for h, t in zip(sample_tagged, (sample_tags, _mirror(sample_tags)), strict=True)
+            for t, h in draws
         )
         sigma = rowmap.agreed(first, second)
         # A row negligible in the weighted sum but not in some column (its columns cancelling
@@ -347,10 +348,6 @@ def per_column_records(
         placed = rowmap.place(stacked, mapped, m, max(splits, 1), positions=False)
         records += [(reached.module, c) for c in placed]
     return records
-
-
-def _mirror(tags: rowmap.Tags) -> rowmap.Tags:
-    return rowmap.TagSource.mirrored(tags)
 
 
 def call_repeated(call: Call, k: int, grads: tuple[Tensor, ...]) -> Call:

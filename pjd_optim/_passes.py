@@ -25,6 +25,13 @@ class NotConnected(ValueError):
     """The losses reach no considered call."""
 
 
+def keeps_graph(resume: Resume | None) -> bool:
+    """Whether the collection passes keep the graph above the considered part: for the
+    confirming pass of rows not in the losses' order, and for a boundary that reaches the losses
+    past the calls; a resumed step without such a boundary frees it (logits-sized tensors)."""
+    return resume is None or resume.skips
+
+
 class Passes:
     """The passes of one optimizer's hook set; ``check_seconds``: the last tagged pass's time."""
 
@@ -43,17 +50,11 @@ class Passes:
         m = flat.shape[0]
         dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
         tags = self.tags.draw(m, flat, precision_of(dtypes))
-        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-        # The boundary's rows are checked where they also reach the losses other than through the
-        # considered calls; elsewhere they feed what the rows of the calls they enter feed.
-        checked = inputs if resume is not None and resume.skips else inputs[:1]
+        inputs, checked = self._inputs(resume)
         start = time.perf_counter()
         tagged, tagged_boundary = self.one(flat, tags.values, checked, retain=True)
         self.check_seconds = time.perf_counter() - start
-        # (The graph is kept for rows not in the losses' order, which take a confirming pass,
-        # ``confirm``, and for a boundary that reaches the losses past the calls; a resumed step
-        # without such a boundary frees it here: its logits-sized tensors, say.)
-        keep = resume is None or resume.skips
+        keep = keeps_graph(resume)
         plain, plain_boundary = self.one(flat, torch.ones_like(flat), inputs, retain=keep)
         if not plain:
             raise self._not_connected()
@@ -88,15 +89,18 @@ class Passes:
         """``collected`` with the tagged gradients of a pass with the mirrored tags (rows named
         by their ratio are kept only where both draws agree: ``_rowmap.agreed``)."""
         tags = TagSource.mirrored(collected.tags)
-        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
-        checked = inputs if resume is not None and resume.skips else inputs[:1]
-        start = time.perf_counter()
-        found, boundary = self.one(collected.losses, tags.values, checked, retain=True)
-        self.check_seconds += time.perf_counter() - start
+        found, boundary = self.one(collected.losses, tags.values, self._inputs(resume)[1], True)
         tagged = _maps.aligned(collected, found)
         reached = [replace(r, tagged=tagged[id(r)]) for r in collected.reached]
         pairs = [(plain, t) for (plain, _), t in zip(collected.boundary, boundary, strict=False)]
         return replace(collected, tags=tags, reached=reached, boundary=pairs)
+
+    def _inputs(self, resume: Resume | None) -> tuple[list[Tensor], list[Tensor]]:
+        """What a pass differentiates: the taps' anchor and the boundary, and of these the ones
+        a tagged pass checks (the boundary's rows where they also reach the losses other than
+        through the considered calls; elsewhere they feed what the calls they enter feed)."""
+        inputs = [self.hooks.anchor, *(resume.boundary if resume else ())]
+        return inputs, inputs if resume is not None and resume.skips else inputs[:1]
 
     def one(
         self,
@@ -153,12 +157,11 @@ class Passes:
         # objectives) look negligible.
         weights = self.tags.column_weights(k, flat)
         anchor = [self.hooks.anchor]
-        tagged = []
+        draws = []
         for tags in (sample_tags, TagSource.mirrored(sample_tags)):  # (see ``confirm``)
             cotangent = (tags.values.unsqueeze(1) * weights).flatten()
-            tagged.append(
-                _maps.aligned(collected, self.one(flat, cotangent, anchor, retain=True)[0])
-            )
+            found = self.one(flat, cotangent, anchor, retain=True)[0]
+            draws.append((tags, _maps.aligned(collected, found)))
         weighted = self.one(flat, weights.repeat(n), anchor, retain=True)[0]
         columns = []
         for j in range(k):
@@ -167,7 +170,7 @@ class Passes:
             found = self.one(flat, one_hot.flatten(), anchor, retain=True)[0]
             columns.append(_maps.aligned(collected, found))
         records = _maps.aligned(collected, weighted)
-        return _maps.per_column_records(collected, sample_tags, records, tagged, columns)
+        return _maps.per_column_records(collected, records, draws, columns)
 
     def _check_inputs(self, calls: Iterable[ModuleCall]) -> None:
         for call in calls:

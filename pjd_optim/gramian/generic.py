@@ -16,7 +16,7 @@ be replayed with the forward's masks and are refused.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -77,12 +77,7 @@ def per_sample_vjp(
             x if d is None else next(it).unsqueeze(d) for x, d in zip(leaves, batched, strict=True)
         ]
         args, kwargs = tree_unflatten(filled, spec)
-
-        def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            out = call_forward(module, {**constants, **theta}, tuple(args), kwargs)
-            out = tree_flatten(out)[0]
-            return tuple(out[k] for k in call.output_positions)
-
+        forward = _forward(module, call, constants, args, kwargs)
         outputs, pullback = vjp(forward, theta)[:2]
         cotangents = tuple(g.unsqueeze(d) for g, d in zip(gys, out_dims, strict=True))
         squeezed = tuple(y.squeeze(d) for y, d in zip(outputs, out_dims, strict=True))
@@ -126,16 +121,10 @@ def _check_summed(
     filled = [x if d is None else x.movedim(0, d) for x, d in zip(leaves, batched, strict=True)]
     args, kwargs = tree_unflatten(filled, spec)
     out_dims = call.output_dims or (0,) * len(call.output_grads)
-
-    def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        out = tree_flatten(call_forward(module, {**constants, **theta}, tuple(args), kwargs))[0]
-        return tuple(out[k] for k in call.output_positions)
-
-    pullback = vjp(forward, dict(values))[1]
+    pullback = vjp(_forward(module, call, constants, args, kwargs), dict(values))[1]
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
     whole = pullback(cotangents)[0]
-    lowest = min(call.precision or torch.float64, *(g.dtype for g in grads.values()), key=_eps)
-    tolerance = REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
+    tolerance = _tolerance(call.precision or torch.float64, *(g.dtype for g in grads.values()))
     for name, per_sample in grads.items():
         summed, expected = per_sample.sum(dim=0).double(), whole[name].double()
         scale = torch.maximum(summed.abs().amax(), expected.abs().amax()).clamp_min(1e-30)
@@ -147,15 +136,28 @@ def _check_summed(
             )
 
 
-def _eps(dtype: torch.dtype) -> float:
-    return -torch.finfo(dtype).eps
+def _forward(
+    module: nn.Module, call: Call, constants: Mapping[str, Tensor], args: Any, kwargs: Any
+) -> Callable[[dict[str, Tensor]], tuple[Tensor, ...]]:
+    """``θ ↦`` the call's tapped outputs of the module run on ``args``, ``kwargs``."""
+
+    def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        out = tree_flatten(call_forward(module, {**constants, **theta}, tuple(args), kwargs))[0]
+        return tuple(out[k] for k in call.output_positions)
+
+    return forward
+
+
+def _tolerance(*dtypes: torch.dtype) -> float:
+    """The relative agreement required of a re-run, by the least precise of ``dtypes``."""
+    lowest = min(dtypes, key=lambda d: -torch.finfo(d).eps)
+    return REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
 
 
 def _check_replay(recorded: Tensor, replayed: Tensor, precision: torch.dtype) -> None:
     if recorded.shape != replayed.shape:
         raise ReplayMismatch(f"its re-run gave outputs {tuple(replayed.shape)}")
-    lowest = min(precision, recorded.dtype, key=_eps)
-    tolerance = REPLAY_TOLERANCE.get(lowest, LOW_PRECISION_TOLERANCE)
+    tolerance = _tolerance(precision, recorded.dtype)
     scale = recorded.abs().amax().double().clamp_min(1e-30)
     error = (replayed.to(recorded.dtype) - recorded).abs().amax().double()
     if not bool(error <= tolerance * scale):

@@ -121,6 +121,7 @@ class GroupedLinearRule(GramianRule):
     """Shared logic of layers that factor as grouped linear maps; subclasses give ``factors``."""
 
     parameters = frozenset({"weight", "bias"})
+    transposed = False  # one group, the weight stored ``[in, out]`` (Hugging Face's ``Conv1D``)
 
     def __init__(self, mode: Mode = "auto") -> None:
         self.mode: Mode = mode
@@ -135,7 +136,10 @@ class GroupedLinearRule(GramianRule):
         grads: dict[str, Tensor] = {}
         if "weight" in params:
             weight = params["weight"]
-            grads["weight"] = weight_grads(a, gy).reshape(a.shape[0], *weight.shape)
+            per_sample = weight_grads(a, gy)
+            if self.transposed:
+                per_sample = per_sample[:, 0].transpose(1, 2)
+            grads["weight"] = per_sample.reshape(a.shape[0], *weight.shape)
         if "bias" in params:
             grads["bias"] = wide(gy).sum(dim=1).flatten(start_dim=1)
         return grads
@@ -156,6 +160,8 @@ class GroupedLinearRule(GramianRule):
                 summed = gy.reshape(b * t, -1).T @ a.reshape(b * t, d)
             else:
                 summed = torch.einsum("btgp,btgd->gpd", gy, a)
+            if self.transposed:  # (one group: ``summed`` is ``[out, in]``)
+                summed = summed.T
             grads["weight"] = summed.reshape(params["weight"].shape)
         if "bias" in params:
             grads["bias"] = gy.sum(dim=(0, 1)).flatten()
@@ -193,24 +199,4 @@ class TransposedLinearRule(LinearRule):
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` ``[in, out]``, a ``Linear``
     whose weight is stored transposed (the Gramian is the same)."""
 
-    def per_sample_grads(
-        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
-    ) -> dict[str, Tensor]:
-        grads = super().per_sample_grads(
-            module, calls, {k: params[k] for k in params if k != "weight"}
-        )
-        if "weight" in params:
-            a, gy = self.factors(module, calls)
-            grads["weight"] = weight_grads(a, gy)[:, 0].transpose(1, 2)
-        return grads
-
-    def summed_grads(
-        self, module: nn.Module, calls: Sequence[Call], params: Mapping[str, nn.Parameter]
-    ) -> dict[str, Tensor]:
-        grads = super().summed_grads(module, calls, {k: params[k] for k in params if k != "weight"})
-        if "weight" in params:
-            a, gy = self.factors(module, calls)
-            a, gy = wide(a), wide(gy)
-            rows = a.shape[0] * a.shape[1]
-            grads["weight"] = a.reshape(rows, -1).T @ gy.reshape(rows, -1)
-        return grads
+    transposed = True
