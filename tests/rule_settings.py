@@ -10,6 +10,7 @@ flattened outputs.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class Setting:
     refusal: str | None = None
     step_refusal: str | None = None
     needs: str | None = None  # a module to import first (skip where absent)
+    tolerance: float = 1e-9  # relative; float64 throughout: exact up to round-off
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -137,6 +139,29 @@ def norm(
     **options: Any,
 ) -> Setting:
     return Setting(key, name, build, one(lambda g: randn(g, B, *shape)), (0,), (0,), **options)
+
+
+def hf_rmsnorm(model: str, cls: str, shape: tuple[int, ...], eps: float) -> Setting:
+    """Hugging Face's RMSNorm of ``transformers.models.<model>`` (``cls``), a random weight;
+    the key is the class its forward copies (Llama's or Gemma's)."""
+
+    def build() -> nn.Module:
+        module: nn.Module = getattr(
+            importlib.import_module(f"transformers.models.{model}.modeling_{model}"), cls
+        )(shape[-1], eps=eps)
+        with torch.no_grad():
+            module.get_parameter("weight").normal_()
+        return module
+
+    form = (
+        "gemma.modeling_gemma.GemmaRMSNorm"
+        if "emma" in cls
+        else "llama.modeling_llama.LlamaRMSNorm"
+    )
+    key = f"transformers.models.{form}"
+    # (the module computes in float32 inside a float64 model: the oracle's round-off is float32's)
+    name = f"hf_{cls}_{shape}"
+    return norm(key, name, build, shape, needs="transformers", tolerance=1e-6)
 
 
 def batchnorm(

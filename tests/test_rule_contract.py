@@ -41,7 +41,6 @@ from pjd_optim.gramian.linear import GroupedLinearRule, LinearRule, Mode, Transp
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MODES: list[Mode] = ["ghost", "materialize"]
-TOLERANCE = 1e-9  # float64 throughout: exact up to round-off
 IDS = [s.name for s in SETTINGS]
 
 
@@ -179,15 +178,15 @@ def check_rule(setting: Setting, calls: int = 1, rule: GramianRule | None = None
         assert set(grads) == set(params)
         for name, p in params.items():
             assert grads[name].shape == (B, *p.shape), name
-            assert error(grads[name], expected[name], floor) < TOLERANCE, name
+            assert error(grads[name], expected[name], floor) < setting.tolerance, name
         gramian = rule.gramian(module, records, params)
         assert gramian.shape == (B, B)
-        assert error(gramian, jacobian @ jacobian.T, floor**2) < TOLERANCE
+        assert error(gramian, jacobian @ jacobian.T, floor**2) < setting.tolerance
         summed = rule.summed_grads(module, records, params)
         assert set(summed) == set(params)
         for name, p in params.items():
             assert summed[name].shape == p.shape, name
-            assert error(summed[name], expected[name].sum(0), floor) < TOLERANCE, name
+            assert error(summed[name], expected[name].sum(0), floor) < setting.tolerance, name
 
     exact_or_refused(setting.refusal, compare)
 
@@ -241,8 +240,8 @@ def check_step(setting: Setting) -> None:
     def compare() -> None:
         torch.manual_seed(2)
         errors = errors_against_oracle(case, F64)
-        assert errors["gramian"] < TOLERANCE, errors
-        assert errors["grads"] < TOLERANCE, errors
+        assert errors["gramian"] < setting.tolerance, errors
+        assert errors["grads"] < setting.tolerance, errors
         assert errors["weights"] < 1e-7, errors
 
     if setting.step_refusal is not None:

@@ -19,6 +19,9 @@ rule (``torch.func`` per-sample VJPs), which is exact for any module whose sampl
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -250,12 +253,71 @@ def register_gramian_rule(*module_types: type[nn.Module] | str) -> Callable[[_M]
     return register
 
 
+# Rules for the copies of a class's code (Hugging Face copies a layer into each model's file):
+# the reference's dotted name, the methods compared, the rule.
+_COPIES: list[tuple[str, tuple[str, ...], GramianRule]] = []
+
+
+def register_copies_of(reference: str, *methods: str) -> Callable[[_M], _M]:
+    """Class decorator: use an instance of the decorated rule for the class named ``reference``
+    (as :func:`register_gramian_rule`) and for every class whose ``methods`` (default:
+    ``forward``) compile to the same code as the reference's, reading the same global objects
+    (line numbers and comments aside). The reference is imported only when its top package
+    already is. Exact copies only: any other change to the code takes the generic rule."""
+
+    def register(rule_class: _M) -> _M:
+        register_gramian_rule(reference)(rule_class)
+        _COPIES.append((reference, methods or ("forward",), _RULES_BY_NAME[reference]))
+        _COPIED.clear()
+        return rule_class
+
+    return register
+
+
 def rule_for(module: nn.Module) -> GramianRule:
     """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` the
-    module still uses; a subclass that overrides ``forward`` gets the generic rule."""
+    module still uses (or for the class its code copies, :func:`register_copies_of`); a subclass
+    that overrides ``forward`` gets the generic rule."""
     forward = type(module).forward
     for klass in type(module).__mro__:
         rule = _RULES.get(klass) or _RULES_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
         if rule is not None and getattr(klass, "forward", None) is forward:
             return rule
-    return _RULES[nn.Module]
+    klass = type(module)
+    if klass not in _COPIED:
+        _COPIED[klass] = _copied_rule(klass)
+    return _COPIED[klass] or _RULES[nn.Module]
+
+
+_COPIED: dict[type, GramianRule | None] = {}  # the classes looked up, and their rules
+
+
+def _copied_rule(klass: type) -> GramianRule | None:
+    for reference, methods, rule in _COPIES:
+        package, _, name = reference.rpartition(".")
+        if package.partition(".")[0] not in sys.modules:
+            continue
+        try:
+            original = getattr(importlib.import_module(package), name)
+        except (ImportError, AttributeError):
+            continue
+        if all(_same_code(getattr(klass, m, None), getattr(original, m, None)) for m in methods):
+            return rule
+    return None
+
+
+def _same_code(f: object, g: object) -> bool:
+    """Whether two functions compile to the same code and read the same global objects."""
+    if not (isinstance(f, types.FunctionType) and isinstance(g, types.FunctionType)):
+        return False
+    if _code_key(f.__code__) != _code_key(g.__code__):
+        return False
+    missing = object()
+    return all(
+        f.__globals__.get(n, missing) is g.__globals__.get(n, missing) for n in f.__code__.co_names
+    )
+
+
+def _code_key(code: types.CodeType) -> tuple[Any, ...]:
+    consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return (code.co_code, consts, code.co_names, code.co_varnames, code.co_argcount, code.co_flags)

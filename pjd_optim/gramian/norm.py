@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import Call, GramianRule, accumulate, register_gramian_rule
+from ._registry import Call, GramianRule, accumulate, register_copies_of, register_gramian_rule
 from .linear import compute_dtype
 
 
@@ -42,6 +42,10 @@ class AffineNormRule(GramianRule):
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         raise NotImplementedError
 
+    def input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The input as :meth:`normalised` takes it (in the gradients' compute dtype)."""
+        return x.to(dtype)
+
     def bookkeeps(self, module: nn.Module) -> bool:
         return True  # per-sample gradients are [B, C]: summing them is as cheap as autograd
 
@@ -52,7 +56,7 @@ class AffineNormRule(GramianRule):
         for call in calls:
             gy = call.output_grads[0]
             dtype = compute_dtype(gy)
-            x_hat, channel_dims = self.normalised(module, call.args[0].to(dtype))
+            x_hat, channel_dims = self.normalised(module, self.input(call.args[0], dtype))
             gy = gy.to(dtype)
             summed = tuple(d for d in range(1, x_hat.ndim) if d not in channel_dims)
             weight = x_hat * gy
@@ -90,6 +94,39 @@ class RMSNormRule(AffineNormRule):
         assert isinstance(module, nn.RMSNorm)
         shape = module.normalized_shape
         return F.rms_norm(x, shape, eps=module.eps), _trailing(x, len(shape))
+
+
+@register_copies_of("transformers.models.llama.modeling_llama.LlamaRMSNorm")
+class LlamaRMSNormRule(AffineNormRule):
+    """Hugging Face's RMSNorm as Llama writes it (and the many models that copy it): in float32,
+    ``x̂ = x / sqrt(mean(x², -1) + ε)`` (``ε``: ``variance_epsilon``), then ``γ ⊙ x̂`` with
+    ``x̂`` back in the input's dtype: ``∇γ = Σ_t x̂ ⊙ g`` with that ``x̂``."""
+
+    parameters = frozenset({"weight"})
+
+    def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
+        return 1, 1
+
+    def input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return x  # (normalised rounds x̂ to the input's dtype, as the module does)
+
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        eps = float(getattr(module, "variance_epsilon"))  # noqa: B009 (typed Any, not Tensor)
+        return _rms(x.to(torch.float32), eps).to(x.dtype), (x.ndim - 1,)
+
+
+@register_copies_of("transformers.models.gemma.modeling_gemma.GemmaRMSNorm", "forward", "_norm")
+class GemmaRMSNormRule(LlamaRMSNormRule):
+    """Hugging Face's RMSNorm as Gemma writes it: ``(1 + γ) ⊙ x̂`` in float32 (``ε``: ``eps``),
+    then the input's dtype: ``∇γ = Σ_t x̂ ⊙ g`` with ``x̂`` in float32."""
+
+    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        eps = float(getattr(module, "eps"))  # noqa: B009 (typed Any, not Tensor)
+        return _rms(x.to(torch.float32), eps), (x.ndim - 1,)
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @register_gramian_rule("timm.layers.norm.LayerNorm2d")
