@@ -161,7 +161,8 @@ def hf_rmsnorm(model: str, cls: str, shape: tuple[int, ...], eps: float) -> Sett
     key = f"transformers.models.{form}"
     # (the module computes in float32 inside a float64 model: the oracle's round-off is float32's)
     name = f"hf_{cls}_{shape}"
-    return norm(key, name, build, shape, needs="transformers", tolerance=1e-6)
+    needs = f"transformers.models.{model}.modeling_{model}"
+    return norm(key, name, build, shape, needs=needs, tolerance=1e-6)
 
 
 def batchnorm(

@@ -10,6 +10,7 @@ a new rule gets the harness by registering and adding its settings.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,7 +51,10 @@ def registry_key(key: type[nn.Module] | str) -> GramianRule:
 
 def module_of(setting: Setting) -> nn.Module:
     if setting.needs is not None:
-        pytest.importorskip(setting.needs)
+        try:
+            importlib.import_module(setting.needs)
+        except Exception as error:  # absent, or not importable with this torch (transformers 5)
+            pytest.skip(f"{setting.needs}: {type(error).__name__}")
     torch.manual_seed(0)
     module = setting.build().to(F64)
     return module.train(setting.train)

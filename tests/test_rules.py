@@ -317,3 +317,32 @@ def test_a_rule_written_from_the_public_kit_alone_is_exact_in_every_part() -> No
         assert kit.compute_dtype(x.float()) == torch.float32
         optimizer.close()
         model.zero_grad()
+
+
+def test_a_copy_reference_that_cannot_be_imported_is_passed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reference of ``register_copies_of`` whose module raises on import (transformers 5 under
+    torch < 2.6 raises a ``NameError``) gives no rule: modules without one take the generic
+    rule instead of failing the step."""
+    from pjd_optim.gramian import _registry
+    from pjd_optim.gramian.generic import GenericRule
+
+    def broken(name: str) -> object:
+        raise NameError(name)
+
+    monkeypatch.setattr(
+        _registry, "_COPIES", [("torch.somewhere.Norm", ("forward",), LinearRule())]
+    )
+    monkeypatch.setattr(_registry, "_COPIED", {})
+    monkeypatch.setattr(_registry.importlib, "import_module", broken)
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.weight
+
+    assert type(rule_for(Scale())) is GenericRule

@@ -299,7 +299,7 @@ def _copied_rule(klass: type) -> GramianRule | None:
             continue
         try:
             original = getattr(importlib.import_module(package), name)
-        except (ImportError, AttributeError):
+        except Exception:  # (absent, or not importable with this torch): no copy of it
             continue
         if all(_same_code(getattr(klass, m, None), getattr(original, m, None)) for m in methods):
             return rule
