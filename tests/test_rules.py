@@ -325,6 +325,8 @@ def test_a_copy_reference_that_cannot_be_imported_is_passed_over(
     """A reference of ``register_copies_of`` whose module raises on import (transformers 5 under
     torch < 2.6 raises a ``NameError``) gives no rule: modules without one take the generic
     rule instead of failing the step."""
+    import importlib
+
     from pjd_optim.gramian import _registry
     from pjd_optim.gramian.generic import GenericRule
 
@@ -335,7 +337,7 @@ def test_a_copy_reference_that_cannot_be_imported_is_passed_over(
         _registry, "_COPIES", [("torch.somewhere.Norm", ("forward",), LinearRule())]
     )
     monkeypatch.setattr(_registry, "_COPIED", {})
-    monkeypatch.setattr(_registry.importlib, "import_module", broken)
+    monkeypatch.setattr(importlib, "import_module", broken)
 
     class Scale(nn.Module):
         def __init__(self) -> None:
