@@ -141,9 +141,11 @@ def norm(
     return Setting(key, name, build, one(lambda g: randn(g, B, *shape)), (0,), (0,), **options)
 
 
-def hf_rmsnorm(model: str, cls: str, shape: tuple[int, ...], eps: float) -> Setting:
+def hf_rmsnorm(
+    model: str, cls: str, shape: tuple[int, ...], eps: float, reference: str = "llama"
+) -> Setting:
     """Hugging Face's RMSNorm of ``transformers.models.<model>`` (``cls``), a random weight;
-    the key is the class its forward copies (Llama's or Gemma's)."""
+    the key is the class its forward copies (``reference``: Llama's, Olmo2's or Gemma's)."""
 
     def build() -> nn.Module:
         module: nn.Module = getattr(
@@ -153,12 +155,11 @@ def hf_rmsnorm(model: str, cls: str, shape: tuple[int, ...], eps: float) -> Sett
             module.get_parameter("weight").normal_()
         return module
 
-    form = (
-        "gemma.modeling_gemma.GemmaRMSNorm"
-        if "emma" in cls
-        else "llama.modeling_llama.LlamaRMSNorm"
-    )
-    key = f"transformers.models.{form}"
+    forms = {
+        "gemma": "gemma.modeling_gemma.GemmaRMSNorm",
+        "olmo": "olmo2.modeling_olmo2.Olmo2RMSNorm",
+    }
+    key = f"transformers.models.{forms.get(reference, 'llama.modeling_llama.LlamaRMSNorm')}"
     # (the module computes in float32 inside a float64 model: the oracle's round-off is float32's)
     name = f"hf_{cls}_{shape}"
     needs = f"transformers.models.{model}.modeling_{model}"

@@ -1,7 +1,7 @@
-"""Hugging Face's RMSNorm layers (Llama's form and Gemma's, copied into most decoder models):
-their closed-form rule takes per-token losses flat or ``[B, T]`` with the final norm considered,
-exact against the per-loss oracle; a class whose code is not an exact copy takes the generic
-rule. Tiny random configurations, no downloads."""
+"""Hugging Face's RMSNorm layers (Llama's, Olmo2's and Gemma's forms, copied into most decoder
+models): their closed-form rule takes per-token losses flat or ``[B, T]`` with the final norm
+considered, exact against the per-loss oracle; a class whose code is not an exact copy takes the
+generic rule. Tiny random configurations, no downloads."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ if not transformers.utils.is_torch_available():  # (transformers 5 needs torch >
 from pjd_optim import PartialJDOptimizer  # noqa: E402
 from pjd_optim.gramian._registry import rule_for  # noqa: E402
 from pjd_optim.gramian.generic import GenericRule  # noqa: E402
-from pjd_optim.gramian.norm import GemmaRMSNormRule, LlamaRMSNormRule  # noqa: E402
+from pjd_optim.gramian.norm import (  # noqa: E402
+    GemmaRMSNormRule,
+    LlamaRMSNormRule,
+    Olmo2RMSNormRule,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -35,8 +39,14 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SIZES)),
     "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=4, **SIZES)),
+    "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SIZES)),
 }
-RULES = {"llama": LlamaRMSNormRule, "qwen2": LlamaRMSNormRule, "gemma": GemmaRMSNormRule}
+RULES = {
+    "llama": LlamaRMSNormRule,
+    "qwen2": LlamaRMSNormRule,
+    "gemma": GemmaRMSNormRule,
+    "olmo2": Olmo2RMSNormRule,
+}
 
 
 def token_losses(model: nn.Module, ids: Tensor, layout: str) -> Tensor:

@@ -103,26 +103,35 @@ class LlamaRMSNormRule(AffineNormRule):
     ``x̂`` back in the input's dtype: ``∇γ = Σ_t x̂ ⊙ g`` with that ``x̂``."""
 
     parameters = frozenset({"weight"})
+    eps_name = "variance_epsilon"
+    rounded = True  # x̂ rounded to the input's dtype before the scale
 
     def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
         return 1, 1
 
     def input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return x  # (normalised rounds x̂ to the input's dtype, as the module does)
+        return x  # (normalised rounds x̂ to the input's dtype where the module does)
 
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        eps = float(getattr(module, "variance_epsilon"))  # noqa: B009 (typed Any, not Tensor)
-        return _rms(x.to(torch.float32), eps).to(x.dtype), (x.ndim - 1,)
+        x_hat = _rms(x.to(torch.float32), float(getattr(module, self.eps_name)))
+        return x_hat.to(x.dtype) if self.rounded else x_hat, (x.ndim - 1,)
+
+
+@register_copies_of("transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm")
+class Olmo2RMSNormRule(LlamaRMSNormRule):
+    """As Olmo2 writes it (GPT-OSS and about ten more): ``γ ⊙ x̂`` in float32, then the input's
+    dtype: ``x̂`` in float32."""
+
+    rounded = False
 
 
 @register_copies_of("transformers.models.gemma.modeling_gemma.GemmaRMSNorm", "forward", "_norm")
 class GemmaRMSNormRule(LlamaRMSNormRule):
-    """Hugging Face's RMSNorm as Gemma writes it: ``(1 + γ) ⊙ x̂`` in float32 (``ε``: ``eps``),
-    then the input's dtype: ``∇γ = Σ_t x̂ ⊙ g`` with ``x̂`` in float32."""
+    """As Gemma writes it: ``(1 + γ) ⊙ x̂`` in float32 (``ε``: ``eps``), then the input's dtype:
+    ``∇γ = Σ_t x̂ ⊙ g`` with ``x̂`` in float32."""
 
-    def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        eps = float(getattr(module, "eps"))  # noqa: B009 (typed Any, not Tensor)
-        return _rms(x.to(torch.float32), eps), (x.ndim - 1,)
+    eps_name = "eps"
+    rounded = False
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
