@@ -120,6 +120,26 @@ def gpt2(objectives: str, part: str) -> Callable[[], Workload]:
     return build
 
 
+def llama(objectives: str) -> Callable[[], Workload]:
+    """A Llama (4 layers of 256, 4 heads, vocabulary 8192, untied head) with its final RMSNorm
+    considered; B=8 sequences of T=32 tokens."""
+
+    def build() -> Workload:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            num_hidden_layers=4, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=8192, max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        model = Logits(LlamaForCausalLM(config))
+        ids = torch.randint(0, 8192, (8, 32))
+        label = f"Llama 4x256, V=8192, B=8, T=32, {objectives} losses (final norm)"
+        return Workload(label, model, ["model.model.norm"], ids, ids, objectives=objectives)
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[], Workload]] = {
     "seed": seed,
     "mlp": mlp(128),
@@ -132,6 +152,8 @@ BUILDERS: dict[str, Callable[[], Workload]] = {
     "gpt2_token_head": gpt2("token", "head"),
     "gpt2_sequence_block": gpt2("sequence", "block"),
     "gpt2_token_block": gpt2("token", "block"),
+    "llama_sequence_norm": llama("sequence"),
+    "llama_token_norm": llama("token"),
 }
 DEFAULTS = {
     "cpu": ["seed", "mlp", "vit_tiny"],
