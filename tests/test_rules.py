@@ -348,3 +348,47 @@ def test_a_copy_reference_that_cannot_be_imported_is_passed_over(
             return x * self.weight
 
     assert type(rule_for(Scale())) is GenericRule
+
+
+@pytest.mark.parametrize("layer", ["linear", "layernorm", "wrapped"])
+def test_a_forward_replaced_on_the_instance_takes_the_generic_rule(layer: str) -> None:
+    """A considered module whose ``forward`` is replaced on the instance (here scaling its
+    weight; or wrapped around the class's, as accelerate's hooks do) is re-run as it runs:
+    exact against the oracle (the class's closed-form rule was silently wrong, by 62% here)."""
+    import functools
+
+    from pjd_optim.gramian.generic import GenericRule
+
+    torch.manual_seed(0)
+    module: nn.Module = nn.LayerNorm(4) if layer == "layernorm" else nn.Linear(4, 4)
+
+    def param(name: str) -> Tensor:  # (functional_call swaps the attributes: read them late)
+        value = getattr(module, name)
+        assert isinstance(value, Tensor)
+        return value
+
+    def replaced(x: Tensor) -> Tensor:
+        if layer == "linear":
+            return nn.functional.linear(x, 2 * param("weight"), param("bias"))
+        return nn.functional.layer_norm(x, (4,), 3 * param("weight"), param("bias"))
+
+    original = type(module).forward
+
+    def hooked(self: nn.Module, x: Tensor) -> Tensor:
+        out: Tensor = original(self, x.clone())
+        return out
+
+    forward = functools.partial(hooked, module) if layer == "wrapped" else replaced
+    module.forward = forward
+    assert type(rule_for(module)) is GenericRule
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), module, nn.Linear(4, 2))
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                                   considered=module)  # fmt: skip
+    x = torch.randn(6, 5)
+    optimizer.backward(model(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5

@@ -277,7 +277,10 @@ def register_copies_of(reference: str, *methods: str) -> Callable[[_M], _M]:
 def rule_for(module: nn.Module) -> GramianRule:
     """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` the
     module still uses (or for the class its code copies, :func:`register_copies_of`); a subclass
-    that overrides ``forward`` gets the generic rule."""
+    that overrides ``forward``, or a module whose ``forward`` is replaced on the instance
+    (accelerate's hooks do so), gets the generic rule, which re-runs what it runs."""
+    if "forward" in vars(module):
+        return _RULES[nn.Module]
     forward = type(module).forward
     for klass in type(module).__mro__:
         rule = _RULES.get(klass) or _RULES_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
