@@ -140,9 +140,12 @@ class HookSet:
         return out
 
     def tap(self, module: nn.Module) -> None:
-        """Save inputs and tap outputs of every grad-enabled call of ``module``."""
+        """Save inputs and tap outputs of every grad-enabled call of ``module``: before the user's
+        forward hooks (one that returns another output acts outside the rule's maths), after
+        them for rules that re-run the module with its hooks (``GramianRule.calls_hooks``)."""
         hook = _TapHook(self, module)
-        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        first = not rule_for(module).calls_hooks
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=first))
 
     def mark(self, module: nn.Module, couples: Callable[[nn.Module], bool]) -> None:
         """Mark outputs of ``module`` whenever ``couples(module)`` holds at call time."""

@@ -392,3 +392,43 @@ def test_a_forward_replaced_on_the_instance_takes_the_generic_rule(layer: str) -
     assert optimizer.last_step is not None
     expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+
+
+class Tanh(nn.Module):
+    """A module without a rule (the generic rule re-runs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.weight)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "layernorm", "generic"])
+def test_a_forward_hook_that_returns_another_output_is_outside_the_rule(layer: str) -> None:
+    """A forward hook of the user's (registered before the optimizer) returning ``2·out``: a
+    closed-form rule's maths is the bare forward's, so the call is tapped before the hook
+    (the Gramian was 75% off for a Linear); the generic rule re-runs the module with its hooks,
+    so its call is tapped after them. Exact against the oracle either way."""
+    torch.manual_seed(0)
+    module: nn.Module = {
+        "linear": lambda: nn.Linear(4, 4),
+        "conv": lambda: nn.Conv1d(4, 4, 1),
+        "layernorm": lambda: nn.LayerNorm(4),
+        "generic": Tanh,
+    }[layer]()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    module.register_forward_hook(lambda _module, _args, out: 2 * out)
+    inner: nn.Module = nn.Sequential(nn.Unflatten(1, (4, 1)), module, nn.Flatten())
+    body = inner if layer == "conv" else module
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), body, nn.Linear(4, 2))
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                                   considered=module)  # fmt: skip
+    x = torch.randn(6, 5)
+    optimizer.backward(model(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5

@@ -86,6 +86,10 @@ class GramianRule:
 
     recursive: bool = False
     needs_outputs: bool = False  # the engine keeps the module's outputs in ``Call.outputs``
+    # The rule re-runs the module by calling it, its forward hooks included: its calls are tapped
+    # after the user's forward hooks (what they return is the output); other rules' maths is
+    # the bare forward's, tapped before them.
+    calls_hooks: bool = False
     # The names of the parameters the rule's maths reads (``None``: any, as a re-run of the
     # forward). A considered parameter of another name (``weight_g`` of the legacy
     # ``torch.nn.utils.weight_norm``, whose ``weight`` is rebuilt outside the forward) is refused.

@@ -181,6 +181,7 @@ class GenericRule(GramianRule):
     """Any module: per-sample gradients by vmapped ``torch.func.vjp``, summed over calls."""
 
     needs_outputs = True
+    calls_hooks = True
 
     def couples_batch(self, module: nn.Module) -> bool | None:
         """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
