@@ -432,3 +432,41 @@ def test_a_forward_hook_that_returns_another_output_is_outside_the_rule(layer: s
     assert optimizer.last_step is not None
     expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+
+
+class DoubledConv(nn.Conv1d):
+    """A Conv1d whose ``_conv_forward`` (which ``Conv1d.forward`` calls) doubles the weight."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return doubled(self, input, weight, bias)
+
+
+def doubled(conv: nn.Conv1d, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out: Tensor = nn.Conv1d._conv_forward(conv, input, 2 * weight, bias)
+    return out
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_a_conv_whose_conv_forward_is_overridden_takes_the_generic_rule(where: str) -> None:
+    """``forward`` kept but ``_conv_forward`` overridden (in a subclass or on the instance): the
+    conv rule's maths is not the module's (the Gramian was 64% off), the generic rule re-runs it:
+    exact against the oracle."""
+    import functools
+
+    from pjd_optim.gramian.generic import GenericRule
+
+    torch.manual_seed(0)
+    conv = DoubledConv(4, 4, 1) if where == "subclass" else nn.Conv1d(4, 4, 1)
+    if where == "instance":
+        conv._conv_forward = functools.partial(doubled, conv)  # type: ignore[method-assign]
+    assert type(rule_for(conv)) is GenericRule
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Unflatten(1, (4, 1)), conv, nn.Flatten(), nn.Linear(4, 2)
+    )
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                                   considered=conv)  # fmt: skip
+    x = torch.randn(6, 5)
+    optimizer.backward(model(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(conv.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5

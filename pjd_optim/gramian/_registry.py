@@ -86,6 +86,9 @@ class GramianRule:
 
     recursive: bool = False
     needs_outputs: bool = False  # the engine keeps the module's outputs in ``Call.outputs``
+    # The methods of the module's class the rule's maths stands for: a subclass that overrides
+    # one of them (a Conv's ``_conv_forward``, say) gets the generic rule.
+    methods: tuple[str, ...] = ("forward",)
     # The rule re-runs the module by calling it, its forward hooks included: its calls are tapped
     # after the user's forward hooks (what they return is the output); other rules' maths is
     # the bare forward's, tapped before them.
@@ -279,18 +282,20 @@ def register_copies_of(reference: str, *methods: str) -> Callable[[_M], _M]:
 
 
 def rule_for(module: nn.Module) -> GramianRule:
-    """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` the
-    module still uses (or for the class its code copies, :func:`register_copies_of`); a subclass
-    that overrides ``forward``, or a module whose ``forward`` is replaced on the instance
-    (accelerate's hooks do so), gets the generic rule, which re-runs what it runs."""
+    """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` (and
+    the rule's other ``methods``) the module still uses, or for the class its code copies
+    (:func:`register_copies_of`). A subclass that overrides one of them, or a module with one
+    replaced on the instance (accelerate's hooks replace ``forward``), gets the generic rule,
+    which re-runs what it runs."""
     if "forward" in vars(module):
         return _RULES[nn.Module]
-    forward = type(module).forward
-    for klass in type(module).__mro__:
-        rule = _RULES.get(klass) or _RULES_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
-        if rule is not None and getattr(klass, "forward", None) is forward:
-            return rule
     klass = type(module)
+    for base in klass.__mro__:
+        rule = _RULES.get(base) or _RULES_BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
+        if rule is not None and all(
+            getattr(base, name, None) is getattr(klass, name, None) for name in rule.methods
+        ):
+            return _RULES[nn.Module] if any(n in vars(module) for n in rule.methods) else rule
     if klass not in _COPIED:
         _COPIED[klass] = _copied_rule(klass)
     return _COPIED[klass] or _RULES[nn.Module]

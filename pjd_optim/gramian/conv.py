@@ -37,6 +37,8 @@ def unfold(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class ConvRule(GroupedLinearRule):
     """``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups)."""
 
+    methods = ("forward", "_conv_forward")
+
     def factors(self, module: nn.Module, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         g = module.groups
