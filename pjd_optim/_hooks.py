@@ -22,6 +22,7 @@ the thread that runs the forward. An optimizer's hook set serves one step at a t
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 import weakref
@@ -291,9 +292,38 @@ def _autocast(outputs: Sequence[Tensor]) -> tuple[tuple[str, torch.dtype], ...]:
     return tuple((k, torch.get_autocast_dtype(k)) for k in kinds if torch.is_autocast_enabled(k))
 
 
+def _positional(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Keyword arguments naming the forward's next positional parameters, moved into ``args``
+    (``Linear(input=x)`` recorded as ``Linear(x)``: rules read their inputs by position)."""
+    forward = module.forward
+    names = _POSITIONAL.get(type(module)) if "forward" not in vars(module) else None
+    if names is None:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        try:
+            parameters = inspect.signature(forward).parameters.values()
+        except (TypeError, ValueError):  # (no signature to read: kept as called)
+            return args, kwargs
+        names = tuple(p.name for p in parameters if p.kind in kinds)
+        if "forward" not in vars(module):
+            _POSITIONAL[type(module)] = names
+    moved, rest = list(args), dict(kwargs)
+    for name in names[len(args) :]:
+        if name not in rest:
+            break
+        moved.append(rest.pop(name))
+    return tuple(moved), rest
+
+
+_POSITIONAL: dict[type, tuple[str, ...]] = {}  # per module class, its forward's positional names
+
+
 def _tap(
     hooks: HookSet, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> Any:
+    if kwargs:
+        args, kwargs = _positional(module, args, kwargs)
     if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
         # Fast path for the common case: tensors in, one tensor out.
         if not _differentiable(output):

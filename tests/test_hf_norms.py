@@ -130,3 +130,57 @@ def test_only_exact_copies_take_the_rule() -> None:
             return 2 * out
 
     assert type(rule_for(Overridden(4))) is GenericRule
+
+
+def test_near_copies_take_the_generic_rule() -> None:
+    """Gemma's ``_norm`` replaced (in a subclass, on the instance) while ``forward`` is kept;
+    a copy whose method is replaced after a first lookup; a weight that is not ``[D]``; an
+    epsilon that is not a number: the forms' maths does not hold, the generic rule re-runs."""
+    gemma: Any = transformers.models.gemma.modeling_gemma.GemmaRMSNorm
+    qwen2: Any = transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm
+    llama: Any = transformers.models.llama.modeling_llama.LlamaRMSNorm
+
+    class Centred(gemma):  # type: ignore[misc]
+        def _norm(self, x: Tensor) -> Tensor:
+            out: Tensor = super()._norm(x - x.mean(-1, keepdim=True))
+            return out
+
+    assert type(rule_for(Centred(4))) is GenericRule
+    on_instance = gemma(4)
+    on_instance._norm = lambda x: 2 * x
+    assert type(rule_for(on_instance)) is GenericRule
+    assert type(rule_for(gemma(4))) is GemmaRMSNormRule
+
+    copied: Any = type("Copied", (qwen2,), {})  # (its own class: the class cache is per class)
+    assert type(rule_for(copied(4))) is LlamaRMSNormRule
+    copied.forward = lambda self, h: self.weight * h
+    assert type(rule_for(copied(4))) is GenericRule
+
+    scalar = llama(4)
+    scalar.weight = nn.Parameter(torch.ones(()))
+    assert type(rule_for(scalar)) is GenericRule
+    per_feature = llama(4)
+    per_feature.variance_epsilon = torch.full((4,), 1e-6)
+    assert type(rule_for(per_feature)) is GenericRule
+
+
+def test_a_norm_called_by_keyword() -> None:
+    """``norm(hidden_states=h)`` (the rules read their inputs by position: a raw IndexError
+    before), exact against the oracle."""
+    torch.manual_seed(0)
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(4, eps=0.3).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    first, head = nn.Linear(5, 4).double(), nn.Linear(4, 2).double()
+
+    def forward(x: Tensor) -> Tensor:
+        out: Tensor = head(norm(hidden_states=torch.tanh(first(x))))
+        return out
+
+    model = nn.ModuleList([first, norm, head])
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.0), model, considered=norm)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    optimizer.backward(forward(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(forward(x).pow(2).sum(dim=1), [norm.weight])
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-6

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 import torch
@@ -469,4 +469,36 @@ def test_a_conv_whose_conv_forward_is_overridden_takes_the_generic_rule(where: s
     optimizer.backward(model(x).pow(2).sum(dim=1))
     assert optimizer.last_step is not None
     expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(conv.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["linear", "layernorm", "embedding"])
+def test_a_layer_called_by_keyword(layer: str) -> None:
+    """``Linear(input=x)``: recorded as ``Linear(x)`` (the rules read their inputs by position:
+    a raw IndexError before), exact against the oracle."""
+    torch.manual_seed(0)
+    builds: dict[str, Callable[[], nn.Module]] = {
+        "linear": lambda: nn.Linear(4, 4),
+        "layernorm": lambda: nn.LayerNorm(4),
+        "embedding": lambda: nn.Embedding(7, 4),
+    }
+    module = builds[layer]()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    first, head = nn.Linear(5, 4), nn.Linear(4, 2)
+    ids = torch.randint(0, 7, (6,))
+
+    def forward(x: Tensor) -> Tensor:
+        h = module(input=ids) if layer == "embedding" else module(input=torch.tanh(first(x)))
+        out: Tensor = head(h)
+        return out
+
+    model = nn.ModuleList([first, module, head])
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                                   considered=module)  # fmt: skip
+    x = torch.randn(6, 5)
+    optimizer.backward(forward(x).pow(2).sum(dim=1))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(forward(x).pow(2).sum(dim=1), list(module.parameters()))
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-5

@@ -89,6 +89,12 @@ class GramianRule:
     # The methods of the module's class the rule's maths stands for: a subclass that overrides
     # one of them (a Conv's ``_conv_forward``, say) gets the generic rule.
     methods: tuple[str, ...] = ("forward",)
+
+    def applies(self, module: nn.Module) -> bool:
+        """Whether the rule's maths holds for this instance of its class (default: always);
+        where not, the module takes the generic rule."""
+        return True
+
     # The rule re-runs the module by calling it, its forward hooks included: its calls are tapped
     # after the user's forward hooks (what they return is the output); other rules' maths is
     # the bare forward's, tapped before them.
@@ -274,7 +280,9 @@ def register_copies_of(reference: str, *methods: str) -> Callable[[_M], _M]:
 
     def register(rule_class: _M) -> _M:
         register_gramian_rule(reference)(rule_class)
-        _COPIES.append((reference, methods or ("forward",), _RULES_BY_NAME[reference]))
+        rule = _RULES_BY_NAME[reference]
+        rule.methods = methods or ("forward",)
+        _COPIES.append((reference, rule.methods, rule))
         _COPIED.clear()
         return rule_class
 
@@ -284,24 +292,32 @@ def register_copies_of(reference: str, *methods: str) -> Callable[[_M], _M]:
 def rule_for(module: nn.Module) -> GramianRule:
     """The rule registered for the nearest base class of ``type(module)`` whose ``forward`` (and
     the rule's other ``methods``) the module still uses, or for the class its code copies
-    (:func:`register_copies_of`). A subclass that overrides one of them, or a module with one
-    replaced on the instance (accelerate's hooks replace ``forward``), gets the generic rule,
-    which re-runs what it runs."""
-    if "forward" in vars(module):
+    (:func:`register_copies_of`), where the rule :meth:`~GramianRule.applies` to the module. A
+    subclass that overrides one of those methods, or a module with one replaced on the instance
+    (accelerate's hooks replace ``forward``), gets the generic rule, which re-runs what it runs."""
+    rule = _class_rule(type(module))
+    if rule is None or any(name in vars(module) for name in rule.methods):
         return _RULES[nn.Module]
-    klass = type(module)
+    return rule if rule.applies(module) else _RULES[nn.Module]
+
+
+def _class_rule(klass: type) -> GramianRule | None:
     for base in klass.__mro__:
         rule = _RULES.get(base) or _RULES_BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
         if rule is not None and all(
             getattr(base, name, None) is getattr(klass, name, None) for name in rule.methods
         ):
-            return _RULES[nn.Module] if any(n in vars(module) for n in rule.methods) else rule
-    if klass not in _COPIED:
-        _COPIED[klass] = _copied_rule(klass)
-    return _COPIED[klass] or _RULES[nn.Module]
+            return rule
+    cached = _COPIED.get(klass)
+    if cached is None or any(getattr(klass, n, None) is not f for n, f in cached[1].items()):
+        rule = _copied_rule(klass)
+        methods = () if rule is None else rule.methods
+        cached = _COPIED[klass] = (rule, {n: getattr(klass, n, None) for n in methods})
+    return cached[0]
 
 
-_COPIED: dict[type, GramianRule | None] = {}  # the classes looked up, and their rules
+# The classes looked up as copies: their rule, and the methods compared (to see them replaced).
+_COPIED: dict[type, tuple[GramianRule | None, dict[str, object]]] = {}
 
 
 def _copied_rule(klass: type) -> GramianRule | None:

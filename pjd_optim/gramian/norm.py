@@ -106,6 +106,12 @@ class LlamaRMSNormRule(AffineNormRule):
     eps_name = "variance_epsilon"
     rounded = True  # x̂ rounded to the input's dtype before the scale
 
+    def applies(self, module: nn.Module) -> bool:
+        """The forms' maths reads a weight ``[D]`` and a number ``ε`` (not so: generic rule)."""
+        weight, eps = getattr(module, "weight", None), getattr(module, self.eps_name, None)
+        vector = isinstance(weight, Tensor) and weight.ndim == 1 and weight.numel() > 1
+        return vector and isinstance(eps, (int, float))
+
     def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
         return 1, 1
 
@@ -113,7 +119,7 @@ class LlamaRMSNormRule(AffineNormRule):
         return x  # (normalised rounds x̂ to the input's dtype where the module does)
 
     def normalised(self, module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        x_hat = _rms(x.to(torch.float32), float(getattr(module, self.eps_name)))
+        x_hat = _rms(x.to(torch.float32), getattr(module, self.eps_name))
         return x_hat.to(x.dtype) if self.rounded else x_hat, (x.ndim - 1,)
 
 
