@@ -52,6 +52,17 @@ def gpt2() -> nn.Module:
     return model
 
 
+def llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model: nn.Module = transformers.LlamaForCausalLM(config)
+    return model
+
+
 def bert_classifier() -> nn.Module:
     config = transformers.BertConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -110,6 +121,7 @@ def train(
         (gpt2, "lm_head", "sequence"),
         (gpt2, "lm_head", "token"),
         (gpt2, "transformer.h.1", "sequence"),
+        (llama, "model.norm", "token"),  # (padded: flat token losses through Llama's RMSNorm)
         (bert_classifier, "classifier", "sequence"),
     ],
 )
@@ -127,7 +139,7 @@ def test_jd_trainer_steps_as_manual_partial_jd_steps(
         reference,
         considered=reference.get_submodule(considered),
     )
-    causal = build is gpt2
+    causal = build is not bert_classifier
     for start in range(0, len(seen), accumulate):
         for inputs in seen[start : start + accumulate]:
             logits = reference(input_ids=inputs["input_ids"]).logits
