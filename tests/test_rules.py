@@ -381,16 +381,29 @@ def test_a_forward_replaced_on_the_instance_takes_the_generic_rule(layer: str) -
     forward = functools.partial(hooked, module) if layer == "wrapped" else replaced
     module.forward = forward
     assert type(rule_for(module)) is GenericRule
+    randomise(module)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), module, nn.Linear(4, 2))
+    assert_gramian_exact(model, module)
+
+
+def randomise(module: nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.normal_()
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), module, nn.Linear(4, 2))
+
+
+def assert_gramian_exact(
+    model: nn.Module, module: nn.Module, forward: Callable[[Tensor], Tensor] | None = None
+) -> None:
+    """One step's Gramian over ``module`` against the oracle; losses: the squared outputs of
+    ``forward`` (default ``model``) on a batch of 6 inputs of 5 features."""
+    run = forward or model
     optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
                                    considered=module)  # fmt: skip
     x = torch.randn(6, 5)
-    optimizer.backward(model(x).pow(2).sum(dim=1))
+    optimizer.backward(run(x).pow(2).sum(dim=1))
     assert optimizer.last_step is not None
-    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
+    expected = oracle_gramian(run(x).pow(2).sum(dim=1), list(module.parameters()))
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
 
 
@@ -418,20 +431,12 @@ def test_a_forward_hook_that_returns_another_output_is_outside_the_rule(layer: s
         "layernorm": lambda: nn.LayerNorm(4),
         "generic": Tanh,
     }[layer]()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
+    randomise(module)
     module.register_forward_hook(lambda _module, _args, out: 2 * out)
     inner: nn.Module = nn.Sequential(nn.Unflatten(1, (4, 1)), module, nn.Flatten())
     body = inner if layer == "conv" else module
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), body, nn.Linear(4, 2))
-    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
-                                   considered=module)  # fmt: skip
-    x = torch.randn(6, 5)
-    optimizer.backward(model(x).pow(2).sum(dim=1))
-    assert optimizer.last_step is not None
-    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(module.parameters()))
-    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+    assert_gramian_exact(model, module)
 
 
 class DoubledConv(nn.Conv1d):
@@ -463,13 +468,7 @@ def test_a_conv_whose_conv_forward_is_overridden_takes_the_generic_rule(where: s
     model = nn.Sequential(
         nn.Linear(5, 4), nn.Tanh(), nn.Unflatten(1, (4, 1)), conv, nn.Flatten(), nn.Linear(4, 2)
     )
-    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
-                                   considered=conv)  # fmt: skip
-    x = torch.randn(6, 5)
-    optimizer.backward(model(x).pow(2).sum(dim=1))
-    assert optimizer.last_step is not None
-    expected = oracle_gramian(model(x).pow(2).sum(dim=1), list(conv.parameters()))
-    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+    assert_gramian_exact(model, conv)
 
 
 @pytest.mark.parametrize("layer", ["linear", "layernorm", "embedding"])
@@ -483,9 +482,7 @@ def test_a_layer_called_by_keyword(layer: str) -> None:
         "embedding": lambda: nn.Embedding(7, 4),
     }
     module = builds[layer]()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
+    randomise(module)
     first, head = nn.Linear(5, 4), nn.Linear(4, 2)
     ids = torch.randint(0, 7, (6,))
 
@@ -495,10 +492,4 @@ def test_a_layer_called_by_keyword(layer: str) -> None:
         return out
 
     model = nn.ModuleList([first, module, head])
-    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
-                                   considered=module)  # fmt: skip
-    x = torch.randn(6, 5)
-    optimizer.backward(forward(x).pow(2).sum(dim=1))
-    assert optimizer.last_step is not None
-    expected = oracle_gramian(forward(x).pow(2).sum(dim=1), list(module.parameters()))
-    assert relative_error(optimizer.last_step.gramian, expected) < 1e-5
+    assert_gramian_exact(model, module, forward)
