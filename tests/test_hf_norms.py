@@ -60,17 +60,19 @@ def token_losses(model: nn.Module, ids: Tensor, layout: str) -> Tensor:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["flat", "[B, T]"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_final_norm_takes_per_token_losses(name: str, layout: str, dtype: torch.dtype) -> None:
+def test_the_final_norm_takes_per_token_losses(
+    name: str, layout: str, dtype: torch.dtype, device: str
+) -> None:
     """``model.norm`` considered, per-token losses flat (refused before: no rule, positions could
     not be rows) or ``[B, T]``: the Gramian and every ``.grad`` against the per-loss oracle (the
     norms compute in float32 even in a float64 model: bounds of float32's round-off)."""
     torch.manual_seed(0)
-    model = MODELS[name]().to(dtype)
+    model = MODELS[name]().to(device, dtype)
     norm = model.get_submodule("model.norm")
     with torch.no_grad():  # (Gemma's weight starts at zero, Llama's at one)
         norm.get_parameter("weight").normal_()
     assert type(rule_for(norm)) is RULES[name]
-    ids = torch.randint(0, 29, (3, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 29, (3, 7), generator=torch.Generator().manual_seed(1)).to(device)
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.0), model, considered=norm)
     optimizer.backward(token_losses(model, ids, layout))
     assert optimizer.last_step is not None
