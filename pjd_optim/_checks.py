@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .gramian._sharded import is_sharded
 from .weightings import Weighting
@@ -22,6 +23,21 @@ def check_modes(gramian_mode: str, distributed: str, nonfinite: str) -> None:
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
     if distributed == "global" and gramian_mode != "hooks":
         raise ValueError("distributed='global' needs gramian_mode='hooks'.")
+
+
+def check_base_step(base: torch.optim.Optimizer) -> None:
+    """A base optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss within a
+    step) cannot take one weighted gradient: refused."""
+    try:
+        closure = inspect.signature(base.step).parameters.get("closure")
+    except (TypeError, ValueError):  # (no signature to read)
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"{type(base).__name__}.step needs a closure: it re-evaluates the loss within a "
+            "step (as LBFGS does), while a Jacobian-descent step weights one set of per-loss "
+            "gradients. Wrap an optimizer that steps from .grad (SGD, Adam, ...)."
+        )
 
 
 def check_losses(losses: object) -> Tensor:
@@ -162,3 +178,46 @@ class RestoreGradsOnError:
         if kind is not None:
             for p, grad in zip(self.params, self.saved, strict=True):
                 p.grad = grad
+
+
+def check_hookable(plan: Mapping[nn.Module, object], names: Mapping[int, str]) -> None:
+    """The planned modules take forward hooks (TorchScript modules do not)."""
+    scripted = [names[id(m)] for m in plan if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise ValueError(
+            f"Considered modules {scripted} are TorchScript modules, which take no forward "
+            "hooks: consider the eager modules (before torch.jit.script), or pass "
+            "gramian_mode='autograd'."
+        )
+
+
+def check_planned(
+    plan: Mapping[nn.Module, Mapping[str, Tensor]], param_names: Mapping[int, str]
+) -> None:
+    """The planned parameters are still their modules' own, without gradient hooks."""
+    replaced, hooked = [], []
+    for module, own in plan.items():
+        for name, p in own.items():
+            try:
+                current = module.get_parameter(name)
+            except AttributeError:  # (a parametrization added since: no Parameter there)
+                current = None
+            if current is not p:
+                replaced.append(param_names[id(p)])
+            elif p.requires_grad and p._backward_hooks:
+                hooked.append(param_names[id(p)])
+    if replaced:
+        raise ValueError(
+            f"Considered parameters {replaced} were replaced after the optimizer was built "
+            "(a new Parameter, or a parametrization added): the optimizers hold the old "
+            "ones. Build a new PartialJDOptimizer, with its base optimizer, over the new "
+            "parameters. Nothing was changed."
+        )
+    if hooked:
+        raise ValueError(
+            f"Considered parameters {hooked} have gradient hooks (Tensor.register_hook): "
+            "autograd applies them to .grad, but the Gramian comes from the modules' inputs "
+            "and output gradients and cannot see them. Remove the hooks (to train part of a "
+            "weight, mask its update after step()) or pass gramian_mode='autograd'. Nothing "
+            "was changed."
+        )

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _maps
-from ._checks import is_finite, is_finite_tensor
+from ._checks import check_hookable, check_planned, is_finite, is_finite_tensor
 from ._distributed import CallGatherer, each_agreed, world
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
@@ -140,6 +140,7 @@ class HookedGramian(GramianSource):
         self.param_names = {
             id(p): f"{names[id(m)]}.{n}" for m, own in self.plan.items() for n, p in own.items()
         }
+        check_hookable(self.plan, names)
         self.hooks = HookSet()
         self.passes = Passes(self.hooks, names)
         for module in self.plan:
@@ -158,6 +159,7 @@ class HookedGramian(GramianSource):
         return list({id(p): p for own in self.plan.values() for p in own.values()}.values())
 
     def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> HookedPass:
+        check_planned(self.plan, self.param_names)
         return HookedPass(self, losses, distributed, keep_graph)
 
     def _sum(self, records: list[Record], m: int) -> Tensor:

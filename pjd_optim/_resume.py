@@ -18,7 +18,8 @@ checks it by walking the autograd graph from the losses and returns ``None`` (us
 tensor that is neither a considered module's input nor downstream of one, between the losses and
 the considered modules (a non-considered layer after a considered one, a skip connection or a
 loss term from deeper trunk features), boundary tensors that feed each other, a boundary without
-one row per loss, or a considered module whose rule does not book-keep.
+one row per loss or with gradient hooks (they would run in both backwards), or a considered
+module whose rule does not book-keep.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def find(
         return None
     if not independent({node for node, _ in boundary}):
         return None  # (a resumed backward from both would count the upper one's paths twice)
+    if any(t._backward_hooks or t.retains_grad for t in tensors):
+        return None  # (a gradient hook on a boundary tensor would run in both backwards)
     return Resume(tensors, skips=skips)
 
 

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from ._autograd import AutogradGramian, ClosedGramian
 from ._checks import (
     as_weighting,
+    check_base_step,
     check_losses,
     check_modes,
     check_task_losses,
@@ -107,6 +108,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         weighting = as_weighting(UPGrad() if weighting is None else weighting)
         check_modes(gramian_mode, distributed, nonfinite)
+        check_base_step(base)
         check_disjoint(base.param_groups)
         params = considered_of(base.param_groups, [] if considered is None else considered)
         if not params:
