@@ -1,7 +1,8 @@
 """``JDScaler``: timm's ``NativeScaler`` loop for per-instance losses.
 
 ``scaler(losses, optimizer, clip_grad=1.0, parameters=model.parameters())`` does
-``optimizer.backward(scale · losses)`` (UPGrad's weights do not depend on the scale), then, as
+``optimizer.backward(scale · losses)`` (UPGrad's weights do not depend on the scale above
+``norm_eps``, see the README), then, as
 ``NativeScaler``: unscale, clip, ``GradScaler.step`` (skipped on inf/NaN gradients), ``update``.
 """
 

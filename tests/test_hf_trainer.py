@@ -196,3 +196,71 @@ def test_token_objectives_with_the_last_block_considered_match_the_oracle() -> N
                     p.sub_(0.1 * p.grad)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def one_step(jd: bool, smoothing: float) -> nn.Module:
+    """One SGD step of ``Trainer``, or of ``JDTrainer`` with ``Mean()`` weighting (mean-loss
+    training: the same step), on a Llama with padded labels."""
+    from pjd_optim import Mean
+
+    model = llama()
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", per_device_train_batch_size=4, max_steps=1,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, seed=0, label_smoothing_factor=smoothing,
+    )  # fmt: skip
+    data = Tokens(4, 8, 23)
+    if jd:
+        JDTrainer(model=model, args=args, train_dataset=data, considered=model.lm_head,
+                  objectives="token", weighting=Mean()).train()  # fmt: skip
+    else:
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    return model
+
+
+@pytest.mark.slow
+def test_label_smoothing_as_trainer_smooths() -> None:
+    """``label_smoothing_factor`` smooths the objectives as ``Trainer``'s loss (it was ignored:
+    with ``Mean()`` weighting the parameters ended 36% apart from ``Trainer``'s)."""
+    expected = one_step(False, 0.3)
+    actual = one_step(True, 0.3)
+    for p, q in zip(actual.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class Wrapper(nn.Module):
+    """A data-parallel-like wrapper (``.module``, no ``config``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_causal_models_are_seen_through_wrappers() -> None:
+    """Labels are shifted for a causal LM wrapped by ``torch.compile``, ``DataParallel`` or a
+    DDP-like wrapper (the wrapped model was read as not causal: every token trained to predict
+    itself), and for decoder-only ``*ForConditionalGeneration``; not for encoder-decoders."""
+    from pjd_optim.integrations.transformers import _causal
+
+    model = llama()
+    compiled: Any = torch.compile(model)
+    for wrapped in (model, compiled, nn.DataParallel(model), Wrapper(model)):
+        assert _causal(wrapped)
+    assert not _causal(bert_classifier())
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=23, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4)
+    )
+    assert not _causal(t5)
+    vlm = type("TinyVLMForConditionalGeneration", (Wrapper,), {})(model)
+    vlm.config = transformers.PretrainedConfig(is_encoder_decoder=False)
+    assert _causal(vlm)
+
+
+def test_a_batch_without_valid_labels_and_a_compute_loss_func_are_refused() -> None:
+    """Every label -100: a clear error naming it (it said the batch had no sample); a
+    ``compute_loss_func`` (one scalar, no Gramian): refused when the trainer is built."""
+    with pytest.raises(ValueError, match="Every label of the batch is -100"):
+        objective_losses(torch.randn(2, 4, 5), torch.full((2, 4), -100), "token", causal=True)
+    with pytest.raises(ValueError, match="compute_loss_func returns one scalar"):
+        JDTrainer(model=gpt2(), considered=[], compute_loss_func=lambda *a, **k: 0.0)

@@ -60,6 +60,12 @@ class JDTrainer(Trainer):
     ) -> None:
         if objectives not in ("sequence", "token"):
             raise ValueError(f"objectives must be 'sequence' or 'token', got {objectives!r}.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "JDTrainer computes per-objective losses itself; compute_loss_func returns one "
+                "scalar, from which no Gramian can come. Override compute_loss to return "
+                "self.jd_optimizer.weighted_loss(losses) instead."
+            )
         super().__init__(*args, **kwargs)
         self.considered = considered
         self.objectives: Objectives = objectives
@@ -72,6 +78,10 @@ class JDTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer``'s optimizer (groups, ``optim=``), wrapped."""
         optimizer = super().create_optimizer(*args, **kwargs)
+        inner = getattr(optimizer, "optimizer", None)  # (prepared by accelerate: a second train())
+        if isinstance(inner, PartialJDOptimizer):
+            self.jd_optimizer = inner
+            return optimizer
         if not isinstance(optimizer, PartialJDOptimizer):
             model = self.model
             assert isinstance(model, nn.Module)
@@ -93,7 +103,10 @@ class JDTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        losses = objective_losses(outputs.logits, labels, self.objectives, _causal(model))
+        smoothing = float(self.args.label_smoothing_factor)
+        losses = objective_losses(
+            outputs.logits, labels, self.objectives, _causal(model), label_smoothing=smoothing
+        )
         training = model.training and torch.is_grad_enabled()
         if training and self.jd_optimizer is None:
             self.create_optimizer()
@@ -105,17 +118,31 @@ class JDTrainer(Trainer):
 
 
 def objective_losses(
-    logits: Tensor, labels: Tensor, objectives: Objectives, causal: bool
+    logits: Tensor,
+    labels: Tensor,
+    objectives: Objectives,
+    causal: bool,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Per-objective losses of a batch (see the module docstring)."""
+    """Per-objective losses of a batch (see the module docstring); ``label_smoothing``: as
+    ``TrainingArguments.label_smoothing_factor`` (``(1 − ε)·NLL + ε·mean_k(−log p_k)``)."""
     if logits.ndim == 2:  # sequence classification or regression: one loss per example
         if logits.shape[-1] == 1 and labels.is_floating_point():
             return (logits.squeeze(-1).float() - labels.float()).pow(2)
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return F.cross_entropy(
+            logits.float(), labels, reduction="none", label_smoothing=label_smoothing
+        )
     if causal:  # token t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
-    tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    tokens = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, reduction="none", label_smoothing=label_smoothing
+    )
     valid = labels != -100
+    if not bool(valid.any()):
+        raise ValueError(
+            "Every label of the batch is -100: it has no objective to weigh. Leave such "
+            "batches out of the dataset (or give them a valid token)."
+        )
     if objectives == "token":  # [B, T] where every token counts: layers that mix positions work
         return tokens if bool(valid.all()) else tokens[valid]
     counts = valid.sum(dim=1)
@@ -124,7 +151,30 @@ def objective_losses(
 
 
 def _causal(model: nn.Module) -> bool:
+    """Whether token ``t``'s logits predict label ``t + 1``: causal language models
+    (``*ForCausalLM``, ``*LMHeadModel``, and decoder-only ``*ForConditionalGeneration`` such as
+    vision-language models, as Hugging Face's own loss treats them), seen through
+    ``torch.compile`` and ``DistributedDataParallel``/``DataParallel`` wrappers."""
+    model = _unwrapped(model)
     config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):  # (the decoder's logits align with labels)
+        return False
     architectures = getattr(config, "architectures", None) or []
-    names = [type(model).__name__, *architectures]
-    return any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in names)
+    names = [type(model).__name__, str(getattr(model, "loss_type", None)), *architectures]
+    return any(name.endswith(_CAUSAL) for name in names)
+
+
+_CAUSAL = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and data-parallel wrappers."""
+    for _ in range(8):
+        compiled = getattr(model, "_orig_mod", None)
+        inner = (
+            compiled if compiled is not None else model.__dict__.get("_modules", {}).get("module")
+        )
+        if not isinstance(inner, nn.Module) or (compiled is None and hasattr(model, "config")):
+            return model
+        model = inner
+    return model
