@@ -264,3 +264,21 @@ def test_a_batch_without_valid_labels_and_a_compute_loss_func_are_refused() -> N
         objective_losses(torch.randn(2, 4, 5), torch.full((2, 4), -100), "token", causal=True)
     with pytest.raises(ValueError, match="compute_loss_func returns one scalar"):
         JDTrainer(model=gpt2(), considered=[], compute_loss_func=lambda *a, **k: 0.0)
+
+
+@pytest.mark.slow
+def test_a_second_train_reuses_the_wrapper() -> None:
+    """``trainer.train()`` twice: the optimizer accelerate prepared is not wrapped again (it was,
+    with a second set of hooks on the considered module and a plain-step warning)."""
+    model = gpt2()
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", per_device_train_batch_size=4, max_steps=1,
+        optim="sgd", report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    trainer = JDTrainer(model=model, args=args, train_dataset=Tokens(8, 6, 23),
+                        considered=model.lm_head)  # fmt: skip
+    trainer.train()
+    first = trainer.jd_optimizer
+    trainer.train()
+    assert trainer.jd_optimizer is first
+    assert len(model.get_submodule("lm_head")._forward_hooks) == 1
