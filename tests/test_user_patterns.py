@@ -46,6 +46,16 @@ def losses_of(model: nn.Module) -> Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
 
 
+def assert_autograd_mode_exact(model: Net) -> None:
+    """``gramian_mode="autograd"`` over the head: its Gramian against the oracle."""
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                   considered=model.head, gramian_mode="autograd")  # fmt: skip
+    optimizer.backward(losses_of(model))
+    assert optimizer.last_step is not None
+    expected = oracle_gramian(losses_of(model), list(model.head.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
 @pytest.mark.parametrize("boundary", ["hook", "retain"])
 def test_a_gradient_hook_at_the_boundary_runs_once(
     monkeypatch: pytest.MonkeyPatch, boundary: str
@@ -85,12 +95,7 @@ def test_gradient_hooks_on_considered_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\['head.weight'\] have gradient hooks"):
         optimizer.step(losses_of(model))
     assert_unchanged(before, snapshot(model, optimizer))
-    exact = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                               considered=model.head, gramian_mode="autograd")  # fmt: skip
-    exact.backward(losses_of(model))
-    assert exact.last_step is not None
-    expected = oracle_gramian(losses_of(model), list(model.head.parameters()))
-    assert relative_error(exact.last_step.gramian, expected) < 1e-12
+    assert_autograd_mode_exact(model)
 
 
 @pytest.mark.parametrize("how", ["frozen", "trainable", "parametrized"])
@@ -130,9 +135,4 @@ def test_a_torchscript_module_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match=r"\['head'\] are TorchScript modules"):
         PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                            considered=model.head)  # fmt: skip
-    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                                   considered=model.head, gramian_mode="autograd")  # fmt: skip
-    optimizer.backward(losses_of(model))
-    assert optimizer.last_step is not None
-    expected = oracle_gramian(losses_of(model), list(model.head.parameters()))
-    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+    assert_autograd_mode_exact(model)
