@@ -62,6 +62,10 @@ class GramianSource:
     def considered(self) -> list[Tensor]:
         raise NotImplementedError
 
+    def ran_in_half(self) -> bool:
+        """Whether a considered call on a live graph ran in float16 (autocast's, say)."""
+        return False
+
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
         """``[k, k]`` Gramian of ``k`` scalar task losses."""
         raise NotImplementedError
@@ -157,6 +161,9 @@ class HookedGramian(GramianSource):
 
     def considered(self) -> list[Tensor]:
         return list({id(p): p for own in self.plan.values() for p in own.values()}.values())
+
+    def ran_in_half(self) -> bool:
+        return any(torch.float16 in call.dtypes for call in list(self.hooks.live.calls))
 
     def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> HookedPass:
         check_planned(self.plan, self.param_names)

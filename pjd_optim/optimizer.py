@@ -170,8 +170,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
 
         The Gramian and the weights are computed now (``last_step``), on the graph, which stays
         whole for the caller's backward; then :meth:`step` (with no losses, or with a closure
-        returning this scalar) steps without a warning. Under float16 autocast the Gramian's
-        passes run on scaled losses (as a ``GradScaler`` would), so they do not underflow.
+        returning this scalar) steps without a warning. Where the forward ran in float16 (autocast)
+        the Gramian's passes run on scaled losses (as a ``GradScaler`` would), so they do not
+        underflow.
         Non-finite losses or Gramian give ``NaN`` weights: the caller's backward then leaves
         non-finite gradients, which ``GradScaler`` skips and :meth:`step` refuses or skips.
         Task losses cannot be one scalar's gradient (their heads take the plain sum): use
@@ -184,10 +185,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 "of the task gradients): call optimizer.step([loss_1, ...]) instead."
             )
         jd = self._begin(losses, keep_graph=True)
-        kind = losses.device.type
-        half = losses.dtype == torch.float16 or (
-            torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
-        )
+        kind = losses.device.type  # (the forward may have run in float16 outside this call)
+        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+        half = torch.float16 in (losses.dtype, autocast) or self._status.source.ran_in_half()
         start = time.perf_counter()
         with full_precision(losses):
             gramian, finite = self._scaled_gramian(jd, losses) if half else jd.gramian()

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_same_parameters, lightning_fit
+from oracle import assert_same_parameters, lightning_fit, relative_error
 from torch import Tensor, nn
 from torch.optim import SGD
 
@@ -191,3 +191,28 @@ def test_lightning_automatic_optimisation_trains_by_returning_weighted_loss(
         manual.step()
         manual.zero_grad()
     assert_same_parameters(model, reference, 1e-10)
+
+
+def test_a_float16_forward_is_scaled_when_weighted_loss_is_called_after_autocast() -> None:
+    """Losses of ``1e-5`` scale from a float16 autocast forward, ``weighted_loss`` called after
+    the ``with`` block (as scripts and ``JDTrainer`` do): the Gramian's passes are scaled as
+    inside the block (they underflowed, and the step was refused), equal to the float32 step's
+    Gramian at float16's precision."""
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 10))  # fmt: skip
+
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+    reference, model = build(), build()
+    exact = PartialJDOptimizer(SGD(reference.parameters(), lr=0.0), reference,
+                               considered=[reference[2], reference[4]])  # fmt: skip
+    exact.weighted_loss(1e-5 * F.cross_entropy(reference(x), y, reduction="none"))
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.0), model,
+                                   considered=[model[2], model[4]])  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = 1e-5 * F.cross_entropy(model(x).float(), y, reduction="none")
+    optimizer.weighted_loss(losses)
+    assert optimizer.last_step is not None and exact.last_step is not None
+    assert relative_error(optimizer.last_step.gramian, exact.last_step.gramian) < 1e-2
