@@ -163,7 +163,7 @@ class HookedGramian(GramianSource):
         return list({id(p): p for own in self.plan.values() for p in own.values()}.values())
 
     def ran_in_half(self) -> bool:
-        return any(torch.float16 in call.dtypes for call in list(self.hooks.live.calls))
+        return torch.float16 in self.hooks.live.dtypes()
 
     def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> HookedPass:
         check_planned(self.plan, self.param_names)

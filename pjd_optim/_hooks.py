@@ -297,16 +297,16 @@ def _positional(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Keyword arguments naming the forward's next positional parameters, moved into ``args``
     (``Linear(input=x)`` recorded as ``Linear(x)``: rules read their inputs by position)."""
-    forward = module.forward
-    names = _POSITIONAL.get(type(module)) if "forward" not in vars(module) else None
+    cached = "forward" not in vars(module)  # (a forward of the instance's own: read each time)
+    names = _POSITIONAL.get(type(module)) if cached else None
     if names is None:
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         try:
-            parameters = inspect.signature(forward).parameters.values()
+            parameters = inspect.signature(module.forward).parameters.values()
         except (TypeError, ValueError):  # (no signature to read: kept as called)
             return args, kwargs
         names = tuple(p.name for p in parameters if p.kind in kinds)
-        if "forward" not in vars(module):
+        if cached:
             _POSITIONAL[type(module)] = names
     moved, rest = list(args), dict(kwargs)
     for name in names[len(args) :]:
@@ -385,6 +385,10 @@ class LiveCalls:
         call.thread = threading.get_ident()
         self.calls.add(call)
         return outs
+
+    def dtypes(self) -> set[torch.dtype]:
+        """The dtypes the live calls ran in (their outputs', and autocast's)."""
+        return {d for call in list(self.calls) for d in call.dtypes}
 
     def first_seq(self) -> int:
         """Smallest sequence number of a live tap: nodes created before it cannot depend on any

@@ -48,7 +48,7 @@ class Passes:
         losses past the calls (``Resume.skips``)."""
         flat = losses.reshape(-1)
         m = flat.shape[0]
-        dtypes = [losses.dtype, *(d for call in list(self.hooks.live.calls) for d in call.dtypes)]
+        dtypes = [losses.dtype, *self.hooks.live.dtypes()]
         tags = self.tags.draw(m, flat, precision_of(dtypes))
         inputs, checked = self._inputs(resume)
         start = time.perf_counter()

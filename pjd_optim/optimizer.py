@@ -185,9 +185,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 "of the task gradients): call optimizer.step([loss_1, ...]) instead."
             )
         jd = self._begin(losses, keep_graph=True)
-        kind = losses.device.type  # (the forward may have run in float16 outside this call)
-        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
-        half = torch.float16 in (losses.dtype, autocast) or self._status.source.ran_in_half()
+        kind = losses.device.type  # (the forward may also have run in float16 before the call)
+        now = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+        half = losses.dtype == torch.float16 or now or self._status.source.ran_in_half()
         start = time.perf_counter()
         with full_precision(losses):
             gramian, finite = self._scaled_gramian(jd, losses) if half else jd.gramian()

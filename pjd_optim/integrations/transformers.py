@@ -168,13 +168,13 @@ _CAUSAL = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s and data-parallel wrappers."""
-    for _ in range(8):
-        compiled = getattr(model, "_orig_mod", None)
-        inner = (
-            compiled if compiled is not None else model.__dict__.get("_modules", {}).get("module")
-        )
-        if not isinstance(inner, nn.Module) or (compiled is None and hasattr(model, "config")):
+    """The model inside ``torch.compile``'s wrapper (``_orig_mod``) and data-parallel ones
+    (``module``, on a wrapper without a Hugging Face ``config``)."""
+    for _ in range(8):  # (wrappers of wrappers)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and not hasattr(model, "config"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
             return model
         model = inner
     return model
