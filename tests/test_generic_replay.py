@@ -215,3 +215,33 @@ def test_a_scalar_parameter_of_a_module_without_a_rule_is_exact() -> None:
     optimizer.backward(losses)
     assert optimizer.last_step is not None
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+class Routed(nn.Module):
+    """Experts applied to the rows a router picked (``h[token_idx]``, indices over the whole
+    batch, as Hugging Face's eager MoE experts): its re-run on one sample indexes past it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+
+    def forward(self, h: Tensor, token_idx: Tensor) -> Tensor:
+        out = torch.zeros_like(h)
+        return out.index_add(0, token_idx, h[token_idx] * self.s)
+
+
+def test_a_re_run_failing_with_any_error_is_refused_clearly() -> None:
+    """An ``IndexError`` of the per-sample re-run (batch-wide indices) is a clear refusal
+    before anything changes (it escaped raw)."""
+    from oracle import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    a, block = nn.Linear(D, D), Routed()
+    model = nn.ModuleDict({"a": a, "block": block})
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
+    h = torch.tanh(a(torch.randn(B, D)))
+    losses = block(h, torch.tensor([0, 2, 3])).pow(2).sum(dim=1)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"Routed cannot be re-run per sample.*index"):
+        optimizer.step(losses)
+    assert_unchanged(before, snapshot(model, optimizer))

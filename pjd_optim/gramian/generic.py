@@ -88,8 +88,8 @@ def per_sample_vjp(
             grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
                 dict(values), samples, call.output_grads
             )
-    except RuntimeError as error:
-        if "random" in str(error):
+    except Exception as error:  # (a re-run reading batch-wide data per sample: any error)
+        if isinstance(error, RuntimeError) and "random" in str(error):
             raise ValueError(
                 f"{type(module).__name__} draws random numbers in its forward (dropout in train "
                 "mode?), so its per-sample gradients cannot be recomputed with this forward's "
