@@ -282,3 +282,115 @@ def test_a_second_train_reuses_the_wrapper() -> None:
     trainer.train()
     assert trainer.jd_optimizer is first
     assert len(model.get_submodule("lm_head")._forward_hooks) == 1
+
+
+def own_loss_cases() -> dict[str, Any]:
+    """Models whose own loss the objectives must reproduce, with a batch: a name that reads as
+    causal with unshifted labels (XLNet), one that does not with shifted labels (Reformer), an
+    encoder-decoder with labels longer than its inputs (BART: decoder inputs from the labels),
+    and classifiers whose ``problem_type`` is multi-label or multi-output regression."""
+    T, g = transformers, torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 23, (2, 8), generator=g)
+    bert = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                vocab_size=23, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)  # fmt: skip
+    return {
+        "xlnet": lambda: (
+            T.XLNetLMHeadModel(
+                T.XLNetConfig(
+                    vocab_size=23, d_model=16, n_layer=1, n_head=2, d_inner=32, dropout=0.0
+                )
+            ),
+            {"input_ids": ids, "labels": ids},
+        ),
+        "reformer": lambda: (
+            T.ReformerModelWithLMHead(
+                T.ReformerConfig(
+                    vocab_size=23,
+                    hidden_size=16,
+                    num_attention_heads=2,
+                    attention_head_size=8,
+                    attn_layers=["local"],
+                    is_decoder=True,
+                    feed_forward_size=32,
+                    axial_pos_shape=[2, 4],
+                    axial_pos_embds_dim=[8, 8],
+                    max_position_embeddings=8,
+                    local_attn_chunk_length=4,
+                    hidden_dropout_prob=0.0,
+                    local_attention_probs_dropout_prob=0.0,
+                )
+            ),
+            {"input_ids": ids, "labels": ids},
+        ),
+        "bart": lambda: (
+            T.BartForConditionalGeneration(
+                T.BartConfig(
+                    vocab_size=23,
+                    d_model=16,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=2,
+                    decoder_attention_heads=2,
+                    encoder_ffn_dim=32,
+                    decoder_ffn_dim=32,
+                    max_position_embeddings=16,
+                    dropout=0.0,
+                )
+            ),
+            {"input_ids": ids, "labels": torch.randint(3, 23, (2, 5), generator=g)},
+        ),
+        "multi-label": lambda: (
+            T.BertForSequenceClassification(
+                T.BertConfig(num_labels=3, problem_type="multi_label_classification", **bert)
+            ),
+            {"input_ids": ids, "labels": torch.randint(0, 2, (2, 3), generator=g).float()},
+        ),
+        "regression": lambda: (
+            T.BertForSequenceClassification(T.BertConfig(num_labels=2, **bert)),
+            {"input_ids": ids, "labels": torch.randn(2, 2, generator=g)},
+        ),
+    }
+
+
+def trainer_for(model: nn.Module, objectives: Any = "token") -> JDTrainer:
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", report_to=[], save_strategy="no", use_cpu=True
+    )
+    return JDTrainer(model=model, args=args, considered=[], objectives=objectives)
+
+
+@pytest.mark.parametrize("case", list(own_loss_cases()))
+def test_the_objectives_reproduce_the_models_own_loss(case: str) -> None:
+    """The mean of the token objectives (a classifier's: of its examples') is the model's own
+    loss: labels shifted as the model shifts them (not as its class name suggests), an
+    encoder-decoder's decoder fed from the labels, a classifier's ``problem_type`` followed.
+    Before, XLNet's tokens were shifted (4.14 against its loss 3.56), Reformer's not, BART's
+    decoder took the inputs shifted (a raw error with labels of another length), and a
+    multi-label classifier took a softmax cross-entropy."""
+    torch.manual_seed(0)
+    model, batch = own_loss_cases()[case]()
+    model.eval()
+    expected = model(**batch).loss
+    actual = trainer_for(model).compute_loss(model, batch)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_loss_with_other_terms_is_refused() -> None:
+    """A Mixtral whose loss adds its router's balancing loss (``output_router_logits=True``):
+    the objectives would leave it out, so the step is refused before anything changes."""
+    config = transformers.MixtralConfig(
+        vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+        num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    ids = torch.randint(0, 23, (2, 6))
+    trainer = trainer_for(model)
+    with pytest.raises(ValueError, match="do not reproduce MixtralForCausalLM's own loss"):
+        trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    model.config.output_router_logits = False
+    model.eval()
+    trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    assert trainer.shifted

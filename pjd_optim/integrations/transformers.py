@@ -10,8 +10,15 @@ builds is wrapped in a :class:`~pjd_optim.PartialJDOptimizer`, and the loss it b
 - ``objectives="token"``: each valid token's loss (``[B, T]`` when every token is valid, so that
   considered layers that mix positions, e.g. the last block, work; flat otherwise, which they
   refuse: only position-wise layers such as ``lm_head`` or the final norm then);
-- models whose logits are ``[B, classes]`` (sequence classification): each example's loss
-  (cross-entropy, or squared error for one regression label).
+- models whose logits are ``[B, classes]`` (sequence classification): each example's loss, as
+  the model's ``config.problem_type`` defines it (cross-entropy, squared error, or binary
+  cross-entropy per label, each example's mean over its outputs).
+
+As ``Trainer``, the labels go into the model's forward (encoder-decoders build their decoder
+inputs from them) except under label smoothing. The first loss the model computes itself checks
+the objectives: their token mean (or mean) must reproduce it, which also says whether the model
+shifts its labels (a causal language model) or not; a model whose loss has other terms (MoE router
+losses) or another form is refused with a clear error.
 
 With gradient accumulation, each micro-batch has its own Gramian, and its weighted loss is divided
 by the accumulation steps as ``Trainer`` divides a per-batch mean loss.
@@ -19,6 +26,7 @@ by the accumulation steps as ``Trainer`` divides a per-batch mean loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -71,6 +79,7 @@ class JDTrainer(Trainer):
         self.objectives: Objectives = objectives
         self.weighting = weighting
         self.jd_optimizer: PartialJDOptimizer | None = None
+        self.shifted: bool | None = None  # whether labels are shifted, once the model's loss said
         # Our loss is a mean over this micro-batch: Trainer divides it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
@@ -101,11 +110,21 @@ class JDTrainer(Trainer):
     ) -> Any:
         """The weighted loss of the batch's objectives (their plain mean outside training)."""
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
         smoothing = float(self.args.label_smoothing_factor)
+        labels = inputs.pop("labels") if smoothing else inputs["labels"]  # (as Trainer)
+        outputs = model(**inputs)
+        own = None if smoothing else outputs.get("loss")
+        if own is not None:
+            outputs["loss"] = own = own.detach()  # (frees the graph of the model's own loss)
+        problem = _problem_type(model)
+        causal = self._shift(model, outputs.logits, labels, own, problem)
         losses = objective_losses(
-            outputs.logits, labels, self.objectives, _causal(model), label_smoothing=smoothing
+            outputs.logits,
+            labels,
+            self.objectives,
+            causal,
+            label_smoothing=smoothing,
+            problem_type=problem,
         )
         training = model.training and torch.is_grad_enabled()
         if training and self.jd_optimizer is None:
@@ -116,6 +135,38 @@ class JDTrainer(Trainer):
             loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
+    def _shift(
+        self,
+        model: nn.Module,
+        logits: Tensor,
+        labels: Tensor,
+        own: Tensor | None,
+        problem: str | None,
+    ) -> bool:
+        """Whether token ``t``'s logits predict label ``t + 1``: the alignment whose token mean
+        reproduces the model's own loss ``own`` (checked once; :func:`_causal`'s guess first,
+        and where the model computes no loss), or a clear error where neither does."""
+        guess = _causal(model)
+        if self.shifted is not None or own is None:
+            return guess if self.shifted is None else self.shifted
+        means = []
+        with torch.no_grad():
+            for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
+                mean = objective_losses(logits, labels, "token", shifted, problem_type=problem)
+                means.append(float(mean.mean()))
+                if math.isclose(means[-1], float(own), rel_tol=_LOSS_RTOL, abs_tol=1e-12):
+                    self.shifted = shifted
+                    return shifted
+        name = type(_unwrapped(model)).__name__
+        raise ValueError(
+            f"JDTrainer's objectives do not reproduce {name}'s own loss ({float(own):.6g}; "
+            f"the mean of the objectives' losses is {' or '.join(f'{m:.6g}' for m in means)}, "
+            "labels shifted or not): its loss has other terms (MoE router losses with "
+            "output_router_logits=True?) or another form, which the objectives would leave "
+            "out. Turn those terms off, or override compute_loss to return "
+            "self.jd_optimizer.weighted_loss(losses) with one loss per objective."
+        )
+
 
 def objective_losses(
     logits: Tensor,
@@ -123,12 +174,22 @@ def objective_losses(
     objectives: Objectives,
     causal: bool,
     label_smoothing: float = 0.0,
+    problem_type: str | None = None,
 ) -> Tensor:
     """Per-objective losses of a batch (see the module docstring); ``label_smoothing``: as
-    ``TrainingArguments.label_smoothing_factor`` (``(1 − ε)·NLL + ε·mean_k(−log p_k)``)."""
+    ``TrainingArguments.label_smoothing_factor`` (``(1 − ε)·NLL + ε·mean_k(−log p_k)``);
+    ``problem_type``: as a classifier's ``config.problem_type`` (``None``: inferred as
+    Hugging Face's classifiers do, from the outputs' count and the labels' dtype)."""
     if logits.ndim == 2:  # sequence classification or regression: one loss per example
-        if logits.shape[-1] == 1 and labels.is_floating_point():
-            return (logits.squeeze(-1).float() - labels.float()).pow(2)
+        if problem_type is None:
+            integer = labels.dtype in (torch.long, torch.int)
+            problem_type = _PROBLEMS[0 if logits.shape[-1] == 1 else 1 if integer else 2]
+        if problem_type == "regression":
+            return (logits.float() - labels.float().view_as(logits)).pow(2).mean(dim=1)
+        if problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(
+                logits.float(), labels.float(), reduction="none"
+            ).mean(dim=1)
         return F.cross_entropy(
             logits.float(), labels, reduction="none", label_smoothing=label_smoothing
         )
@@ -148,6 +209,15 @@ def objective_losses(
     counts = valid.sum(dim=1)
     keep = counts > 0
     return (tokens * valid).sum(dim=1)[keep] / counts[keep]
+
+
+_PROBLEMS = ("regression", "single_label_classification", "multi_label_classification")
+_LOSS_RTOL = 1e-3  # the model's own loss against the objectives' mean (the same float32 maths)
+
+
+def _problem_type(model: nn.Module) -> str | None:
+    problem = getattr(getattr(_unwrapped(model), "config", None), "problem_type", None)
+    return problem if problem in _PROBLEMS else None
 
 
 def _causal(model: nn.Module) -> bool:
