@@ -54,7 +54,7 @@ class Resume:
     grads: tuple[Tensor, ...] = field(default=())
     records: list[tuple[nn.Module, Any]] = field(default_factory=list)
     rows: list[Tensor] | None = None  # the loss each boundary row feeds (None: row i, loss i)
-    skips: bool = False  # a boundary tensor reaches the losses other than through a tap
+    skips: bool = False  # a boundary tensor reaches the losses other than as a call's input
     usable: bool = True  # False once the check found a boundary row feeding several losses
 
 
@@ -76,7 +76,14 @@ def find(
     # Candidate edges: (node, output_nr) of the trunk tensors fed to considered modules.
     candidates: dict[Edge, Tensor] = {}
     boundary: dict[Edge, Tensor] = {}
-    outside = {losses.grad_fn}  # nodes reached from the losses without crossing a tap
+    # Nodes with a parent outside every considered call (the losses' node included): a boundary
+    # tensor among them reaches the losses through operations between the calls, not only as
+    # an input of the calls it enters; those may move or mix its rows (`head(h.roll(1, 0))`,
+    # `x + x.mean(0)` in a considered block), which the calls' rows do not show, so its rows are
+    # named by the tagged passes. A call's own operations are the nodes created while it ran
+    # (after its inputs, before its tap; book-kept modules compute from inputs and parameters).
+    after_op = {losses.grad_fn}
+    window: dict[Node, tuple[int, int]] = {}  # a call's node: (its inputs' last, its tap's) seq
     skips = False
 
     def follow(node: Node, numbers: set[int]) -> list[Edge] | None:
@@ -84,16 +91,22 @@ def find(
         edges = [(node, nr) for nr in numbers]
         if node._sequence_nr() < first_tap and all(edge in candidates for edge in edges):
             boundary.update((edge, candidates[edge]) for edge in edges)
-            skips = skips or node in outside
+            skips = skips or node in after_op
             return []
         out = children(node)
         ours = is_tap(node) and node.hooks is hooks
-        if node in outside and not ours:
-            outside.update(child for child, _ in out)
+        lo, hi = window.get(node, (0, 0))
+        if ours:
+            call: ModuleCall = node.call
+            seqs = [t.grad_fn._sequence_nr() for t in call.sources if t.grad_fn is not None]
+            lo, hi = max(seqs, default=-1), node._sequence_nr()
+        elif node in after_op or not lo < node._sequence_nr() < hi:
+            after_op.update(child for child, _ in out)
+            lo = hi = 0
+        window.update((child, (lo, hi)) for child, _ in out if child not in window and hi)
         if is_tap(node):
             out = out[1:]  # the first edge goes to the tap's anchor
             if ours:
-                call: ModuleCall = node.call
                 if not _bookkept(call, batch, plan[call.module].values()):
                     return None
                 covered.update(id(p) for p in plan[call.module].values())
