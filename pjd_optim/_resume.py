@@ -75,6 +75,7 @@ def find(
     first_tap = hooks.live.first_seq()
     # Candidate edges: (node, output_nr) of the trunk tensors fed to considered modules.
     candidates: dict[Edge, Tensor] = {}
+    entered: dict[Edge, int] = {}  # how many reached calls each candidate enters
     boundary: dict[Edge, Tensor] = {}
     # Nodes with a parent outside every considered call (the losses' node included): a boundary
     # tensor among them reaches the losses through operations between the calls, not only as
@@ -91,7 +92,8 @@ def find(
         edges = [(node, nr) for nr in numbers]
         if node._sequence_nr() < first_tap and all(edge in candidates for edge in edges):
             boundary.update((edge, candidates[edge]) for edge in edges)
-            skips = skips or node in after_op
+            # (entering several calls, its rows may feed other losses in each: tagged too)
+            skips = skips or node in after_op or any(entered[edge] > 1 for edge in edges)
             return []
         out = children(node)
         ours = is_tap(node) and node.hooks is hooks
@@ -110,7 +112,11 @@ def find(
                 if not _bookkept(call, batch, plan[call.module].values()):
                     return None
                 covered.update(id(p) for p in plan[call.module].values())
-                candidates.update(((t.grad_fn, t.output_nr), t) for t in call.sources if t.grad_fn)
+                for t in call.sources:
+                    if t.grad_fn is not None:
+                        edge = (t.grad_fn, t.output_nr)
+                        candidates[edge] = t
+                        entered[edge] = entered.get(edge, 0) + 1
         for child, _ in out:
             variable = leaf(child)
             if variable is not None:

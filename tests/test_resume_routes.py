@@ -61,3 +61,30 @@ def test_a_second_route_into_the_considered_part_is_exact(route: str) -> None:
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert relative_error(p.grad, q.grad) < 1e-10
+
+
+def test_a_boundary_entering_two_calls_whose_rows_feed_other_losses_falls_back() -> None:
+    """A language-model head and a value head read the same features, the value term shifted by
+    one loss: each call's rows feed single losses, but a feature row feeds two. Refused once the
+    head was large enough to resume (the graph above the boundary freed); now exact."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(32, 512), nn.Tanh())
+    model = nn.ModuleDict({"trunk": trunk, "head": nn.Linear(512, 256), "value": nn.Linear(512, 1)})
+    model = model.double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(B, 32, dtype=torch.float64)
+
+    def losses(m: nn.Module) -> Tensor:
+        h = m["trunk"](x)
+        return ce(m["head"](h)) + 0.5 * m["value"](h).squeeze(1).roll(1, 0).pow(2)
+
+    considered = [model["head"], model["value"]]
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=considered)
+    weights = optimizer.backward(losses(model))
+    assert optimizer.last_step is not None and not optimizer.last_step.resumed
+    params = [*reference["head"].parameters(), *reference["value"].parameters()]
+    expected = oracle_backward(losses(reference), params, list(reference.parameters()))
+    assert relative_error(weights, expected) < 1e-10
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert relative_error(p.grad, q.grad) < 1e-10
