@@ -90,7 +90,7 @@ class _Projecting:
     def _pref(self, G: Tensor) -> Tensor:
         m = G.shape[0]
         if self.pref_vector is None:
-            return torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
+            return torch.full((m,), 1.0 / max(m, 1), dtype=G.dtype, device=G.device)
         if self.pref_vector.shape != (m,):
             raise ValueError(
                 f"pref_vector has shape {tuple(self.pref_vector.shape)} but the Gramian is "
@@ -209,12 +209,15 @@ class MGDA:
 
 
 def normalise_and_regularise(gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
-    """``G / tr(G) + reg_eps·I``, with zeros for ``G / tr(G)`` when ``tr(G) < norm_eps``.
+    """``G / tr(G) + reg_eps·I``, with zeros for ``G / tr(G)`` when ``tr(G) < norm_eps`` or
+    ``tr(G) = 0``.
 
-    Same as TorchJD's ``regularize(normalize(G, norm_eps), reg_eps)``; no host sync.
+    Same as TorchJD's ``regularize(normalize(G, norm_eps), reg_eps)``, except a zero Gramian with
+    ``norm_eps=0`` (``0/0``: TorchJD's weights are NaN); no host sync.
     """
     trace = gramian.diagonal().sum()
-    scaled = torch.where(trace < norm_eps, torch.zeros_like(gramian), gramian / trace)
+    small = (trace < norm_eps) | (trace == 0)
+    scaled = torch.where(small, torch.zeros_like(gramian), gramian / trace)
     eye = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
     return scaled + reg_eps * eye
 

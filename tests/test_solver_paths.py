@@ -188,7 +188,7 @@ def test_condition_estimates_against_numpy_cond(name: str) -> None:
     estimate = compiled.condition_estimate(np.linalg.cholesky(M))
     assert estimate <= exact * (1 + 1e-10)
     assert estimate >= exact / M.shape[0] ** 2
-    inverse = _common.Inverse(torch.from_numpy(M))
+    inverse = _common.Inverse(torch.from_numpy(M), SolverOptions().tolerance(torch.float64))
     assert float(inverse.kappa) == pytest.approx(float(np.linalg.cond(M, 1)), rel=1e-6)
 
 

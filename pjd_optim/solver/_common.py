@@ -3,6 +3,7 @@ the dual systems' inverse, errors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,30 @@ class SolverOptions:
     checks: int = 3
     steps_per_check: int = 3
 
+    def __post_init__(self) -> None:
+        counts = (
+            ("patience", self.patience, 0),
+            ("host_max_m", self.host_max_m, 0),
+            ("checks", self.checks, 0),
+            ("steps_per_check", self.steps_per_check, 1),
+            ("max_iter", self.max_iter, 1),
+            ("warm_start_iter", self.warm_start_iter, 0),
+            ("max_chunk_bytes", self.max_chunk_bytes, 0),
+        )
+        bad = [
+            f"{name}={value} (an integer >= {least})"
+            for name, value, least in counts
+            if value is not None and not (isinstance(value, int) and value >= least)
+        ]
+        if self.dtype not in (torch.float32, torch.float64):
+            bad.append(f"dtype={self.dtype} (float32 or float64)")
+        if self.rtol is not None and not 0.0 < self.rtol < 1.0:
+            bad.append(f"rtol={self.rtol} (in (0, 1))")
+        if self.path is not None and self.path not in PATHS:
+            bad.append(f"path={self.path!r} (Unknown solver path: one of {PATHS})")
+        if bad:
+            raise ValueError("Invalid SolverOptions: " + ", ".join(bad) + ".")
+
     def tolerance(self, dtype: torch.dtype) -> float:
         return 100 * torch.finfo(dtype).eps if self.rtol is None else self.rtol
 
@@ -90,15 +115,40 @@ def use_mixed(M: Tensor, size: int, options: SolverOptions) -> bool:
     return low_dtype(M.dtype) != M.dtype and mixed
 
 
+def largest_bound(dtype: torch.dtype, tol: float) -> float:
+    """The loosest relative round-off bound an answer may be accepted under (``10·√eps``, or the
+    tolerance if looser): beyond it a free block is too ill-conditioned for ``dtype`` to tell a
+    right answer from a wrong one (a KKT residual ``δ`` can move the weights by ``δ·κ``)."""
+    return max(10 * math.sqrt(torch.finfo(dtype).eps), tol)
+
+
 def infeasible(
     x: Tensor, y: Tensor, free: Tensor, q_scale: Tensor, cond: Tensor, tol: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The indices that break the KKT conditions (``x_F < 0`` or ``y_A < 0``) beyond the per-row
-    round-off bound (``x_F``'s round-off grows like ``eps·κ(M_FF)``), and each row's scale."""
+    round-off bound (``x_F``'s round-off grows like ``eps·κ(M_FF)``, capped at
+    :func:`largest_bound`), each row's scale, and the rows it cannot decide: breaking the
+    capped bound, within the uncapped one."""
     eps = torch.finfo(x.dtype).eps
     scale = x.abs().amax(dim=1, keepdim=True) + q_scale
-    bound = scale * torch.clamp(eps * cond, min=tol).unsqueeze(1)
-    return torch.where(free, x < -bound, y < -bound), scale
+    rel = torch.clamp(eps * cond, min=tol).unsqueeze(1)
+    bound = scale * rel.clamp(max=largest_bound(x.dtype, tol))
+    wrong = torch.where(free, x < -bound, y < -bound)
+    within = ~torch.where(free, x < -scale * rel, y < -scale * rel).any(dim=1)
+    return wrong, scale, wrong.any(dim=1) & within
+
+
+def too_ill_conditioned(dtype: torch.dtype, tol: float) -> ValueError:
+    return ValueError(
+        f"The solver cannot verify its answer in {dtype}: a free block is so ill-conditioned "
+        f"that round-off exceeds {largest_bound(dtype, tol):.1e} of the row's scale, where a "
+        "right and a wrong answer look alike. Regularise the Gramian more (a larger reg_eps)"
+        + (
+            ", or solve in float64 (SolverOptions(dtype=torch.float64))."
+            if dtype != torch.float64
+            else "."
+        )
+    )
 
 
 def pivots(infeasible: Tensor, full: Tensor, position: Tensor) -> Tensor:
@@ -134,11 +184,13 @@ class Inverse:
     of ``M`` and :func:`inverse_from_cholesky` (no sync on accelerators); ``trusted`` (a device
     bool): factorised and ``κ₁(M) ≤ MAX_KAPPA``."""
 
-    def __init__(self, M: Tensor) -> None:
+    def __init__(self, M: Tensor, tol: float) -> None:
         factor, info = torch.linalg.cholesky_ex(M)
         self.H = inverse_from_cholesky(factor, sync_free=M.device.type != "cpu")
         self.kappa = M.abs().sum(dim=0).amax() * self.H.abs().sum(dim=0).amax()
-        self.trusted = (info == 0) & (self.kappa <= MAX_KAPPA)
+        # (its candidates' bound 10·eps·κ₁ must stay within the largest one: float32 needs κ₁ ≲ 3e3)
+        loosest = largest_bound(M.dtype, tol) / (10 * torch.finfo(M.dtype).eps)
+        self.trusted = (info == 0) & (self.kappa <= min(MAX_KAPPA, loosest))
 
     def rhs(self, Q: Tensor) -> Tensor:
         """``p = −M⁻¹q`` per row of ``Q``."""
@@ -160,6 +212,11 @@ def not_positive_definite() -> ValueError:
 
 def no_convergence(iters: int, rows: int, total: int) -> RuntimeError:
     return RuntimeError(
-        f"Dual-cone projection did not converge in {iters} steps for {rows} of {total} rows; "
-        "the matrix is probably not positive definite."
+        f"Dual-cone projection did not converge in {iters} steps for {rows} of {total} rows: "
+        "raise SolverOptions(max_iter=...) if it was set low; otherwise the matrix is probably "
+        "not numerically positive definite (regularise it, e.g. with reg_eps > 0)."
     )
+
+
+def not_finite() -> ValueError:
+    return ValueError("The solver's inputs contain NaN or infinite values.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import no_convergence, not_positive_definite
+from ._common import largest_bound, no_convergence, not_positive_definite, too_ill_conditioned
 from .systems import Systems
 
 
@@ -38,9 +38,14 @@ def active_set(
         if not bool(ok.all()):
             raise not_positive_definite()
         y = z @ M + Q
-        bound = (z.abs().amax(dim=1, keepdim=True) + q_scale) * (eps * cond).clamp(min=tol)[:, None]
+        rel = (eps * cond).clamp(min=tol)[:, None]
+        loose = (z.abs().amax(dim=1, keepdim=True) + q_scale) * rel
+        bound = loose * (rel.clamp(max=largest_bound(M.dtype, tol)) / rel)
         interior = (~passive | (z > -bound)).all(dim=1)
         violated = ~passive & (y < -bound)
+        within = (~passive | (z > -loose)).all(dim=1) & ~(~passive & (y < -loose)).any(dim=1)
+        if bool((within & ~(interior & ~violated.any(dim=1))).any()):
+            raise too_ill_conditioned(M.dtype, tol)  # (a right and a wrong answer look alike)
         done = interior & ~violated.any(dim=1)
         out[rows[done]] = z[done].clamp_min(0.0)
         f = 0.5 * (z * (y + Q)).sum(dim=1)  # objective at z

@@ -30,7 +30,7 @@ import torch
 from numpy.typing import NDArray
 
 from . import pivoting
-from ._common import MAX_KAPPA, SolverOptions
+from ._common import MAX_KAPPA, SolverOptions, not_finite
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
@@ -67,6 +67,8 @@ def solve(M: Array, Q: Array, P: Array | None, options: SolverOptions) -> Array:
     to the pivoting loop from DAQP's active sets (its first step polishes them exactly), and
     problems with a diagonal entry not positive to it whole."""
     tol = options.tolerance(torch.float64)
+    if not (np.isfinite(M).all() and np.isfinite(Q).all()):
+        raise not_finite()
     scaled = _scaled(M, 0.0)
     if scaled is None:
         return pivoting.solve_on_host(M, Q, P, options)

@@ -48,8 +48,10 @@ from ._common import (
     infeasible,
     low_dtype,
     no_convergence,
+    not_finite,
     not_positive_definite,
     pivots,
+    too_ill_conditioned,
     use_mixed,
 )
 from .active_set import active_set
@@ -104,7 +106,7 @@ class _Loop:
         b, m = Q.shape
         self.M, self.options, self.m = M, options, m
         self.tol = options.tolerance(M.dtype)
-        self.inverse = Inverse(M)
+        self.inverse = Inverse(M, self.tol)
         self.X = torch.zeros_like(Q)
         self.rows = torch.arange(b, device=M.device)
         self.Q, self.R = Q, P  # R: the dual right-hand sides −M⁻¹q of the rows, once needed
@@ -118,12 +120,17 @@ class _Loop:
         self.precise = False  # set once a float32 factorisation fell short: float64 from then
         self.left = self.largest_free = self.largest_active = 0
         self.first_swaps = torch.zeros((), dtype=torch.long, device=M.device)
+        self.undecided = torch.zeros((), dtype=torch.long, device=M.device)
 
     def run(self, free: Tensor | None, lockstep: bool) -> Tensor:
         options, m = self.options, self.m
         self.free = self.free if free is None else free
         self.reset()
-        trusted = bool(self.sync([self.inverse.trusted])[0])
+        finite = torch.isfinite(self.M).all() & torch.isfinite(self.Q).all()
+        flags = self.sync([self.inverse.trusted, finite])
+        if not flags[1]:
+            raise not_finite()
+        trusted = bool(flags[0])
         n_conflict = self.left
         n_fista = FISTA_ITERS if m >= FISTA_MIN_M else 0
         restart = False
@@ -149,10 +156,12 @@ class _Loop:
             for _ in range(options.steps_per_check if checks else 1):
                 self.step(systems, use_dual, s, first=step == 0)
                 step += 1
-            stats = [self.failed.sum(), self.inexact.sum(), self.first_swaps]
-            n_failed, n_inexact, n_swaps = self.sync(stats)
+            stats = [self.failed.sum(), self.inexact.sum(), self.first_swaps, self.undecided]
+            n_failed, n_inexact, n_swaps, n_undecided = self.sync(stats)
             if n_failed and s is None:  # a float64 factorisation failed
                 raise not_positive_definite()
+            if n_undecided:
+                raise too_ill_conditioned(self.M.dtype, self.tol)
             self.precise = self.precise or n_inexact > 0
             if restart and self.left and n_swaps * FAR_OFF_SWAPS > n_conflict * m:
                 self.warm_start(n_fista, freeze=not checks)  # the sign guess was far off
@@ -221,7 +230,7 @@ class _Loop:
             x, ok, cond = systems.solve(-Q, free, s)
         y = x @ M + Q  # rows of (M x + q), M symmetric
         self.x = torch.where(self.done.unsqueeze(1), self.x, x.clamp_min(0.0))  # feasible
-        wrong, scale = infeasible(x, y, free, self.q_scale, cond, self.tol)
+        wrong, scale, undecided = infeasible(x, y, free, self.q_scale, cond, self.tol)
         waiting = ~ok & ~self.done
         if systems.low is not None:  # a refined float32 solution must be float64-accurate
             res_tol = 1e3 * torch.finfo(M.dtype).eps * self.lam.clamp_min(1.0)
@@ -231,6 +240,7 @@ class _Loop:
             self.failed, self.inexact = waiting, torch.zeros_like(ok)
         n_wrong = wrong.sum(dim=1)
         active = ~self.done & ok
+        self.undecided = (undecided & active).sum()
         now = active & (n_wrong == 0)
         self.X_rows = torch.where(now.unsqueeze(1), x.clamp_min(0.0), self.X_rows)
         self.done = self.done | now
