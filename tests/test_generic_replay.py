@@ -245,3 +245,23 @@ def test_a_re_run_failing_with_any_error_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match=r"Routed cannot be re-run per sample.*index"):
         optimizer.step(losses)
     assert_unchanged(before, snapshot(model, optimizer))
+
+
+def test_a_feature_hook_on_a_module_without_a_rule_sees_only_the_forward() -> None:
+    """A forward hook that keeps its module's outputs (feature capture) is not called by the
+    re-run per sample (it kept a functorch-wrapped tensor that raised when used); the Gramian is
+    exact. A hook returning another output is still followed (the re-run then calls it)."""
+    torch.manual_seed(0)
+    a, block, head = nn.Linear(D, D), SharedGate(0.5), nn.Linear(D, 3)
+    model = nn.ModuleDict({"a": a, "block": block, "head": head}).double()
+    kept: list[Tensor] = []
+    block.register_forward_hook(lambda module, args, out: kept.append(out))
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
+    table = torch.randn(B, 3, dtype=F64)
+    losses = head(block(torch.tanh(a(torch.randn(B, D, dtype=F64))), table)).pow(2).sum(dim=1)
+    expected = oracle_gramian(losses, list(block.parameters()))
+    optimizer.backward(losses)
+    assert len(kept) == 1 and kept[0].shape == (B, D)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    assert optimizer.last_step is not None
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12

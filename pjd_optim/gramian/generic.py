@@ -50,13 +50,15 @@ def per_sample_vjp(
     call: Call,
     params: Mapping[str, nn.Parameter],
     replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
+    hooks: bool = True,
 ) -> dict[str, Tensor]:
     """``{name: P}``, ``P[i]`` the gradient of ``call``'s objective ``i`` w.r.t. ``params``.
 
     The per-sample inputs (``call.per_sample()``) are vmapped; each sample is put back at the
     batch dim the module expects (``call.sample_dims``), and the outputs are checked against
     ``call.outputs`` when recorded. ``replay``: ``replay_parameters(module, params)`` when
-    already gathered (FSDP2-sharded parameters are gathered once per module, not per call)."""
+    already gathered (FSDP2-sharded parameters are gathered once per module, not per call);
+    ``hooks``: whether the re-run calls the module with its own forward hooks."""
     leaves, spec = tree_flatten((call.args, dict(call.kwargs)))
     flags = iter(call.per_sample())
     dims = iter(call.sample_dims or ())
@@ -77,7 +79,7 @@ def per_sample_vjp(
             x if d is None else next(it).unsqueeze(d) for x, d in zip(leaves, batched, strict=True)
         ]
         args, kwargs = tree_unflatten(filled, spec)
-        forward = _forward(module, call, constants, args, kwargs)
+        forward = _forward(module, call, constants, args, kwargs, hooks)
         outputs, pullback = vjp(forward, theta)[:2]
         cotangents = tuple(g.unsqueeze(d) for g, d in zip(gys, out_dims, strict=True))
         squeezed = tuple(y.squeeze(d) for y, d in zip(outputs, out_dims, strict=True))
@@ -100,7 +102,7 @@ def per_sample_vjp(
     for recorded, replayed in zip(call.outputs, outputs, strict=False):
         _check_replay(recorded, replayed, call.precision or recorded.dtype)
     with under_autocast(call):
-        _check_summed(module, call, (leaves, spec, batched), (values, constants), grads)
+        _check_summed(module, call, (leaves, spec, batched), (values, constants), grads, hooks)
     result: dict[str, Tensor] = grads
     return result
 
@@ -111,6 +113,7 @@ def _check_summed(
     flat: tuple[list[Any], Any, list[int | None]],
     replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
     grads: Mapping[str, Tensor],
+    hooks: bool,
 ) -> None:
     """``Σ_i P[i]`` against one VJP of the module re-run on the whole batch: equal when the
     samples are independent and the per-sample inputs are read right. The outputs' check alone
@@ -121,7 +124,7 @@ def _check_summed(
     filled = [x if d is None else x.movedim(0, d) for x, d in zip(leaves, batched, strict=True)]
     args, kwargs = tree_unflatten(filled, spec)
     out_dims = call.output_dims or (0,) * len(call.output_grads)
-    pullback = vjp(_forward(module, call, constants, args, kwargs), dict(values))[1]
+    pullback = vjp(_forward(module, call, constants, args, kwargs, hooks), dict(values))[1]
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
     whole = pullback(cotangents)[0]
     tolerance = _tolerance(call.precision or torch.float64, *(g.dtype for g in grads.values()))
@@ -137,12 +140,18 @@ def _check_summed(
 
 
 def _forward(
-    module: nn.Module, call: Call, constants: Mapping[str, Tensor], args: Any, kwargs: Any
+    module: nn.Module,
+    call: Call,
+    constants: Mapping[str, Tensor],
+    args: Any,
+    kwargs: Any,
+    hooks: bool,
 ) -> Callable[[dict[str, Tensor]], tuple[Tensor, ...]]:
     """``θ ↦`` the call's tapped outputs of the module run on ``args``, ``kwargs``."""
 
     def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        out = tree_flatten(call_forward(module, {**constants, **theta}, tuple(args), kwargs))[0]
+        tensors = {**constants, **theta}
+        out = tree_flatten(call_forward(module, tensors, tuple(args), kwargs, hooks))[0]
         return tuple(out[k] for k in call.output_positions)
 
     return forward
@@ -204,13 +213,18 @@ class GenericRule(GramianRule):
         replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
     ) -> dict[str, Tensor]:
         """The per-sample gradients of the first reading of ``call``'s inputs whose re-run
-        reproduces the forward; a clear error if none does."""
+        reproduces the forward; a clear error if none does. The re-run leaves out the module's
+        own forward hooks (a hook that keeps its outputs, as feature captures do, would see the
+        per-sample tensors of the re-run and keep them) unless the outputs differ without them
+        (a hook that returns another output)."""
         mismatch: ReplayMismatch | None = None
-        for candidate in shared_alternatives(call):
-            try:
-                return per_sample_vjp(module, candidate, params, replay)
-            except ReplayMismatch as error:
-                mismatch = error
+        with_hooks = (False, True) if _has_forward_hooks(module) else (False,)
+        for hooks in with_hooks:
+            for candidate in shared_alternatives(call):
+                try:
+                    return per_sample_vjp(module, candidate, params, replay, hooks)
+                except ReplayMismatch as error:
+                    mismatch = error
         raise ValueError(
             f"{type(module).__name__} cannot be re-run per sample: {mismatch}. Its per-sample "
             "gradients need a forward whose samples are independent along the batch dim and "
@@ -218,6 +232,14 @@ class GenericRule(GramianRule):
             "says which inputs are per-sample (GramianRule.sample_dims), consider other modules, "
             "or pass gramian_mode='autograd'. Nothing was changed."
         ) from mismatch
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks of its own besides this package's taps."""
+    from .._hooks import _Hook  # (the hooks' module reads the rules: imported when used)
+
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(not isinstance(hook, _Hook) for hook in hooks)
 
 
 @register_gramian_rule(nn.MultiheadAttention)
