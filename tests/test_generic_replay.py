@@ -6,8 +6,11 @@ per-loss oracle), the batch mean refused."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import oracle_gramian, relative_error
 from torch import Tensor, nn
 from torch.optim import SGD
@@ -263,5 +266,67 @@ def test_a_feature_hook_on_a_module_without_a_rule_sees_only_the_forward() -> No
     optimizer.backward(losses)
     assert len(kept) == 1 and kept[0].shape == (B, D)
     assert not torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    assert optimizer.last_step is not None
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+class BatchNormOwnForward(nn.BatchNorm2d):
+    """A BatchNorm with a forward of its own (timm's ``BatchNormAct2d``): the generic rule."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(super().forward(x))
+
+
+class SquareFn(torch.autograd.Function):
+    """A custom autograd Function without functorch support (no ``setup_context``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        out: Tensor = 2 * x * grad
+        return out
+
+
+class Squared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = SquareFn.apply(x) * self.s
+        return out
+
+
+def test_a_module_vmap_cannot_batch_is_re_run_sample_by_sample() -> None:
+    """Refused before ("its re-run per sample failed"): a BatchNorm subclass in eval mode under
+    bfloat16 autocast (vmap's batch_norm rule rejects a bfloat16 input with float32 statistics),
+    and a custom autograd Function vmap cannot transform. Re-run one sample at a time, both are
+    exact against the oracle (to the autocast's precision for the first)."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3), BatchNormOwnForward(4)
+    norm.running_mean = torch.rand(4) - 0.5
+    norm.running_var = torch.rand(4) + 0.5
+    model = nn.Sequential(conv, norm, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model.eval()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(B, 3, 6, 6))
+    losses = F.cross_entropy(out.float(), torch.arange(B) % 3, reduction="none")
+    expected = oracle_gramian(losses, list(norm.parameters()))
+    optimizer.backward(losses)
+    assert optimizer.last_step is not None
+    assert relative_error(optimizer.last_step.gramian, expected) < 2e-2
+
+    a, block = nn.Linear(D, D).double(), Squared().double()
+    pair = nn.ModuleDict({"a": a, "block": block})
+    optimizer = PartialJDOptimizer(SGD(pair.parameters(), lr=0.1), pair, considered=block)
+    losses = block(torch.tanh(a(torch.randn(B, D, dtype=F64)))).pow(2).sum(dim=1)
+    expected = oracle_gramian(losses, list(block.parameters()))
+    optimizer.backward(losses)
     assert optimizer.last_step is not None
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12

@@ -48,7 +48,7 @@ def test_a_second_route_into_the_considered_part_is_exact(route: str) -> None:
     reference = copy.deepcopy(model)
     x = torch.randn(B, 32, dtype=torch.float64)
 
-    def losses(m: nn.Module) -> Tensor:
+    def losses(m: nn.Sequential) -> Tensor:
         return losses_of(m[1](m[0](x)), m[2])
 
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
@@ -74,9 +74,10 @@ def test_a_boundary_entering_two_calls_whose_rows_feed_other_losses_falls_back()
     reference = copy.deepcopy(model)
     x = torch.randn(B, 32, dtype=torch.float64)
 
-    def losses(m: nn.Module) -> Tensor:
+    def losses(m: nn.ModuleDict) -> Tensor:
         h = m["trunk"](x)
-        return ce(m["head"](h)) + 0.5 * m["value"](h).squeeze(1).roll(1, 0).pow(2)
+        out: Tensor = ce(m["head"](h)) + 0.5 * m["value"](h).squeeze(1).roll(1, 0).pow(2)
+        return out
 
     considered = [model["head"], model["value"]]
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=considered)

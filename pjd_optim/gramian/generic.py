@@ -39,6 +39,9 @@ from .norm import couples_batch
 # (batched and per-sample kernels round differently; under autocast the forward ran in 16 bits).
 REPLAY_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
 LOW_PRECISION_TOLERANCE = 5e-2
+# A module whose re-run vmap cannot batch (an operation without a batching rule for its inputs)
+# is re-run one sample at a time, up to this many rows (beyond, refused: a loop of that length).
+LOOP_MAX_ROWS = 512
 
 
 class ReplayMismatch(ValueError):
@@ -85,6 +88,32 @@ def per_sample_vjp(
         squeezed = tuple(y.squeeze(d) for y, d in zip(outputs, out_dims, strict=True))
         return pullback(cotangents)[0], squeezed
 
+    def looped() -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """The same, one sample at a time with plain autograd (where vmap cannot run)."""
+        per_sample: list[tuple[Tensor, ...]] = []
+        outs: list[tuple[Tensor, ...]] = []
+        for i in range(call.rows):
+            it = iter([x[i] for x in samples])
+            filled = [
+                x if d is None else next(it).unsqueeze(d)
+                for x, d in zip(leaves, batched, strict=True)
+            ]
+            args, kwargs = tree_unflatten(filled, spec)
+            theta = {name: v.detach().requires_grad_() for name, v in values.items()}
+            with torch.enable_grad():
+                ys = _forward(module, call, constants, args, kwargs, hooks)(theta)
+                gys = tuple(
+                    g[i].unsqueeze(d) for g, d in zip(call.output_grads, out_dims, strict=True)
+                )
+                per_sample.append(
+                    torch.autograd.grad(ys, list(theta.values()), gys, materialize_grads=True)
+                )
+            outs.append(tuple(y.detach().squeeze(d) for y, d in zip(ys, out_dims, strict=True)))
+        stacked = [torch.stack(g) for g in zip(*per_sample, strict=True)]
+        return dict(zip(values, stacked, strict=True)), tuple(
+            map(torch.stack, zip(*outs, strict=True))
+        )
+
     try:
         with under_autocast(call):
             grads, outputs = vmap(one_sample, in_dims=(None, 0, 0), randomness="error")(
@@ -98,7 +127,13 @@ def per_sample_vjp(
                 "masks. Put it in eval mode or set its dropout to 0 while considered, consider "
                 "other modules, or pass gramian_mode='autograd'. Nothing was changed."
             ) from error
-        raise ReplayMismatch(f"its re-run per sample failed ({error})") from error
+        if call.rows > LOOP_MAX_ROWS or not values:
+            raise ReplayMismatch(f"its re-run per sample failed ({error})") from error
+        try:  # (an operation vmap cannot batch: mixed dtypes in batch_norm under autocast, ...)
+            with under_autocast(call):
+                grads, outputs = looped()
+        except Exception:
+            raise ReplayMismatch(f"its re-run per sample failed ({error})") from error
     for recorded, replayed in zip(call.outputs, outputs, strict=False):
         _check_replay(recorded, replayed, call.precision or recorded.dtype)
     with under_autocast(call):
@@ -124,9 +159,15 @@ def _check_summed(
     filled = [x if d is None else x.movedim(0, d) for x, d in zip(leaves, batched, strict=True)]
     args, kwargs = tree_unflatten(filled, spec)
     out_dims = call.output_dims or (0,) * len(call.output_grads)
-    pullback = vjp(_forward(module, call, constants, args, kwargs, hooks), dict(values))[1]
+    theta = {name: v.detach().requires_grad_() for name, v in values.items()}
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
-    whole = pullback(cotangents)[0]
+    with torch.enable_grad():  # (plain autograd: any module the forward ran)
+        outputs = _forward(module, call, constants, args, kwargs, hooks)(theta)
+        vjps = torch.autograd.grad(outputs, list(theta.values()), cotangents, allow_unused=True)
+    whole = {
+        name: torch.zeros_like(theta[name]) if g is None else g
+        for name, g in zip(theta, vjps, strict=True)
+    }
     tolerance = _tolerance(call.precision or torch.float64, *(g.dtype for g in grads.values()))
     for name, per_sample in grads.items():
         summed, expected = per_sample.sum(dim=0).double(), whole[name].double()
