@@ -330,3 +330,34 @@ def test_a_module_vmap_cannot_batch_is_re_run_sample_by_sample() -> None:
     optimizer.backward(losses)
     assert optimizer.last_step is not None
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+
+
+class Counting(nn.Module):
+    """A module counting its calls in a buffer (in place: vmap cannot re-run it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(D))
+        self.calls: Tensor
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.add_(1)
+        return x * self.s
+
+
+def test_a_re_run_sample_by_sample_leaves_the_modules_buffers_alone() -> None:
+    """The re-run one sample at a time edits copies of the buffers: a call counter counts the
+    forwards only (it counted every re-run: B + 2 per step), and the Gramian is exact."""
+    torch.manual_seed(0)
+    a, block = nn.Linear(D, D).double(), Counting().double()
+    pair = nn.ModuleDict({"a": a, "block": block})
+    optimizer = PartialJDOptimizer(SGD(pair.parameters(), lr=0.1), pair, considered=block)
+    for step in range(2):
+        losses = block(torch.tanh(a(torch.randn(B, D, dtype=F64)))).pow(2).sum(dim=1)
+        expected = oracle_gramian(losses, list(block.parameters()))
+        optimizer.step(losses)
+        optimizer.zero_grad()
+        assert optimizer.last_step is not None
+        assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+        assert float(block.calls) == step + 1

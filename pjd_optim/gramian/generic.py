@@ -92,6 +92,7 @@ def per_sample_vjp(
         """The same, one sample at a time with plain autograd (where vmap cannot run)."""
         per_sample: list[tuple[Tensor, ...]] = []
         outs: list[tuple[Tensor, ...]] = []
+        buffers = _copies(module, constants)
         for i in range(call.rows):
             it = iter([x[i] for x in samples])
             filled = [
@@ -101,7 +102,7 @@ def per_sample_vjp(
             args, kwargs = tree_unflatten(filled, spec)
             theta = {name: v.detach().requires_grad_() for name, v in values.items()}
             with torch.enable_grad():
-                ys = _forward(module, call, constants, args, kwargs, hooks)(theta)
+                ys = _forward(module, call, buffers, args, kwargs, hooks)(theta)
                 gys = tuple(
                     g[i].unsqueeze(d) for g, d in zip(call.output_grads, out_dims, strict=True)
                 )
@@ -161,8 +162,9 @@ def _check_summed(
     out_dims = call.output_dims or (0,) * len(call.output_grads)
     theta = {name: v.detach().requires_grad_() for name, v in values.items()}
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
+    buffers = _copies(module, constants)
     with torch.enable_grad():  # (plain autograd: any module the forward ran)
-        outputs = _forward(module, call, constants, args, kwargs, hooks)(theta)
+        outputs = _forward(module, call, buffers, args, kwargs, hooks)(theta)
         vjps = torch.autograd.grad(outputs, list(theta.values()), cotangents, allow_unused=True)
     whole = {
         name: torch.zeros_like(theta[name]) if g is None else g
@@ -196,6 +198,13 @@ def _forward(
         return tuple(out[k] for k in call.output_positions)
 
     return forward
+
+
+def _copies(module: nn.Module, constants: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``constants`` and the module's buffers, copied: the in-place edits of a re-run outside
+    ``vmap`` (a call counter, a running mean) stay in the copies, not in the model."""
+    buffers = module.named_buffers(remove_duplicate=False)
+    return {name: t.detach().clone() for name, t in [*buffers, *constants.items()]}
 
 
 def _tolerance(*dtypes: torch.dtype) -> float:
