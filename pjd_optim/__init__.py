@@ -6,6 +6,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._hooks import replaying
 from ._info import StepInfo
 from .amp import JDScaler
 from .gramian import Call, GramianRule, register_gramian_rule
@@ -35,4 +36,5 @@ __all__ = [
     "Weighting",
     "__version__",
     "register_gramian_rule",
+    "replaying",
 ]

@@ -172,6 +172,18 @@ def suspended() -> Iterator[None]:
         _FORWARD.suspended = previous
 
 
+def replaying() -> bool:
+    """Whether this thread runs inside a step's re-run of a considered module: the generic rule
+    re-runs modules per example with their forward hooks, on per-example (``vmap``) tensors. A
+    forward hook with side effects, such as keeping features, can skip those calls::
+
+        def keep(module, args, output):
+            if not pjd_optim.replaying():
+                features.append(output)
+    """
+    return bool(getattr(_FORWARD, "suspended", False))
+
+
 def _recording() -> bool:
     return torch.is_grad_enabled() and not getattr(_FORWARD, "suspended", False)
 

@@ -250,22 +250,34 @@ def test_a_re_run_failing_with_any_error_is_refused_clearly() -> None:
     assert_unchanged(before, snapshot(model, optimizer))
 
 
-def test_a_feature_hook_on_a_module_without_a_rule_sees_only_the_forward() -> None:
-    """A forward hook that keeps its module's outputs (feature capture) is not called by the
-    re-run per sample (it kept a functorch-wrapped tensor that raised when used); the Gramian is
-    exact. A hook returning another output is still followed (the re-run then calls it)."""
+def test_a_feature_hook_skips_the_re_run_and_a_gradient_hook_is_followed() -> None:
+    """The generic rule re-runs a module with its forward hooks (they are part of its output's
+    maths): a hook keeping features skips the re-run's per-sample calls with ``replaying()``,
+    and a hook that changes only the gradient (straight-through scaling) is followed: exact
+    against the oracle (a re-run without hooks was 14% off)."""
+    from pjd_optim import replaying
+
     torch.manual_seed(0)
     a, block, head = nn.Linear(D, D), SharedGate(0.5), nn.Linear(D, 3)
     model = nn.ModuleDict({"a": a, "block": block, "head": head}).double()
     kept: list[Tensor] = []
-    block.register_forward_hook(lambda module, args, out: kept.append(out))
+
+    def keep(module: nn.Module, args: Any, out: Tensor) -> None:
+        if not replaying():
+            kept.append(out)
+
+    def straight_through(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        return out.detach() + 0.1 * (out - out.detach())
+
+    block.register_forward_hook(keep)
+    block.register_forward_hook(straight_through)
     optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=block)
     table = torch.randn(B, 3, dtype=F64)
     losses = head(block(torch.tanh(a(torch.randn(B, D, dtype=F64))), table)).pow(2).sum(dim=1)
     expected = oracle_gramian(losses, list(block.parameters()))
     optimizer.backward(losses)
     assert len(kept) == 1 and kept[0].shape == (B, D)
-    assert not torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    assert not replaying()
     assert optimizer.last_step is not None
     assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
 

@@ -78,16 +78,11 @@ def replay_parameters(
 
 
 def call_forward(
-    module: nn.Module,
-    tensors: Mapping[str, Tensor],
-    args: tuple[Any, ...],
-    kw: Mapping[str, Any],
-    hooks: bool = True,
+    module: nn.Module, tensors: Mapping[str, Tensor], args: tuple[Any, ...], kw: Mapping[str, Any]
 ) -> Any:
-    """``module(*args, **kw)`` with its parameters and buffers replaced by ``tensors``; without
-    ``hooks``, and for a module with sharded parameters, its ``forward`` alone (no forward
-    hooks of its own; sharded: no FSDP2 hooks, so no collectives)."""
-    if hooks and not sharded(module):
+    """``module(*args, **kw)`` with its parameters and buffers replaced by ``tensors``; for a
+    module with sharded parameters, its ``forward`` alone (no FSDP2 hooks: no collectives)."""
+    if not sharded(module):
         return torch.func.functional_call(module, dict(tensors), args, dict(kw))
     # (sharded: every parameter and buffer is in ``tensors``, see replay_parameters)
     with _reparametrize_module(module, dict(tensors)):

@@ -53,15 +53,13 @@ def per_sample_vjp(
     call: Call,
     params: Mapping[str, nn.Parameter],
     replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
-    hooks: bool = True,
 ) -> dict[str, Tensor]:
     """``{name: P}``, ``P[i]`` the gradient of ``call``'s objective ``i`` w.r.t. ``params``.
 
     The per-sample inputs (``call.per_sample()``) are vmapped; each sample is put back at the
     batch dim the module expects (``call.sample_dims``), and the outputs are checked against
     ``call.outputs`` when recorded. ``replay``: ``replay_parameters(module, params)`` when
-    already gathered (FSDP2-sharded parameters are gathered once per module, not per call);
-    ``hooks``: whether the re-run calls the module with its own forward hooks."""
+    already gathered (FSDP2-sharded parameters are gathered once per module, not per call)."""
     leaves, spec = tree_flatten((call.args, dict(call.kwargs)))
     flags = iter(call.per_sample())
     dims = iter(call.sample_dims or ())
@@ -82,7 +80,7 @@ def per_sample_vjp(
             x if d is None else next(it).unsqueeze(d) for x, d in zip(leaves, batched, strict=True)
         ]
         args, kwargs = tree_unflatten(filled, spec)
-        forward = _forward(module, call, constants, args, kwargs, hooks)
+        forward = _forward(module, call, constants, args, kwargs)
         outputs, pullback = vjp(forward, theta)[:2]
         cotangents = tuple(g.unsqueeze(d) for g, d in zip(gys, out_dims, strict=True))
         squeezed = tuple(y.squeeze(d) for y, d in zip(outputs, out_dims, strict=True))
@@ -102,7 +100,7 @@ def per_sample_vjp(
             args, kwargs = tree_unflatten(filled, spec)
             theta = {name: v.detach().requires_grad_() for name, v in values.items()}
             with torch.enable_grad():
-                ys = _forward(module, call, buffers, args, kwargs, hooks)(theta)
+                ys = _forward(module, call, buffers, args, kwargs)(theta)
                 gys = tuple(
                     g[i].unsqueeze(d) for g, d in zip(call.output_grads, out_dims, strict=True)
                 )
@@ -138,7 +136,7 @@ def per_sample_vjp(
     for recorded, replayed in zip(call.outputs, outputs, strict=False):
         _check_replay(recorded, replayed, call.precision or recorded.dtype)
     with under_autocast(call):
-        _check_summed(module, call, (leaves, spec, batched), (values, constants), grads, hooks)
+        _check_summed(module, call, (leaves, spec, batched), (values, constants), grads)
     result: dict[str, Tensor] = grads
     return result
 
@@ -149,7 +147,6 @@ def _check_summed(
     flat: tuple[list[Any], Any, list[int | None]],
     replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
     grads: Mapping[str, Tensor],
-    hooks: bool,
 ) -> None:
     """``Σ_i P[i]`` against one VJP of the module re-run on the whole batch: equal when the
     samples are independent and the per-sample inputs are read right. The outputs' check alone
@@ -164,7 +161,7 @@ def _check_summed(
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
     buffers = _copies(module, constants)
     with torch.enable_grad():  # (plain autograd: any module the forward ran)
-        outputs = _forward(module, call, buffers, args, kwargs, hooks)(theta)
+        outputs = _forward(module, call, buffers, args, kwargs)(theta)
         vjps = torch.autograd.grad(outputs, list(theta.values()), cotangents, allow_unused=True)
     whole = {
         name: torch.zeros_like(theta[name]) if g is None else g
@@ -188,13 +185,12 @@ def _forward(
     constants: Mapping[str, Tensor],
     args: Any,
     kwargs: Any,
-    hooks: bool,
 ) -> Callable[[dict[str, Tensor]], tuple[Tensor, ...]]:
     """``θ ↦`` the call's tapped outputs of the module run on ``args``, ``kwargs``."""
 
     def forward(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
         tensors = {**constants, **theta}
-        out = tree_flatten(call_forward(module, tensors, tuple(args), kwargs, hooks))[0]
+        out = tree_flatten(call_forward(module, tensors, tuple(args), kwargs))[0]
         return tuple(out[k] for k in call.output_positions)
 
     return forward
@@ -263,18 +259,14 @@ class GenericRule(GramianRule):
         replay: tuple[Mapping[str, Tensor], Mapping[str, Tensor]],
     ) -> dict[str, Tensor]:
         """The per-sample gradients of the first reading of ``call``'s inputs whose re-run
-        reproduces the forward; a clear error if none does. The re-run leaves out the module's
-        own forward hooks (a hook that keeps its outputs, as feature captures do, would see the
-        per-sample tensors of the re-run and keep them) unless the outputs differ without them
-        (a hook that returns another output)."""
+        reproduces the forward; a clear error if none does. The re-run calls the module with
+        its hooks, as the forward did (:func:`pjd_optim.replaying` is true meanwhile)."""
         mismatch: ReplayMismatch | None = None
-        with_hooks = (False, True) if _has_forward_hooks(module) else (False,)
-        for hooks in with_hooks:
-            for candidate in shared_alternatives(call):
-                try:
-                    return per_sample_vjp(module, candidate, params, replay, hooks)
-                except ReplayMismatch as error:
-                    mismatch = error
+        for candidate in shared_alternatives(call):
+            try:
+                return per_sample_vjp(module, candidate, params, replay)
+            except ReplayMismatch as error:
+                mismatch = error
         raise ValueError(
             f"{type(module).__name__} cannot be re-run per sample: {mismatch}. Its per-sample "
             "gradients need a forward whose samples are independent along the batch dim and "
@@ -282,14 +274,6 @@ class GenericRule(GramianRule):
             "says which inputs are per-sample (GramianRule.sample_dims), consider other modules, "
             "or pass gramian_mode='autograd'. Nothing was changed."
         ) from mismatch
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward (pre-)hooks of its own besides this package's taps."""
-    from .._hooks import _Hook  # (the hooks' module reads the rules: imported when used)
-
-    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return any(not isinstance(hook, _Hook) for hook in hooks)
 
 
 @register_gramian_rule(nn.MultiheadAttention)
