@@ -353,11 +353,15 @@ def own_loss_cases() -> dict[str, Any]:
     }
 
 
-def trainer_for(model: nn.Module, objectives: Any = "token") -> JDTrainer:
-    args = transformers.TrainingArguments(
-        output_dir="/tmp/pjd_optim_hf", report_to=[], save_strategy="no", use_cpu=True
+def trainer_for(
+    model: nn.Module, objectives: Any = "token", considered: Any = (), **args: Any
+) -> JDTrainer:
+    arguments = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", report_to=[], save_strategy="no", use_cpu=True, **args
     )
-    return JDTrainer(model=model, args=args, considered=[], objectives=objectives)
+    return JDTrainer(
+        model=model, args=arguments, considered=list(considered), objectives=objectives
+    )
 
 
 @pytest.mark.parametrize("case", list(own_loss_cases()))
@@ -377,12 +381,13 @@ def test_the_objectives_reproduce_the_models_own_loss(case: str) -> None:
 
 
 def test_a_model_loss_with_other_terms_is_refused() -> None:
-    """A Mixtral whose loss adds its router's balancing loss (``output_router_logits=True``):
-    the objectives would leave it out, so the step is refused before anything changes."""
+    """A Mixtral whose loss adds its router's balancing loss (``output_router_logits=True``, the
+    default coefficient 0.001: 6e-4 of the loss, accepted before): the objectives would leave
+    it out, so the step is refused before anything changes."""
     config = transformers.MixtralConfig(
         vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
-        num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.5,
+        num_experts_per_tok=1, output_router_logits=True,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
@@ -394,3 +399,45 @@ def test_a_model_loss_with_other_terms_is_refused() -> None:
     model.eval()
     trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
     assert trainer.shifted
+
+
+def test_a_tie_of_the_loss_values_is_decided_by_their_gradients() -> None:
+    """XLNet (its class name reads as causal, its loss does not shift) with uniform logits (a
+    zero head) and one label for every token: both alignments give the token mean log V, so
+    the value alone accepted the name's guess (shifted) and kept it for every later batch; the
+    gradient w.r.t. the logits tells them apart."""
+    model, _ = own_loss_cases()["xlnet"]()
+    with torch.no_grad():
+        model.lm_loss.weight.zero_()
+        model.lm_loss.bias.zero_()
+    ids = torch.randint(3, 23, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, 5)
+    trainer = trainer_for(model, "sequence", considered=[model.lm_loss])
+    trainer.create_optimizer()
+    model.train()
+    trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    assert trainer.shifted is False
+
+
+def test_label_smoothing_shifts_as_trainers_label_smoother() -> None:
+    """Under label smoothing the labels do not go into the forward (as with ``Trainer``): the
+    objectives shift them as ``Trainer``'s label smoother does, by the causal LM classes'
+    names (Reformer's were not shifted)."""
+    torch.manual_seed(0)
+    model, batch = own_loss_cases()["reformer"]()
+    model.eval()
+    args = {"label_smoothing_factor": 0.1}
+    ours = trainer_for(model, **args).compute_loss(model, dict(batch))
+    arguments = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", report_to=[], save_strategy="no", use_cpu=True, **args
+    )
+    expected = transformers.Trainer(model=model, args=arguments).compute_loss(model, dict(batch))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_without_labels_is_refused_clearly() -> None:
+    """Question answering's ``start_positions``/``end_positions`` (``label_names``): a clear
+    error naming the fix (a raw ``KeyError: 'labels'``)."""
+    model = bert_classifier()
+    with pytest.raises(ValueError, match="reads each batch's 'labels'"):
+        trainer_for(model).compute_loss(model, {"input_ids": torch.zeros(2, 4, dtype=torch.long)})

@@ -110,14 +110,23 @@ class JDTrainer(Trainer):
     ) -> Any:
         """The weighted loss of the batch's objectives (their plain mean outside training)."""
         inputs = dict(inputs)
+        if "labels" not in inputs:
+            raise ValueError(
+                "JDTrainer reads each batch's 'labels' (language modelling, sequence and token "
+                f"classification); this batch has {sorted(inputs)}. For other heads (question "
+                "answering's start_positions/end_positions) override compute_loss to return "
+                "self.jd_optimizer.weighted_loss(losses) with one loss per example."
+            )
         smoothing = float(self.args.label_smoothing_factor)
         labels = inputs.pop("labels") if smoothing else inputs["labels"]  # (as Trainer)
         outputs = model(**inputs)
-        own = None if smoothing else outputs.get("loss")
-        if own is not None:
-            outputs["loss"] = own = own.detach()  # (frees the graph of the model's own loss)
         problem = _problem_type(model)
-        causal = self._shift(model, outputs.logits, labels, own, problem)
+        if smoothing:  # Trainer's label smoother shifts the labels of the causal LM classes
+            causal = _trainer_shifts(model)
+        else:
+            causal = self._shift(model, outputs.logits, labels, outputs.get("loss"), problem)
+            if outputs.get("loss") is not None:  # (frees the graph of the model's own loss)
+                outputs["loss"] = outputs["loss"].detach()
         losses = objective_losses(
             outputs.logits,
             labels,
@@ -144,19 +153,33 @@ class JDTrainer(Trainer):
         problem: str | None,
     ) -> bool:
         """Whether token ``t``'s logits predict label ``t + 1``: the alignment whose token mean
-        reproduces the model's own loss ``own`` (checked once; :func:`_causal`'s guess first,
-        and where the model computes no loss), or a clear error where neither does."""
+        reproduces the model's own loss ``own``, in value and, where it has a graph, in its
+        gradient w.r.t. the logits (values alone can tie on a batch, as at initialisation);
+        decided once in training; :func:`_causal`'s guess where the model computes no loss.
+        A clear error where no alignment reproduces it."""
         guess = _causal(model)
         if self.shifted is not None or own is None:
             return guess if self.shifted is None else self.shifted
-        means = []
-        with torch.no_grad():
-            for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
+        graph = own.requires_grad and logits.requires_grad
+        expected = torch.autograd.grad(own, logits, retain_graph=True)[0] if graph else None
+        means, found = [], []
+        for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
+            with torch.set_grad_enabled(graph):
                 mean = objective_losses(logits, labels, "token", shifted, problem_type=problem)
-                means.append(float(mean.mean()))
-                if math.isclose(means[-1], float(own), rel_tol=_LOSS_RTOL, abs_tol=1e-12):
-                    self.shifted = shifted
-                    return shifted
+                mean = mean.mean()
+            means.append(float(mean))
+            if not math.isclose(means[-1], float(own), rel_tol=_LOSS_RTOL, abs_tol=1e-12):
+                continue
+            if expected is not None:
+                grad = torch.autograd.grad(mean, logits, retain_graph=True)[0]
+                tolerance = _GRAD_RTOL * float(expected.abs().max())
+                if not float((grad - expected).abs().max()) <= tolerance:
+                    continue
+            found.append(shifted)
+        if found:
+            if expected is not None:
+                self.shifted = found[0]
+            return found[0]
         name = type(_unwrapped(model)).__name__
         raise ValueError(
             f"JDTrainer's objectives do not reproduce {name}'s own loss ({float(own):.6g}; "
@@ -212,7 +235,19 @@ def objective_losses(
 
 
 _PROBLEMS = ("regression", "single_label_classification", "multi_label_classification")
-_LOSS_RTOL = 1e-3  # the model's own loss against the objectives' mean (the same float32 maths)
+# The model's own loss against the objectives' mean, and their gradients w.r.t. the logits
+# (the same float32 maths; gradients in the logits' dtype, 16-bit ones rounded: 2e-2).
+_LOSS_RTOL = 1e-5
+_GRAD_RTOL = 2e-2
+
+
+def _trainer_shifts(model: nn.Module) -> bool:
+    """Whether ``Trainer``'s label smoother shifts the labels: the causal LM classes by name."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # (another layout of transformers)
+        return _causal(model)
+    return type(_unwrapped(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _problem_type(model: nn.Module) -> str | None:
