@@ -161,7 +161,10 @@ class JDTrainer(Trainer):
         if self.shifted is not None or own is None:
             return guess if self.shifted is None else self.shifted
         graph = own.requires_grad and logits.requires_grad
-        expected = torch.autograd.grad(own, logits, retain_graph=True)[0] if graph else None
+        expected = None
+        if graph:  # (a loss that does not read the logits: zeros, which no alignment matches)
+            found_grad = torch.autograd.grad(own, logits, retain_graph=True, allow_unused=True)[0]
+            expected = torch.zeros_like(logits) if found_grad is None else found_grad
         means, found = [], []
         for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
             with torch.set_grad_enabled(graph):
