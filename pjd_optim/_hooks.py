@@ -173,14 +173,9 @@ def suspended() -> Iterator[None]:
 
 
 def replaying() -> bool:
-    """Whether this thread runs inside a step's re-run of a considered module: the generic rule
-    re-runs modules per example with their forward hooks, on per-example (``vmap``) tensors. A
-    forward hook with side effects, such as keeping features, can skip those calls::
-
-        def keep(module, args, output):
-            if not pjd_optim.replaying():
-                features.append(output)
-    """
+    """Whether this thread runs inside a step's re-run of a considered module (the generic rule
+    re-runs modules per example, with their forward hooks): a hook with side effects, such as
+    keeping features, can skip those calls (``if not pjd_optim.replaying(): ...``)."""
     return bool(getattr(_FORWARD, "suspended", False))
 
 
