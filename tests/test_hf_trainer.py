@@ -443,26 +443,16 @@ def test_a_batch_without_labels_is_refused_clearly() -> None:
         trainer_for(model).compute_loss(model, {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
 
 
-class DetachedLoss(nn.Module):
-    """A model whose own loss reads its logits detached (plus a parameter term)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(23, 23)
-
-    def forward(self, input_ids: Tensor, labels: Tensor) -> Any:
-        from transformers.modeling_outputs import CausalLMOutput
-
-        logits = self.embed(input_ids)
-        loss = nn.functional.cross_entropy(logits.detach().transpose(1, 2), labels)
-        return CausalLMOutput(loss=loss + 0.0 * self.embed.weight.sum(), logits=logits)
-
-
-def test_a_model_loss_that_does_not_read_the_logits_is_refused() -> None:
-    """Its value matches the unshifted objectives, its gradient w.r.t. the logits is zero: a
-    clear refusal (a raw autograd error before)."""
-    model = DetachedLoss()
-    ids = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(0))
-    trainer = trainer_for(model, considered=[model.embed])
-    with pytest.raises(ValueError, match="do not reproduce DetachedLoss's own loss"):
-        trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+@pytest.mark.slow
+def test_mixed_precision_is_checked_by_value() -> None:
+    """Under ``bf16=True`` accelerate returns the logits as a float32 copy of those the loss
+    read, so the loss has no gradient w.r.t. them: the values decide (every step was refused)."""
+    model = llama()
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/pjd_optim_hf", per_device_train_batch_size=4, max_steps=1, optim="sgd",
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, bf16=True,
+    )  # fmt: skip
+    trainer = JDTrainer(model=model, args=args, train_dataset=Tokens(4, 6, 23),
+                        considered=model.lm_head, objectives="token")  # fmt: skip
+    trainer.train()
+    assert trainer.shifted is True

@@ -153,45 +153,59 @@ class JDTrainer(Trainer):
         problem: str | None,
     ) -> bool:
         """Whether token ``t``'s logits predict label ``t + 1``: the alignment whose token mean
-        reproduces the model's own loss ``own``, in value and, where it has a graph, in its
-        gradient w.r.t. the logits (values alone can tie on a batch, as at initialisation);
-        decided once in training; :func:`_causal`'s guess where the model computes no loss.
-        A clear error where no alignment reproduces it."""
+        reproduces the model's own loss ``own``, decided once; where both do (uniform logits),
+        the one whose gradient w.r.t. the logits is the loss's. :func:`_causal`'s guess where the
+        model computes no loss, and for a tie without that gradient (logits returned as a copy
+        of those the loss read, as mixed precision's float32 outputs): the next batch decides.
+        A clear error where no alignment reproduces the loss."""
         guess = _causal(model)
         if self.shifted is not None or own is None:
             return guess if self.shifted is None else self.shifted
-        graph = own.requires_grad and logits.requires_grad
-        expected = None
-        if graph:  # (a loss that does not read the logits: zeros, which no alignment matches)
-            found_grad = torch.autograd.grad(own, logits, retain_graph=True, allow_unused=True)[0]
-            expected = torch.zeros_like(logits) if found_grad is None else found_grad
-        means, found = [], []
-        for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
-            with torch.set_grad_enabled(graph):
+        means: dict[bool, float] = {}
+        with torch.no_grad():
+            for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
                 mean = objective_losses(logits, labels, "token", shifted, problem_type=problem)
-                mean = mean.mean()
-            means.append(float(mean))
-            if not math.isclose(means[-1], float(own), rel_tol=_LOSS_RTOL, abs_tol=1e-12):
-                continue
-            if expected is not None:
-                grad = torch.autograd.grad(mean, logits, retain_graph=True)[0]
-                tolerance = _GRAD_RTOL * float(expected.abs().max())
-                if not float((grad - expected).abs().max()) <= tolerance:
-                    continue
-            found.append(shifted)
+                means[shifted] = float(mean.mean())
+        found = [a for a, m in means.items() if math.isclose(m, float(own), rel_tol=_LOSS_RTOL)]
+        if len(found) > 1:
+            by_gradient = _same_gradients(own, logits, labels, problem, found)
+            if by_gradient is None:
+                return guess
+            found = by_gradient
         if found:
-            if expected is not None:
-                self.shifted = found[0]
+            self.shifted = found[0]
             return found[0]
         name = type(_unwrapped(model)).__name__
+        values = " or ".join(f"{m:.6g}" for m in means.values())
         raise ValueError(
             f"JDTrainer's objectives do not reproduce {name}'s own loss ({float(own):.6g}; "
-            f"the mean of the objectives' losses is {' or '.join(f'{m:.6g}' for m in means)}, "
+            f"the mean of the objectives' losses is {values}, "
             "labels shifted or not): its loss has other terms (MoE router losses with "
             "output_router_logits=True?) or another form, which the objectives would leave "
             "out. Turn those terms off, or override compute_loss to return "
             "self.jd_optimizer.weighted_loss(losses) with one loss per objective."
         )
+
+
+def _same_gradients(
+    own: Tensor, logits: Tensor, labels: Tensor, problem: str | None, alignments: list[bool]
+) -> list[bool] | None:
+    """The ``alignments`` whose token mean has the gradient of ``own`` w.r.t. ``logits``, or
+    ``None`` where ``own`` has none (no graph, or ``logits`` a copy of what it read)."""
+    if not (own.requires_grad and logits.requires_grad):
+        return None
+    expected = torch.autograd.grad(own, logits, retain_graph=True, allow_unused=True)[0]
+    if expected is None:
+        return None
+    tolerance = _GRAD_RTOL * float(expected.abs().max())
+    found = []
+    for shifted in alignments:
+        with torch.enable_grad():
+            mean = objective_losses(logits, labels, "token", shifted, problem_type=problem)
+        grad = torch.autograd.grad(mean.mean(), logits, retain_graph=True)[0]
+        if float((grad - expected).abs().max()) <= tolerance:
+            found.append(shifted)
+    return found
 
 
 def objective_losses(
