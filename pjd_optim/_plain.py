@@ -106,6 +106,9 @@ class PlainSteps:
         if status.weighted_nonfinite:  # the caller's backward of a non-finite weighted_loss
             status.nonfinite_grad = self._a_gradient()
             status.weighted = status.weighted_nonfinite = False
+        elif status.weighted and status.nonfinite_grad is None:
+            # (finite losses and Gramian can still give NaN below the considered part)
+            status.nonfinite_grad = nonfinite_gradient(self._trainable())
         if not self._finite_or_refused():
             return
         if status.cleared:
@@ -141,16 +144,16 @@ class PlainSteps:
         status = self._status
         if status.nonfinite_grad is None:
             return True
-        param, grad = status.nonfinite_grad
-        if param.grad is grad and not bool(torch.isfinite(grad).all()):
+        # (read again: zero_grad() clears them, but a gradient rewritten out of place stays NaN)
+        if nonfinite_gradient(self._trainable()) is not None:
             if self.nonfinite == "skip":
                 status.skipped_steps += 1
                 return False
             raise ValueError(
-                "The gradients are not finite (the last backward(losses) had NaN or inf "
-                "losses or Gramian): nothing was changed. Call zero_grad() and skip this "
-                "batch, step through a GradScaler (it skips such steps), or pass "
-                "nonfinite='skip'."
+                "The gradients are not finite (the last backward had NaN or inf losses or "
+                "Gramian, or 0·inf below the considered part, e.g. sqrt or log at 0): nothing "
+                "was changed. Call zero_grad() and skip this batch, step through a GradScaler "
+                "(it skips such steps), or pass nonfinite='skip'."
             )
         status.nonfinite_grad = None
         return True

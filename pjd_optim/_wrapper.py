@@ -30,6 +30,11 @@ _TORCH_PER_INSTANCE = frozenset(
 
 
 class WrappedOptimizer(Optimizer):
+    # GradScaler unscales the wrapper's gradients itself and steps only where they are finite:
+    # its path for optimizers that scale inside their step (fused SGD/Adam) would set
+    # ``grad_scale`` and ``found_inf`` on the wrapper, which the base never reads.
+    _step_supports_amp_scaling = False
+
     def __init__(self, base: Optimizer) -> None:
         super().__init__(base.param_groups, base.defaults)
         self.base = base
