@@ -299,14 +299,14 @@ class HookedPass(Pass):
             raise ValueError(
                 "Another rank refused this step (its error says why): nothing changed."
             )
-        finite = every_finite if self.gather is None else finite
         if gramian is None:  # "global": the Gramian of every rank's calls
             assert self.gather is not None
             records = self.gather(records)
             self.received_bytes = self.gather.received_bytes
             gramian = self.source._sum(records, losses.numel() * self.size)
-            finite = is_finite(gramian, losses)
-        return gramian, finite
+            # (every rank's losses too: a NaN added to one rank's losses leaves its rows finite)
+            every_finite = every_finite and is_finite(gramian, losses)
+        return gramian, every_finite
 
     def _checked(self) -> tuple[list[Record], Tensor | None, bool]:
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over

@@ -18,6 +18,7 @@ from ._checks import (
     check_modes,
     check_task_losses,
 )
+from ._distributed import each_agreed
 from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_names, considered_of
 from ._info import Status, StepInfo
@@ -252,16 +253,21 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         source = self._status.source
         if isinstance(losses, (list, tuple)):
             return source.begin_tasks(check_task_losses(losses), self._trainable())
-        check_losses(losses)
-        assert isinstance(losses, Tensor)
-        if not any(p.requires_grad for p in self._considered):
-            raise ValueError(
-                "Every considered parameter is frozen (requires_grad=False, set after the "
-                "optimizer was built): unfreeze some, build a new PartialJDOptimizer that "
-                "considers trainable parameters, or call loss.backward() and step() for a plain "
-                "step. Nothing was changed."
-            )
-        return source.begin(losses, self.distributed, keep_graph)
+        try:
+            check_losses(losses)
+            assert isinstance(losses, Tensor)
+            if not any(p.requires_grad for p in self._considered):
+                raise ValueError(
+                    "Every considered parameter is frozen (requires_grad=False, set after the "
+                    "optimizer was built): unfreeze some, build a new PartialJDOptimizer that "
+                    "considers trainable parameters, or call loss.backward() and step() for a "
+                    "plain step. Nothing was changed."
+                )
+            return source.begin(losses, self.distributed, keep_graph)
+        except ValueError:  # (the other ranks' passes wait for this one's word: it refuses)
+            if self.gramian_mode == "hooks":
+                each_agreed([False, False], self._considered[0].device)
+            raise
 
     def _trainable(self) -> list[Tensor]:
         params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}

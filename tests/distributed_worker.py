@@ -60,7 +60,7 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         ddp,
         considered=[model[2], model[4]],
         distributed="global" if mode.endswith("global") else "local",
-        nonfinite="skip" if mode == "skip" else "raise",
+        nonfinite="skip" if mode.startswith("skip") else "raise",
     )
     x, y = batch(rank)
     if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
@@ -77,8 +77,10 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         weights = optimizer.backward(losses)
         Path(out_dir, f"nonfinite{rank}.txt").write_text(str(bool(weights.isnan().all())))
         return True
-    if mode == "skip":  # rank 0 overflows in step(losses): every rank skips, none waits
-        if rank == 0:
+    if mode.startswith("skip"):  # rank 0 overflows in step(losses): every rank skips, none waits
+        if rank == 0 and "added" in mode:  # (its rows' gradients stay finite)
+            losses = losses + torch.tensor([float("nan")] + [0.0] * (BATCH - 1)).double()
+        elif rank == 0:
             losses = losses * torch.tensor([float("inf")] + [1.0] * (BATCH - 1)).double()
         before = [p.detach().clone() for p in model.parameters()]
         optimizer.step(losses)
@@ -86,8 +88,8 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         Path(out_dir, f"skip{rank}.txt").write_text(f"{optimizer.skipped_steps} {unchanged}")
         return True
     if mode.startswith("refuse"):  # rank 0's losses mix its batch: every rank must refuse
-        if rank == 0:
-            losses = losses + losses.mean()
+        if rank == 0:  # (or a scalar: refused before the step's passes)
+            losses = losses.sum() if "scalar" in mode else losses + losses.mean()
         try:
             optimizer.backward(losses)
         except ValueError as error:

@@ -129,13 +129,19 @@ def test_ddp_example_runs_under_torchrun() -> None:
     assert result.stdout.count("received 1216 bytes") == 2
 
 
-@pytest.mark.parametrize("mode", ["refuse_local", "refuse_global"])
+@pytest.mark.parametrize(
+    "mode", ["refuse_local", "refuse_global", "refuse_scalar_local", "refuse_scalar_global"]
+)
 def test_a_step_one_rank_refuses_is_refused_on_every_rank(mode: str, tmp_path: Path) -> None:
-    """Rank 0's losses mix its batch (a batch mean added): it refuses, and so does rank 1, whose
-    losses are fine, before any collective of the step (no rank waits for the other)."""
+    """Rank 0's losses mix its batch (a batch mean added), or are a scalar (refused before the
+    passes: rank 1 waited for it in the step's first collective): it refuses, and so does rank
+    1, whose losses are fine, before any collective of the step (no rank waits for the other)."""
     spawn(mode, tmp_path)
     own = (tmp_path / "refused0.txt").read_text()
-    assert "feed several losses" in own and "task losses" in own
+    if "scalar" in mode:
+        assert "scalar" in own
+    else:
+        assert "feed several losses" in own and "task losses" in own
     assert "Another rank refused" in (tmp_path / "refused1.txt").read_text()
 
 
@@ -151,9 +157,14 @@ def test_an_overflow_on_one_rank_is_a_non_finite_step_not_an_error(
     assert results == ["True", "True"]
 
 
-def test_an_overflow_on_one_rank_in_step_losses_is_skipped_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["skip", "skip_added_global"])
+def test_an_overflow_on_one_rank_in_step_losses_is_skipped_on_every_rank(
+    mode: str, tmp_path: Path
+) -> None:
     """``step(losses)`` with ``nonfinite="skip"``, rank 0's losses overflowing: every rank skips
-    (rank 1 used to go on into DDP's all-reduce alone and wait), nothing changes."""
-    spawn("skip", tmp_path)
+    (rank 1 used to go on into DDP's all-reduce alone and wait), nothing changes. Under
+    ``"global"`` a NaN added to rank 0's losses leaves its rows' gradients finite: rank 1 read
+    only its own losses and went on alone."""
+    spawn(mode, tmp_path)
     results = [(tmp_path / f"skip{rank}.txt").read_text() for rank in range(WORLD)]
     assert results == ["1 True", "1 True"]
