@@ -33,6 +33,20 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     return each_agreed([ok], device)[0]
 
 
+def step_agreed(ok: bool, finite: bool, rows: int, device: torch.device) -> tuple[bool, bool, bool]:
+    """The step's one agreement (one all-reduce; without torch.distributed the values
+    themselves): whether every rank went through (a rank that refused says ``ok=False``), whether
+    every rank's Gramian and losses are finite, and whether every rank has ``rows`` losses
+    (``"global"`` gathers equal shapes)."""
+    size, _ = world()
+    if size == 1:
+        return ok, finite, True
+    values = torch.tensor([int(ok), int(finite), rows, -rows], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    every_ok, every_finite, fewest, most = values.tolist()
+    return bool(every_ok), bool(every_finite), fewest == -most
+
+
 def each_agreed(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether every rank says it (one all-reduce for all, every rank passing as
     many flags; without torch.distributed the flags themselves)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import _maps
 from ._checks import check_hookable, check_planned, is_finite, is_finite_tensor
-from ._distributed import CallGatherer, each_agreed, world
+from ._distributed import CallGatherer, step_agreed, world
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
 from ._passes import NotConnected, Passes, keeps_graph
@@ -289,15 +289,21 @@ class HookedPass(Pass):
         try:
             records, gramian, finite = self._checked()
         except ValueError:
-            each_agreed([False, False], losses.device)
+            step_agreed(False, False, 0, losses.device)
             raise
         # One all-reduce: whether every rank went through, and (the Gramians being local
         # unless "global") whether every rank's is finite, so that all skip, raise or go on
         # together (a rank stepping alone would wait in DDP's all-reduce).
-        ok, every_finite = each_agreed([True, finite], losses.device)
+        ok, every_finite, same = step_agreed(True, finite, losses.numel(), losses.device)
         if not ok:
             raise ValueError(
                 "Another rank refused this step (its error says why): nothing changed."
+            )
+        if self.gather is not None and not same:
+            raise ValueError(
+                "distributed='global' needs as many losses on every rank (it gathers the "
+                "considered calls): a last batch of another size? Use drop_last=True in the "
+                "DataLoader, or distributed='local'. Nothing was changed."
             )
         if gramian is None:  # "global": the Gramian of every rank's calls
             assert self.gather is not None

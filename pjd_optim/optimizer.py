@@ -18,7 +18,7 @@ from ._checks import (
     check_modes,
     check_task_losses,
 )
-from ._distributed import each_agreed
+from ._distributed import step_agreed
 from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_names, considered_of
 from ._info import Status, StepInfo
@@ -266,7 +266,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             return source.begin(losses, self.distributed, keep_graph)
         except ValueError:  # (the other ranks' passes wait for this one's word: it refuses)
             if self.gramian_mode == "hooks":
-                each_agreed([False, False], self._considered[0].device)
+                step_agreed(False, False, 0, self._considered[0].device)
             raise
 
     def _trainable(self) -> list[Tensor]:

@@ -63,6 +63,8 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         nonfinite="skip" if mode.startswith("skip") else "raise",
     )
     x, y = batch(rank)
+    if "sizes" in mode and rank == 1:  # one example fewer ("global" gathers equal shapes)
+        x, y = x[:-1], y[:-1]
     if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
         Path(out_dir, "error1.txt").write_text("rank 1 failed")
         return False
@@ -88,7 +90,7 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         Path(out_dir, f"skip{rank}.txt").write_text(f"{optimizer.skipped_steps} {unchanged}")
         return True
     if mode.startswith("refuse"):  # rank 0's losses mix its batch: every rank must refuse
-        if rank == 0:  # (or a scalar: refused before the step's passes)
+        if rank == 0 and "sizes" not in mode:  # (or a scalar: refused before the passes)
             losses = losses.sum() if "scalar" in mode else losses + losses.mean()
         try:
             optimizer.backward(losses)

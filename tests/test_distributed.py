@@ -168,3 +168,13 @@ def test_an_overflow_on_one_rank_in_step_losses_is_skipped_on_every_rank(
     spawn(mode, tmp_path)
     results = [(tmp_path / f"skip{rank}.txt").read_text() for rank in range(WORLD)]
     assert results == ["1 True", "1 True"]
+
+
+def test_global_mode_with_another_batch_size_on_one_rank_is_refused_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """``distributed="global"`` with one loss fewer on rank 1 (a last batch): a clear error on
+    every rank before the gather (gloo aborted both processes on the mismatched sizes)."""
+    spawn("refuse_sizes_global", tmp_path)
+    for rank in range(WORLD):
+        assert "as many losses on every rank" in (tmp_path / f"refused{rank}.txt").read_text()
