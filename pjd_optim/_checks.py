@@ -25,6 +25,19 @@ def check_modes(gramian_mode: str, distributed: str, nonfinite: str) -> None:
         raise ValueError("distributed='global' needs gramian_mode='hooks'.")
 
 
+def check_ddp(model: nn.Module) -> None:
+    """``DistributedDataParallel(static_graph=True)`` is refused: its delayed all-reduce runs at
+    the end of every backward through the model, the step's collection passes included, and
+    reduces gradients the step did not make (silently wrong by 10x and more)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp) and getattr(model, "static_graph", False):
+        raise ValueError(
+            "DistributedDataParallel(static_graph=True) is not supported: its delayed "
+            "all-reduce runs after every backward through the model, the step's own passes "
+            "included. Build DistributedDataParallel without static_graph. Nothing was changed."
+        )
+
+
 def check_base_step(base: torch.optim.Optimizer) -> None:
     """A base optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss within a
     step) cannot take one weighted gradient: refused."""
@@ -202,7 +215,15 @@ def check_planned(
                 current = module.get_parameter(name)
             except AttributeError:  # (a parametrization added since: no Parameter there)
                 current = None
-            if current is not p:
+            # (FSDP2 registers a sharded parameter's unsharded tensor while it is unsharded:
+            # after a forward with reshard_after_forward=False, as its root module does)
+            swapped = (
+                current is not None
+                and is_sharded(p)
+                and not is_sharded(current)
+                and current.shape == p.shape
+            )
+            if current is not p and not swapped:
                 replaced.append(param_names[id(p)])
             elif p.requires_grad and p._backward_hooks:
                 hooked.append(param_names[id(p)])

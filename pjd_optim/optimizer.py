@@ -14,6 +14,7 @@ from ._autograd import AutogradGramian, ClosedGramian
 from ._checks import (
     as_weighting,
     check_base_step,
+    check_ddp,
     check_losses,
     check_modes,
     check_task_losses,
@@ -110,6 +111,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         weighting = as_weighting(UPGrad() if weighting is None else weighting)
         check_modes(gramian_mode, distributed, nonfinite)
         check_base_step(base)
+        check_ddp(model)
         check_disjoint(base.param_groups)
         params = considered_of(base.param_groups, [] if considered is None else considered)
         if not params:
@@ -254,6 +256,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         if isinstance(losses, (list, tuple)):
             return source.begin_tasks(check_task_losses(losses), self._trainable())
         try:
+            check_ddp(self.model)  # (DDP's _set_static_graph() may come after the build)
             check_losses(losses)
             assert isinstance(losses, Tensor)
             if not any(p.requires_grad for p in self._considered):

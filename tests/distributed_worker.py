@@ -54,7 +54,13 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
     the mode wanted). Every object that holds
     collective work (DDP's reducer, the optimizer) is local here, so it is gone on return."""
     model = make_model()
-    ddp = DistributedDataParallel(model)
+    ddp = DistributedDataParallel(model, static_graph=mode == "static")
+    if mode == "static":  # refused when the optimizer is built, on every rank
+        try:
+            PartialJDOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), ddp, considered=model[2])
+        except ValueError as error:
+            Path(out_dir, f"refused{rank}.txt").write_text(str(error))
+        return True
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(ddp.parameters(), lr=0.1),
         ddp,

@@ -101,8 +101,9 @@ def losses_of(case: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return (out.squeeze(-1) - y.to(out.dtype)).pow(2)
 
 
-def shard(model: nn.Module, case: str, mp: bool) -> None:
-    """Each layer with parameters, then the root (as FSDP2 users do)."""
+def shard(model: nn.Module, case: str, mp: bool, root_only: bool = False) -> None:
+    """Each layer with parameters, then the root (as FSDP2 users do); or the root alone (which
+    does not reshard after its forward: its parameters stay unsharded until the backward)."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     options: dict[str, Any] = {
@@ -110,7 +111,7 @@ def shard(model: nn.Module, case: str, mp: bool) -> None:
         "mp_policy": policy if mp else fsdp.MixedPrecisionPolicy(),
     }
     blocks = cast(nn.Sequential, model.blocks) if case == "vit" else model
-    layers = list(blocks.children())
+    layers = [] if root_only else list(blocks.children())
     for layer in layers:
         if any(True for _ in layer.parameters()):
             fsdp.fully_shard(layer, **options)
@@ -123,12 +124,14 @@ def whole(t: Tensor) -> Tensor:
     )
 
 
-def one_step(rank: int, case: str, mode: Distributed, mp: bool = False) -> dict[str, Any]:
+def one_step(
+    rank: int, case: str, mode: Distributed, mp: bool = False, root_only: bool = False
+) -> dict[str, Any]:
     """One step on the sharded model: whole parameters after it, and what the step reported."""
     model, considered = make_model(case)
     dtype = torch.float32 if mp else torch.float64
     model.to(dtype)
-    shard(model, case, mp)
+    shard(model, case, mp, root_only)
     base = torch.optim.SGD(model.parameters(), lr=LR)
     optimizer = PartialJDOptimizer(base, model, considered=considered, distributed=mode)
     x, y = batch(case, rank, dtype)
@@ -203,8 +206,10 @@ def _zeros(v: Any) -> bool:
     return not isinstance(v, Tensor) or v.ndim == 0 or not bool(whole(v).any())
 
 
-def _job(case: str, mode: Distributed, mp: bool = False) -> Callable[[int], dict[str, Any]]:
-    return lambda rank: one_step(rank, case, mode, mp)
+def _job(
+    case: str, mode: Distributed, mp: bool = False, root_only: bool = False
+) -> Callable[[int], dict[str, Any]]:
+    return lambda rank: one_step(rank, case, mode, mp, root_only)
 
 
 JOBS: dict[str, Callable[[int], dict[str, Any]]] = {
@@ -214,6 +219,10 @@ JOBS: dict[str, Callable[[int], dict[str, Any]]] = {
         for mode in ("local", "global")
     },
     **{f"{case}-bf16-local": _job(case, "local", True) for case in ("generic", "attention")},
+    **{
+        f"generic-root-{mode}": _job("generic", mode, root_only=True)
+        for mode in ("local", "global")
+    },
     "checkpoint": checkpoint,
 }
 

@@ -178,3 +178,15 @@ def test_global_mode_with_another_batch_size_on_one_rank_is_refused_on_every_ran
     spawn("refuse_sizes_global", tmp_path)
     for rank in range(WORLD):
         assert "as many losses on every rank" in (tmp_path / f"refused{rank}.txt").read_text()
+
+
+def test_ddp_with_a_static_graph_is_refused() -> None:
+    """``DistributedDataParallel(static_graph=True)`` reduces at the end of every backward through
+    the model, the step's collection passes included: the gradients were 10x and more off.
+    Refused when the optimizer is built, on every rank."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        spawn("static", Path(out))
+        for rank in range(WORLD):
+            assert "static_graph=True" in Path(out, f"refused{rank}.txt").read_text()

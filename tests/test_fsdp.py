@@ -95,6 +95,19 @@ def test_every_rule_on_sharded_parameters_equals_the_oracle(
             assert relative_error(p, e) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_the_root_sharded_alone_equals_the_oracle(
+    results: dict[str, list[dict[str, Any]]], mode: str
+) -> None:
+    """``fully_shard(model)`` alone: the root keeps its parameters unsharded from the forward to
+    the backward (FSDP2 registers the unsharded tensors meanwhile), which read as considered
+    parameters replaced after the build: every step was refused."""
+    want = expected("generic", mode)
+    for result in of(results, f"generic-root-{mode}"):
+        for p, e in zip(result["params"], want, strict=True):
+            assert relative_error(p, e) < 1e-10
+
+
 @pytest.mark.parametrize("case", ["generic", "attention"])
 def test_bf16_mixed_precision_equals_the_oracle_at_bf16_tolerance(
     results: dict[str, list[dict[str, Any]]], case: str
