@@ -68,6 +68,7 @@ class Status:
     last_step: StepInfo | None = None
     skipped_steps: int = 0
     pending: bool = False  # a Jacobian-descent backward since the last step
+    backwards: int = 0  # Jacobian-descent backwards so far (a closure may run one)
     cleared: bool = False  # zero_grad() since that pending backward (its gradient is gone)
     weighted: bool = False  # a weighted_loss since the last step (the caller's backward runs)
     weighted_nonfinite: bool = False  # ... with non-finite losses or Gramian (NaN weights)

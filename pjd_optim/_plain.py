@@ -94,6 +94,7 @@ class PlainSteps:
         gradient (``nonfinite``, or any) a later plain step must refuse."""
         status = self._status
         status.pending = True
+        status.backwards += 1
         status.cleared = False
         status.last_step = info if finite else None
         if not finite:  # (kept through later finite backwards: they accumulate onto it)

@@ -302,7 +302,8 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
     ) -> Losses | float | None:
         """``step(losses)``: one Jacobian-descent step (Gramian → weights → weighted backward →
         ``base.step()``); returns ``losses``. ``step(closure)``: the closure returns the losses;
-        a closure returning ``None`` (Lightning's) is called, then ``step()``. ``step()``: a
+        a closure that calls :meth:`backward` itself (returning ``None``, as Lightning's, or its
+        losses, as torch's closures return theirs) is called, then ``step()``. ``step()``: a
         plain ``base.step()`` on the gradients already in ``.grad`` (e.g. from :meth:`backward`,
         called by ``GradScaler.step``)."""
         if closure is None:
@@ -311,11 +312,12 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         if isinstance(closure, (Tensor, list, tuple)):
             losses: Losses = closure
         elif callable(closure):
+            before = self._status.backwards
             with torch.enable_grad():
                 result = closure()
-            if result is None:
-                self._plain_step()
-                return None
+            if result is None or (isinstance(result, Tensor) and self._status.backwards > before):
+                self._plain_step()  # (the closure ran optimizer.backward(losses) itself)
+                return result
             if isinstance(result, Tensor) and result.ndim == 0 and self._status.weighted:
                 self._plain_step()  # the scalar of a weighted_loss, whose backward ran
                 return result

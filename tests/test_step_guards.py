@@ -126,3 +126,29 @@ def test_a_nan_gradient_rewritten_out_of_place_is_still_refused() -> None:
         optimizer.step()
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+def test_a_closure_that_calls_backward_and_returns_its_losses_steps_once() -> None:
+    """torch's closure shape with the Jacobian-descent backward inside (``optimizer.backward(l);
+    return l``): one step on that gradient, as the oracle's (a second backward through the freed
+    graph raised before)."""
+    model, reference = mlp(), mlp()
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                   considered=model[2])  # fmt: skip
+    x, y = batch()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        optimizer.backward(losses)
+        return losses
+
+    optimizer.step(closure)
+    oracle_backward(
+        F.cross_entropy(reference(x), y, reduction="none"),
+        list(reference[2].parameters()),
+        list(reference.parameters()),
+    )
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
