@@ -45,14 +45,27 @@ class WrappedOptimizer(Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict: checkpoints load into the plain optimizer and back."""
-        return self.base.state_dict()
+        """The base optimizer's state dict: checkpoints load into the plain optimizer and back.
+        The state-dict hooks registered on the wrapper run around it, as torch runs them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state: dict[str, Any] = self.base.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hooked = post_hook(self, state)
+            state = state if hooked is None else hooked
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer (a plain optimizer's checkpoint too)."""
+        """Load into the base optimizer (a plain optimizer's checkpoint too), between the
+        wrapper's load-state-dict hooks."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            state_dict = state_dict if hooked is None else hooked
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups  # torch rebuilds both on load
         self.state = self.base.state
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer."""

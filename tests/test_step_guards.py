@@ -152,3 +152,31 @@ def test_a_closure_that_calls_backward_and_returns_its_losses_steps_once() -> No
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run() -> None:
+    """``register_state_dict_pre/post_hook`` and ``register_load_state_dict_pre/post_hook`` on the
+    wrapper run as on a torch optimizer (they never ran: the wrapper's state_dict bypassed them);
+    a post hook's returned dict is the state dict."""
+    model = mlp()
+    optimizer = PartialJDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                   considered=model[2])  # fmt: skip
+    calls: list[str] = []
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("save pre"))
+
+    def tagged(opt: object, state: dict[str, object]) -> dict[str, object]:
+        calls.append("save post")
+        return {**state, "tag": 1}
+
+    optimizer.register_state_dict_post_hook(tagged)
+
+    def untag(opt: object, state: dict[str, object]) -> dict[str, object]:
+        calls.append("load pre")
+        return {k: v for k, v in state.items() if k != "tag"}
+
+    optimizer.register_load_state_dict_pre_hook(untag)
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load post"))
+    state = optimizer.state_dict()
+    assert state["tag"] == 1
+    optimizer.load_state_dict(state)
+    assert calls == ["save pre", "save post", "load pre", "load post"]
