@@ -73,4 +73,4 @@ class Status:
     weighted: bool = False  # a weighted_loss since the last step (the caller's backward runs)
     weighted_nonfinite: bool = False  # ... with non-finite losses or Gramian (NaN weights)
     warned_plain: bool = False
-    nonfinite_grad: tuple[Tensor, Tensor] | None = None  # (parameter, its non-finite .grad)
+    read_grads: bool = False  # a plain step reads .grad first (a non-finite backward since)

@@ -87,29 +87,26 @@ class PlainSteps:
         self._status.skipped_steps += 1
         self._status.last_step = None
 
-    def _record(
-        self, info: StepInfo, finite: bool, nonfinite: tuple[Tensor, Tensor] | None = None
-    ) -> None:
-        """After a Jacobian-descent backward: what it computed, or, if it was not finite, which
-        gradient (``nonfinite``, or any) a later plain step must refuse."""
+    def _record(self, info: StepInfo, finite: bool) -> None:
+        """After a Jacobian-descent backward: what it computed, or, if it was not finite, that a
+        later plain step must read the gradients first."""
         status = self._status
         status.pending = True
         status.backwards += 1
         status.cleared = False
         status.last_step = info if finite else None
         if not finite:  # (kept through later finite backwards: they accumulate onto it)
-            status.nonfinite_grad = nonfinite or self._a_gradient()
+            status.read_grads = True
 
     def _plain_step(self) -> None:
         """``base.step()`` on the gradients in ``.grad``, unless a non-finite ``backward`` left
         them there (then raise or skip, as ``nonfinite`` says)."""
         status = self._status
-        if status.weighted_nonfinite:  # the caller's backward of a non-finite weighted_loss
-            status.nonfinite_grad = self._a_gradient()
+        # The caller's backward of a weighted_loss: finite losses and Gramian can still give NaN
+        # below the considered part, so its gradients are read too.
+        status.read_grads = status.read_grads or status.weighted or status.weighted_nonfinite
+        if status.weighted_nonfinite:
             status.weighted = status.weighted_nonfinite = False
-        elif status.weighted and status.nonfinite_grad is None:
-            # (finite losses and Gramian can still give NaN below the considered part)
-            status.nonfinite_grad = nonfinite_gradient(self._trainable())
         if not self._finite_or_refused():
             return
         if status.cleared:
@@ -140,12 +137,12 @@ class PlainSteps:
         self.base.step()
 
     def _finite_or_refused(self) -> bool:
-        """Whether the gradients are free of what a non-finite ``backward(losses)`` left in them;
-        if not, raise, or skip the step (``False``), as ``nonfinite`` says."""
+        """Whether the gradients are free of what a non-finite backward left in them (read where
+        ``read_grads`` says: its values, as a gradient rewritten out of place stays NaN); if
+        not, raise, or skip the step (``False``), as ``nonfinite`` says."""
         status = self._status
-        if status.nonfinite_grad is None:
+        if not status.read_grads:
             return True
-        # (read again: zero_grad() clears them, but a gradient rewritten out of place stays NaN)
         if nonfinite_gradient(self._trainable()) is not None:
             if self.nonfinite == "skip":
                 status.skipped_steps += 1
@@ -156,7 +153,7 @@ class PlainSteps:
                 "was changed. Call zero_grad() and skip this batch, step through a GradScaler "
                 "(it skips such steps), or pass nonfinite='skip'."
             )
-        status.nonfinite_grad = None
+        status.read_grads = False
         return True
 
     def _has_gradient(self) -> bool:
@@ -169,13 +166,6 @@ class PlainSteps:
                 if bool(values.any()):
                     return True
         return False
-
-    def _a_gradient(self) -> tuple[Tensor, Tensor] | None:
-        """A parameter and its ``.grad`` (to tell later whether that gradient is still there)."""
-        for p in (*self._considered, *self._group_parameters()):
-            if p.grad is not None:
-                return p, p.grad
-        return None
 
     def _group_parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

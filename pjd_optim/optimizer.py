@@ -247,7 +247,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             resumed=jd.resumed,
             check_seconds=jd.check_seconds,
         )
-        self._record(info, finite and nonfinite is None, nonfinite)
+        self._record(info, finite and nonfinite is None)
         return jd.own(weights)
 
     def _begin(self, losses: Losses, keep_graph: bool = False) -> Pass:
@@ -346,7 +346,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         Jacobian-descent gradient: that ``step()`` then warns."""
         super().zero_grad(set_to_none=set_to_none)
         status = self._status
-        status.nonfinite_grad = None
+        status.read_grads = False
         if status.pending:
             status.cleared = True
 

@@ -68,7 +68,7 @@ def assert_same_wrapper(a: PartialJDOptimizer, b: PartialJDOptimizer, timings: b
         assert_same(untimed(a.last_step), untimed(b.last_step), "last_step")
     assert type(a._status.source) is type(b._status.source)  # closed or not, hooks or autograd
     # (What only concerns the gradients of a backward pending in .grad, pending/cleared/
-    # nonfinite_grad, is not carried: a copy's parameters have no .grad, as torch's optimizers.)
+    # read_grads, is not carried: a copy's parameters have no .grad, as torch's optimizers.)
 
 
 def untimed(step: StepInfo) -> StepInfo:
