@@ -74,12 +74,16 @@ def per_sample_vjp(
     out_dims = call.output_dims or (0,) * len(call.output_grads)
     values, constants = replay if replay is not None else replay_parameters(module, params)
 
-    def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
+    def inputs_of(xs: list[Tensor]) -> Any:
+        """The call's ``(args, kwargs)`` with one sample of each per-sample input."""
         it = iter(xs)
         filled = [
             x if d is None else next(it).unsqueeze(d) for x, d in zip(leaves, batched, strict=True)
         ]
-        args, kwargs = tree_unflatten(filled, spec)
+        return tree_unflatten(filled, spec)
+
+    def one_sample(theta: dict[str, Tensor], xs: list[Tensor], gys: tuple[Tensor, ...]) -> Any:
+        args, kwargs = inputs_of(xs)
         forward = _forward(module, call, constants, args, kwargs)
         outputs, pullback = vjp(forward, theta)[:2]
         cotangents = tuple(g.unsqueeze(d) for g, d in zip(gys, out_dims, strict=True))
@@ -88,30 +92,17 @@ def per_sample_vjp(
 
     def looped() -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         """The same, one sample at a time with plain autograd (where vmap cannot run)."""
-        per_sample: list[tuple[Tensor, ...]] = []
+        per_sample: list[dict[str, Tensor]] = []
         outs: list[tuple[Tensor, ...]] = []
         buffers = _copies(module, constants)
         for i in range(call.rows):
-            it = iter([x[i] for x in samples])
-            filled = [
-                x if d is None else next(it).unsqueeze(d)
-                for x, d in zip(leaves, batched, strict=True)
-            ]
-            args, kwargs = tree_unflatten(filled, spec)
-            theta = {name: v.detach().requires_grad_() for name, v in values.items()}
-            with torch.enable_grad():
-                ys = _forward(module, call, buffers, args, kwargs)(theta)
-                gys = tuple(
-                    g[i].unsqueeze(d) for g, d in zip(call.output_grads, out_dims, strict=True)
-                )
-                per_sample.append(
-                    torch.autograd.grad(ys, list(theta.values()), gys, materialize_grads=True)
-                )
-            outs.append(tuple(y.detach().squeeze(d) for y, d in zip(ys, out_dims, strict=True)))
-        stacked = [torch.stack(g) for g in zip(*per_sample, strict=True)]
-        return dict(zip(values, stacked, strict=True)), tuple(
-            map(torch.stack, zip(*outs, strict=True))
-        )
+            args, kwargs = inputs_of([x[i] for x in samples])
+            gys = tuple(g[i].unsqueeze(d) for g, d in zip(call.output_grads, out_dims, strict=True))
+            ys, grads = _plain_vjp(_forward(module, call, buffers, args, kwargs), values, gys)
+            per_sample.append(grads)
+            outs.append(tuple(y.squeeze(d) for y, d in zip(ys, out_dims, strict=True)))
+        stacked = {name: torch.stack([g[name] for g in per_sample]) for name in values}
+        return stacked, tuple(map(torch.stack, zip(*outs, strict=True)))
 
     try:
         with under_autocast(call):
@@ -157,16 +148,9 @@ def _check_summed(
     filled = [x if d is None else x.movedim(0, d) for x, d in zip(leaves, batched, strict=True)]
     args, kwargs = tree_unflatten(filled, spec)
     out_dims = call.output_dims or (0,) * len(call.output_grads)
-    theta = {name: v.detach().requires_grad_() for name, v in values.items()}
     cotangents = tuple(g.movedim(0, d) for g, d in zip(call.output_grads, out_dims, strict=True))
-    buffers = _copies(module, constants)
-    with torch.enable_grad():  # (plain autograd: any module the forward ran)
-        outputs = _forward(module, call, buffers, args, kwargs)(theta)
-        vjps = torch.autograd.grad(outputs, list(theta.values()), cotangents, allow_unused=True)
-    whole = {
-        name: torch.zeros_like(theta[name]) if g is None else g
-        for name, g in zip(theta, vjps, strict=True)
-    }
+    forward = _forward(module, call, _copies(module, constants), args, kwargs)
+    whole = _plain_vjp(forward, values, cotangents)[1]
     tolerance = _tolerance(call.precision or torch.float64, *(g.dtype for g in grads.values()))
     for name, per_sample in grads.items():
         summed, expected = per_sample.sum(dim=0).double(), whole[name].double()
@@ -194,6 +178,22 @@ def _forward(
         return tuple(out[k] for k in call.output_positions)
 
     return forward
+
+
+def _plain_vjp(
+    forward: Callable[[dict[str, Tensor]], tuple[Tensor, ...]],
+    values: Mapping[str, Tensor],
+    cotangents: tuple[Tensor, ...],
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """``forward``'s outputs (detached) and their VJP with ``cotangents`` w.r.t. ``values`` (zero
+    where unused), by plain autograd: any module the forward ran, ``vmap``-able or not."""
+    theta = {name: v.detach().requires_grad_() for name, v in values.items()}
+    with torch.enable_grad():
+        outputs = forward(theta)
+        grads = torch.autograd.grad(
+            outputs, list(theta.values()), cotangents, materialize_grads=True
+        )
+    return tuple(y.detach() for y in outputs), dict(zip(theta, grads, strict=True))
 
 
 def _copies(module: nn.Module, constants: Mapping[str, Tensor]) -> dict[str, Tensor]:
