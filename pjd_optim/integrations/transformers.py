@@ -124,9 +124,10 @@ class JDTrainer(Trainer):
         if smoothing:  # Trainer's label smoother shifts the labels of the causal LM classes
             causal = _trainer_shifts(model)
         else:
-            causal = self._shift(model, outputs.logits, labels, outputs.get("loss"), problem)
-            if outputs.get("loss") is not None:  # (frees the graph of the model's own loss)
-                outputs["loss"] = outputs["loss"].detach()
+            own = outputs.get("loss")
+            causal = self._shift(model, outputs.logits, labels, own, problem)
+            if own is not None:  # (frees the graph of the model's own loss)
+                outputs["loss"] = own.detach()
         losses = objective_losses(
             outputs.logits,
             labels,
