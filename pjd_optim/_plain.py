@@ -8,6 +8,7 @@ loop. NaN never reaches the parameters."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class PlainSteps:
     weighting: Weighting
     _considered: list[Tensor]
     param_groups: list[dict[str, Any]]
+    _base_step: Callable[[tuple[Any, ...]], None]  # (WrappedOptimizer's)
 
     def _trainable(self) -> list[Tensor]:
         raise NotImplementedError
@@ -98,7 +100,7 @@ class PlainSteps:
         if not finite:  # (kept through later finite backwards: they accumulate onto it)
             status.read_grads = True
 
-    def _plain_step(self) -> None:
+    def _plain_step(self, args: tuple[Any, ...]) -> None:
         """``base.step()`` on the gradients in ``.grad``, unless a non-finite ``backward`` left
         them there (then raise or skip, as ``nonfinite`` says)."""
         status = self._status
@@ -134,7 +136,7 @@ class PlainSteps:
                 stacklevel=3,
             )
         status.pending = status.cleared = status.weighted = False
-        self.base.step()
+        self._base_step(args)
 
     def _finite_or_refused(self) -> bool:
         """Whether the gradients are free of what a non-finite backward left in them (read where

@@ -4,7 +4,8 @@ The wrapper's ``param_groups``, ``state`` and ``defaults`` *are* the base optimi
 copied), so schedulers built on either, ``zero_grad`` and checkpoints act on the base, and a
 plain optimizer's checkpoint loads into the wrapper and back. What the wrapper does not define
 is the base's (``sync_lookahead`` of timm's Lookahead, ``is_second_order``, ...). torch's own
-plumbing (step and state-dict hooks, profiler names) comes from ``Optimizer.__init__``.
+plumbing (hook registries, profiler names) comes from ``Optimizer.__init__``; the hooks
+registered on the wrapper run around the base's work (``_base_step``, ``state_dict``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ class WrappedOptimizer(Optimizer):
         self.base = base
         self.param_groups = base.param_groups
         self.state = base.state
+
+    def _patch_step_function(self) -> None:
+        """torch wraps a class's ``step`` to run the step hooks around all of it. The wrapper
+        runs its own around the base's update instead (``_base_step``), where ``.grad`` holds
+        the gradient that update applies; torch's global step hooks run once, around the
+        base's ``step``."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+    def _base_step(self, args: tuple[Any, ...]) -> None:
+        """``base.step()`` between the step pre- and post-hooks registered on the wrapper, called
+        as torch calls them: ``hook(optimizer, args, kwargs)`` with ``step``'s arguments."""
+        for pre_hook in self._optimizer_step_pre_hooks.values():
+            if pre_hook(self, (self, *args), {}) is not None:
+                raise RuntimeError(
+                    "A step pre-hook of this optimizer returned new arguments for step(): its "
+                    "hooks run after the gradient is computed, just before the base optimizer's "
+                    "update, where there are no arguments left to replace. Return None."
+                )
+        self.base.step()
+        for post_hook in self._optimizer_step_post_hooks.values():
+            post_hook(self, (self, *args), {})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)

@@ -306,8 +306,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         losses, as torch's closures return theirs) is called, then ``step()``. ``step()``: a
         plain ``base.step()`` on the gradients already in ``.grad`` (e.g. from :meth:`backward`,
         called by ``GradScaler.step``)."""
+        args = () if closure is None else (closure,)  # (what the step hooks receive)
         if closure is None:
-            self._plain_step()
+            self._plain_step(args)
             return None
         if isinstance(closure, (Tensor, list, tuple)):
             losses: Losses = closure
@@ -316,10 +317,10 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             with torch.enable_grad():
                 result = closure()
             if result is None or (isinstance(result, Tensor) and self._status.backwards > before):
-                self._plain_step()  # (the closure ran optimizer.backward(losses) itself)
+                self._plain_step(args)  # (the closure ran optimizer.backward(losses) itself)
                 return result
             if isinstance(result, Tensor) and result.ndim == 0 and self._status.weighted:
-                self._plain_step()  # the scalar of a weighted_loss, whose backward ran
+                self._plain_step(args)  # the scalar of a weighted_loss, whose backward ran
                 return result
             if not isinstance(result, (Tensor, list, tuple)):
                 raise TypeError(
@@ -337,7 +338,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         if self._jd_backward(losses, stop_on_nonfinite=True) is not None:
             self._status.pending = False
             if self._finite_or_refused():  # (an earlier backward(losses) may have overflowed)
-                self.base.step()
+                self._base_step(args)
         return losses
 
     # -- plumbing (the rest is the base optimizer's, see ``WrappedOptimizer``) ---------------------
