@@ -81,10 +81,11 @@ class GramianSource:
 def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
     """Which module owns which considered parameter, by local name.
 
-    A module owns its direct parameters; a module whose rule is ``recursive`` (e.g.
-    ``MultiheadAttention``) owns those of its whole subtree. A parameter may have several owners
-    (tied weights), none of them an ancestor of another (the innermost keeps it). Raises
-    ``ValueError`` if some considered parameter has no owner in ``model``.
+    A module owns its direct parameters; a module whose rule covers its children
+    (``GramianRule.covers_children``: ``MultiheadAttention``, a module re-run by the generic
+    rule whose code reads a child's weight) owns those of its whole subtree. A parameter may
+    have several owners (tied weights), none of them an ancestor of another (the innermost
+    keeps it). Raises ``ValueError`` if some considered parameter has no owner in ``model``.
     """
     wanted = {id(p) for p in considered}
     plan: Plan = {}
@@ -94,8 +95,9 @@ def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
         if id(module) in seen:
             return
         seen.add(id(module))
-        recursive = rule_for(module).recursive
-        named = module.named_parameters(recurse=recursive, remove_duplicate=False)
+        recursive = rule_for(module).covers_children(module)
+        # (a subtree's tied parameters once: a re-run takes each tensor under one name)
+        named = module.named_parameters(recurse=recursive, remove_duplicate=recursive)
         owned = {name: p for name, p in named if id(p) in wanted}
         if owned:
             plan[module] = owned

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from case import B, Case, mse
 from torch import Tensor, nn
+from zoo_children import parent_reading_child_weight, timm_beit, timm_eva, torchvision_swin
 from zoo_recurrent import (
     gru_batch_first,
     gru_cell_unrolled,
@@ -409,5 +410,9 @@ CASES: dict[str, Callable[[], Case]] = {
         lstm_time_first_bidirectional,
         lstm_projection,
         rnn_relu_time_first,
+        timm_beit,
+        timm_eva,
+        torchvision_swin,
+        parent_reading_child_weight,
     )
 }

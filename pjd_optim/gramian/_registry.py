@@ -104,6 +104,11 @@ class GramianRule:
     # ``torch.nn.utils.weight_norm``, whose ``weight`` is rebuilt outside the forward) is refused.
     parameters: frozenset[str] | None = None
 
+    def covers_children(self, module: nn.Module) -> bool:
+        """Whether the rule covers the parameters of ``module``'s sub-modules too (default:
+        :attr:`recursive`)."""
+        return self.recursive
+
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)
         and in its differentiable outputs (flattened); the last entry of each repeats for the

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._children import reads_child_parameters
 from ._registry import (
     Call,
     GramianRule,
@@ -237,6 +238,13 @@ class GenericRule(GramianRule):
 
     needs_outputs = True
     calls_hooks = True
+
+    def covers_children(self, module: nn.Module) -> bool:
+        """Also where the module has parameters of its own, so it is re-run anyway, and its code
+        reads a child's parameter (``F.linear(x, self.qkv.weight)``): the re-run sees that use,
+        which the child's rule cannot."""
+        own = any(p is not None for p in module._parameters.values())
+        return self.recursive or (own and reads_child_parameters(module))
 
     def couples_batch(self, module: nn.Module) -> bool | None:
         """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
