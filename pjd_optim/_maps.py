@@ -295,7 +295,9 @@ def refusal(reached: Reached, unknown: int, collected: Collected) -> ValueError:
         "layers batch-first (batch_first=True: a sequence-first [T, B, ...] layer puts the "
         "positions first in its rows); objectives that mix "
         "the batch (a loss plus a batch mean, mixup of outputs): pass task losses, "
-        "step([loss_1, ...]); or gramian_mode='autograd' (exact, one backward per loss). Nothing "
+        "step([loss_1, ...]); a layer applied to a table shared by every example (relative-"
+        "position MLPs, learned queries, class prototypes: every row feeds every loss): consider "
+        "other layers; or gramian_mode='autograd' (exact, one backward per loss). Nothing "
         "was changed."
     )
 

@@ -178,14 +178,18 @@ class Passes:
                 raise ValueError(
                     f"An input of {self._name(call.module)} was modified in place after its "
                     "forward, so its saved value is stale. Avoid in-place operations on the inputs "
-                    "of considered modules (e.g. use out = x * 2 instead of x.mul_(2))."
+                    "of considered modules (e.g. use out = x * 2 instead of x.mul_(2)), consider "
+                    "other modules, or pass gramian_mode='autograd'. Nothing was changed."
                 )
             if call.output_modified_in_place():
                 raise ValueError(
                     f"The output of {self._name(call.module)} was modified in place after its "
                     "forward, and its rule checks a re-run of the module against that output. "
-                    "Avoid in-place operations on the outputs of considered modules (e.g. use "
-                    "out = out * 2 instead of out.mul_(2)). Nothing was changed."
+                    "Avoid in-place operations on the outputs of considered modules: an in-place "
+                    "activation after it (nn.ReLU(inplace=True), timm's act layers built with "
+                    "inplace=True) built with inplace=False, out = out * 2 instead of "
+                    "out.mul_(2); or consider other modules, or pass gramian_mode='autograd'. "
+                    "Nothing was changed."
                 )
 
     @staticmethod

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from oracle import oracle_grads, oracle_gramian, relative_error, weighted_sum_error
 from torch import Tensor, nn
 from torch.optim import SGD
-from zoo_children import Mixer
+from zoo_children import BiasedMix, Mixer
 
 from pjd_optim import PartialJDOptimizer
 from pjd_optim.gramian._registry import rule_for
@@ -67,15 +67,24 @@ class Decorated(nn.Module):
 
 @pytest.mark.parametrize(
     ("build", "covers"),
-    [(Mixer, True), (Decorated, True), (DtypeOnly, False), (NoParameterOfItsOwn, False)],
-    ids=lambda v: getattr(v, "__name__", str(v)),
+    [
+        (Mixer, True),
+        (Decorated, True),
+        (BiasedMix, True),
+        (DtypeOnly, False),
+        (NoParameterOfItsOwn, False),
+        # (reads its children's weights for its inference fast path only, and calls
+        # self_attn.merge_masks, which reads no parameter: its children's rules stay)
+        (lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), False),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)).replace("<lambda>", "encoder_layer"),
 )
 def test_which_modules_cover_their_children(build: Callable[[], nn.Module], covers: bool) -> None:
     module = build()
     assert rule_for(module).covers_children(module) is covers
 
 
-@pytest.mark.parametrize("build", [Decorated, DtypeOnly], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [Decorated, DtypeOnly, BiasedMix], ids=lambda f: f.__name__)
 def test_covered_or_not_the_step_is_exact(build: Callable[[], nn.Module]) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), build(), nn.Tanh(), nn.Linear(4, 2)).double()

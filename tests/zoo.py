@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from case import B, Case, mse
 from torch import Tensor, nn
-from zoo_children import parent_reading_child_weight, timm_beit, timm_eva, torchvision_swin
+from zoo_children import (
+    parent_calling_child_method,
+    parent_reading_child_weight,
+    timm_beit,
+    timm_eva,
+    torchvision_swin,
+)
 from zoo_recurrent import (
     gru_batch_first,
     gru_cell_unrolled,
@@ -414,5 +420,6 @@ CASES: dict[str, Callable[[], Case]] = {
         timm_eva,
         torchvision_swin,
         parent_reading_child_weight,
+        parent_calling_child_method,
     )
 }

@@ -60,6 +60,34 @@ class Mixer(nn.Module):
         return [F.linear(x * s, self.proj.weight, self.proj.bias) for s in (1.0, -0.5)]
 
 
+class RelPos(nn.Module):
+    """A table read by a method other than the forward (timm's MaxViT ``RelPosBias.get_bias``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(0.5 * torch.randn(4))
+
+    def get_bias(self) -> Tensor:
+        return self.table.tanh()
+
+
+class BiasedMix(nn.Module):
+    """No parameter of its own: calls one child, and another child's ``get_bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.rel = nn.Linear(4, 4), RelPos()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.mix(x) + self.rel.get_bias()
+        return out
+
+
+def parent_calling_child_method() -> Case:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), BiasedMix(), nn.Tanh(), nn.Linear(4, 2))
+    return Case(model, torch.randn(B, 3), [model[2], model[4]], mse, resumed=False)
+
+
 def parent_reading_child_weight() -> Case:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Mixer(), nn.Tanh(), nn.Linear(4, 2))
     return Case(model, torch.randn(B, 3), [model[2], model[4]], mse, resumed=False)

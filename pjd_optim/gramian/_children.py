@@ -1,13 +1,14 @@
-"""Which modules read their children's parameters in their own code.
+"""Which modules use their children's parameters outside the children's calls.
 
 A parent whose forward passes a child's weight to a function (``F.linear(x, self.qkv.weight)``,
-as timm's BEiT and EVA attention, or torchvision's Swin attention, do) uses it outside every
-call of the child, where the child's rule cannot see it. A re-run of the parent (the generic
-rule) sees every use inside the parent: such a parent's rule covers its children's parameters.
-Read from the bytecode of the module's class, ``self.<child>.<parameter>`` not followed by a
-metadata attribute (``.dtype``, ``.device``, ...). What this misses (a parameter reached by
-``getattr``) stays refused at the step, as any use the rules do not see; what it over-reads
-costs a re-run, never exactness.
+as timm's BEiT and EVA attention, or torchvision's Swin attention, do), or calls a child's
+method other than its forward (``self.rel_pos.get_bias()``, timm's MaxViT), uses the child's
+parameters outside every call of the child, where the child's rule cannot see them. A re-run of
+the parent (the generic rule) sees every use inside the parent: such a parent's rule covers its
+children's parameters. Read from the bytecode of the module's class: ``self.<child>.<name>``
+not followed by a metadata attribute (``.dtype``, ``.device``, ...). What this misses (a
+parameter reached by ``getattr``) stays refused at the step, as any use the rules do not see;
+what it over-reads costs a re-run, never exactness.
 """
 
 from __future__ import annotations
@@ -24,43 +25,63 @@ METADATA = frozenset(
 )
 
 
-def reads_child_parameters(module: nn.Module) -> bool:
-    """Whether the code of the module's class reads a direct parameter of one of its children by
-    attribute (``self.qkv.weight``)."""
+def uses_children_outside_calls(module: nn.Module) -> bool:
+    """Whether the code of the module's class reads a direct parameter of one of its children
+    (``self.qkv.weight``; only where the module has parameters of its own, as a container reading
+    a child's weight for a check would re-run all of it for nothing), or calls a child's method,
+    other than its ``forward``, that reads the child's parameters (``self.rel_pos.get_bias()``)."""
     children = dict(module.named_children())
     if not children:
         return False
+    own = any(p is not None for p in module._parameters.values())
     klass: type = type(module)
-    for child_name, parameter_name in _attribute_pairs(klass):
+    for child_name, attribute in _reads(klass, "forward")[1]:
         child = children.get(child_name)
-        if child is not None and child._parameters.get(parameter_name) is not None:
+        if child is None:
+            continue
+        if own and child._parameters.get(attribute) is not None:
             return True
+        child_class: type = type(child)
+        if attribute != "forward" and _method(child_class, attribute) is not None:
+            names = _reads(child_class, attribute)[0]
+            if any(child._parameters.get(name) is not None for name in names):
+                return True
     return False
 
 
+def _method(klass: type, name: str) -> types.CodeType | None:
+    """The code of ``klass.<name>`` where a class of its MRO below ``nn.Module`` defines it as a
+    function (unwrapping ``functools.wraps`` decorators)."""
+    for base in klass.__mro__:
+        if base is nn.Module or not issubclass(base, nn.Module):
+            return None
+        if name in vars(base):
+            function = getattr(vars(base)[name], "__func__", vars(base)[name])
+            if callable(function):
+                function = inspect.unwrap(function)
+            code = getattr(function, "__code__", None)
+            return code if isinstance(code, types.CodeType) else None
+    return None
+
+
 @functools.cache
-def _attribute_pairs(klass: type) -> frozenset[tuple[str, str]]:
-    """``(a, b)`` for every ``self.a.b`` read in ``klass.forward`` and the methods of ``klass``
-    it calls as ``self.<method>`` (transitively, nested functions included), unless a metadata
-    attribute follows. Methods defined by ``nn.Module`` itself are not read."""
+def _reads(klass: type, start: str) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+    """``self.<a>`` and ``self.<a>.<b>`` read in ``klass.<start>`` and in the methods of
+    ``klass`` it calls (transitively, nested functions included), unless a metadata attribute
+    follows the pair."""
+    names: set[str] = set()
     pairs: set[tuple[str, str]] = set()
     seen: set[str] = set()
-    todo = ["forward"]
+    todo = [start]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
+        code = None if name in seen else _method(klass, name)
         seen.add(name)
-        owner = next((c for c in klass.__mro__ if name in vars(c)), None)
-        if owner is None or owner is nn.Module or not issubclass(owner, nn.Module):
-            continue
-        function = getattr(vars(owner)[name], "__func__", vars(owner)[name])
-        if callable(function):
-            function = inspect.unwrap(function)  # (decorated by functools.wraps)
-        code = getattr(function, "__code__", None)
-        if isinstance(code, types.CodeType):
-            todo.extend(_collect(code, pairs))
-    return frozenset(pairs)
+        if code is not None:
+            read = _collect(code, pairs)
+            names.update(read)
+            todo.extend(read)
+    return frozenset(names), frozenset(pairs)
 
 
 def _collect(

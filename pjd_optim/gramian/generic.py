@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._children import reads_child_parameters
+from ._children import uses_children_outside_calls
 from ._registry import (
     Call,
     GramianRule,
@@ -240,11 +240,10 @@ class GenericRule(GramianRule):
     calls_hooks = True
 
     def covers_children(self, module: nn.Module) -> bool:
-        """Also where the module has parameters of its own, so it is re-run anyway, and its code
-        reads a child's parameter (``F.linear(x, self.qkv.weight)``): the re-run sees that use,
-        which the child's rule cannot."""
-        own = any(p is not None for p in module._parameters.values())
-        return self.recursive or (own and reads_child_parameters(module))
+        """Also where the module's code uses a child's parameters outside the child's calls
+        (``F.linear(x, self.qkv.weight)``, ``self.rel_pos.get_bias()``): the re-run sees those
+        uses, which the child's rule cannot."""
+        return self.recursive or uses_children_outside_calls(module)
 
     def couples_batch(self, module: nn.Module) -> bool | None:
         """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
