@@ -183,9 +183,10 @@ class GroupedLinearRule(GramianRule):
         return gramian
 
 
-@register_gramian_rule(nn.Linear)
+@register_gramian_rule(nn.Linear, "transformers.models.falcon.modeling_falcon.FalconLinear")
 class LinearRule(GroupedLinearRule):
-    """``nn.Linear`` on inputs ``[B, *, d]``."""
+    """``nn.Linear`` on inputs ``[B, *, d]`` (and Hugging Face's ``FalconLinear``, whose forward
+    ``x @ W.T + b`` is the same maths)."""
 
     def positionwise(self, module: nn.Module) -> tuple[int, int] | None:
         return 1, 1

@@ -6,7 +6,9 @@ builds is wrapped in a :class:`~pjd_optim.PartialJDOptimizer`, and the loss it b
 :meth:`~pjd_optim.PartialJDOptimizer.weighted_loss` of per-objective losses:
 
 - ``objectives="sequence"``: each sequence's loss, the mean over its valid tokens (labels shifted
-  for causal language models, ``-100`` ignored; sequences without a valid token are left out);
+  for causal language models, ``-100`` ignored; sequences without a valid token are left out).
+  Sequences packed into one row (``DataCollatorWithFlattening``) are told apart by their
+  ``position_ids``, which restart at 0 for each (or by ``cu_seq_lens_q``);
 - ``objectives="token"``: each valid token's loss (``[B, T]`` when every token is valid, so that
   considered layers that mix positions, e.g. the last block, work; flat otherwise, which they
   refuse: only position-wise layers such as ``lm_head`` or the final norm then);
@@ -18,10 +20,14 @@ As ``Trainer``, the labels go into the model's forward (encoder-decoders build t
 inputs from them) except under label smoothing. The first loss the model computes itself checks
 the objectives: their token mean (or mean) must reproduce it, which also says whether the model
 shifts its labels (a causal language model) or not; a model whose loss has other terms (MoE router
-losses) or another form is refused with a clear error.
+losses) or another form is refused with a clear error. A model that computes no loss needs
+``shift_labels=``.
 
 With gradient accumulation, each micro-batch has its own Gramian, and its weighted loss is divided
-by the accumulation steps as ``Trainer`` divides a per-batch mean loss.
+by the accumulation steps: every micro-batch counts equally. (``Trainer``, for models that take
+``num_items_in_batch``, divides the window's summed token losses by its token count instead, so
+that micro-batches count by their tokens: with ``weighting=Mean()`` the two differ where the
+micro-batches have different numbers of valid tokens.)
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class JDTrainer(Trainer):
             output layer, a final norm, the last block).
         objectives: ``"sequence"`` or ``"token"`` (see the module docstring).
         weighting: as :class:`~pjd_optim.PartialJDOptimizer`'s (default ``UPGrad()``).
+        shift_labels: whether token ``t``'s logits predict label ``t + 1`` (causal language
+            models). Default: decided by the model's own loss, which the objectives must
+            reproduce; needed for a model that computes no loss. Where the model computes one,
+            a value that does not reproduce it is refused.
         The other arguments are ``Trainer``'s.
     """
 
@@ -64,6 +74,7 @@ class JDTrainer(Trainer):
         considered: Iterable[nn.Module | Tensor] | nn.Module | Tensor,
         objectives: Objectives = "sequence",
         weighting: Weighting | None = None,
+        shift_labels: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if objectives not in ("sequence", "token"):
@@ -72,12 +83,13 @@ class JDTrainer(Trainer):
             raise ValueError(
                 "JDTrainer computes per-objective losses itself; compute_loss_func returns one "
                 "scalar, from which no Gramian can come. Override compute_loss to return "
-                "self.jd_optimizer.weighted_loss(losses) instead."
+                "self.jd_loss(losses), with one loss per objective, instead."
             )
         super().__init__(*args, **kwargs)
         self.considered = considered
         self.objectives: Objectives = objectives
         self.weighting = weighting
+        self.shift_labels = shift_labels
         self.jd_optimizer: PartialJDOptimizer | None = None
         self.shifted: bool | None = None  # whether labels are shifted, once the model's loss said
         # Our loss is a mean over this micro-batch: Trainer divides it by the accumulation steps.
@@ -115,7 +127,7 @@ class JDTrainer(Trainer):
                 "JDTrainer reads each batch's 'labels' (language modelling, sequence and token "
                 f"classification); this batch has {sorted(inputs)}. For other heads (question "
                 "answering's start_positions/end_positions) override compute_loss to return "
-                "self.jd_optimizer.weighted_loss(losses) with one loss per example."
+                "self.jd_loss(losses) with one loss per example."
             )
         smoothing = float(self.args.label_smoothing_factor)
         labels = inputs.pop("labels") if smoothing else inputs["labels"]  # (as Trainer)
@@ -135,15 +147,22 @@ class JDTrainer(Trainer):
             causal,
             label_smoothing=smoothing,
             problem_type=problem,
+            segments=_segments(model, inputs, labels),
         )
-        training = model.training and torch.is_grad_enabled()
+        loss = self.jd_loss(losses)
+        return (loss, outputs) if return_outputs else loss
+
+    def jd_loss(self, losses: Tensor) -> Tensor:
+        """What ``compute_loss`` returns for per-objective ``losses``: in training, the
+        optimizer's :meth:`~pjd_optim.PartialJDOptimizer.weighted_loss` (built first if needed);
+        in evaluation, their mean. For an override of ``compute_loss`` with losses of its own."""
+        model = self.model
+        training = isinstance(model, nn.Module) and model.training and torch.is_grad_enabled()
         if training and self.jd_optimizer is None:
             self.create_optimizer()
         if training and self.jd_optimizer is not None:
-            loss = self.jd_optimizer.weighted_loss(losses)
-        else:
-            loss = losses.mean()
-        return (loss, outputs) if return_outputs else loss
+            return self.jd_optimizer.weighted_loss(losses)
+        return losses.mean()
 
     def _shift(
         self,
@@ -159,9 +178,19 @@ class JDTrainer(Trainer):
         model computes no loss, and for a tie without that gradient (logits returned as a copy
         of those the loss read, as mixed precision's float32 outputs): the next batch decides.
         A clear error where no alignment reproduces the loss."""
-        guess = _causal(model)
-        if self.shifted is not None or own is None:
-            return guess if self.shifted is None else self.shifted
+        given = self.shift_labels
+        guess = _causal(model) if given is None else given
+        if self.shifted is not None:
+            return self.shifted
+        if own is None:
+            if given is None and logits.ndim == 3:
+                raise ValueError(
+                    f"{type(_unwrapped(model)).__name__} returned no loss, so JDTrainer cannot "
+                    "check whether its labels are shifted: pass shift_labels=True (token t "
+                    "predicts label t + 1, causal language models) or shift_labels=False, or "
+                    "return the loss from the model's forward."
+                )
+            return guess
         means: dict[bool, float] = {}
         with torch.no_grad():
             for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
@@ -173,6 +202,12 @@ class JDTrainer(Trainer):
             if by_gradient is None:
                 return guess
             found = by_gradient
+        if given is not None and found and given not in found:
+            raise ValueError(
+                f"shift_labels={given} does not reproduce {type(_unwrapped(model)).__name__}'s "
+                f"own loss ({float(own):.6g}), shift_labels={not given} does: pass that, or "
+                "leave shift_labels out (the model's loss decides)."
+            )
         if found:
             self.shifted = found[0]
             return found[0]
@@ -184,7 +219,7 @@ class JDTrainer(Trainer):
             "labels shifted or not): its loss has other terms (MoE router losses with "
             "output_router_logits=True?) or another form, which the objectives would leave "
             "out. Turn those terms off, or override compute_loss to return "
-            "self.jd_optimizer.weighted_loss(losses) with one loss per objective."
+            "self.jd_loss(losses) with one loss per objective."
         )
 
 
@@ -216,11 +251,14 @@ def objective_losses(
     causal: bool,
     label_smoothing: float = 0.0,
     problem_type: str | None = None,
+    segments: Tensor | None = None,
 ) -> Tensor:
     """Per-objective losses of a batch (see the module docstring); ``label_smoothing``: as
     ``TrainingArguments.label_smoothing_factor`` (``(1 − ε)·NLL + ε·mean_k(−log p_k)``);
     ``problem_type``: as a classifier's ``config.problem_type`` (``None``: inferred as
-    Hugging Face's classifiers do, from the outputs' count and the labels' dtype)."""
+    Hugging Face's classifiers do, from the outputs' count and the labels' dtype);
+    ``segments``: ``[B, T]``, which sequence of its row each token belongs to (packed rows;
+    ``None``: one sequence per row), for ``"sequence"`` objectives."""
     if logits.ndim == 2:  # sequence classification or regression: one loss per example
         if problem_type is None:
             integer = labels.dtype in (torch.long, torch.int)
@@ -247,9 +285,33 @@ def objective_losses(
         )
     if objectives == "token":  # [B, T] where every token counts: layers that mix positions work
         return tokens if bool(valid.all()) else tokens[valid]
-    counts = valid.sum(dim=1)
-    keep = counts > 0
-    return (tokens * valid).sum(dim=1)[keep] / counts[keep]
+    if segments is None:
+        counts = valid.sum(dim=1)
+        keep = counts > 0
+        return (tokens * valid).sum(dim=1)[keep] / counts[keep]
+    seg = segments[:, 1:] if causal else segments  # (each label's sequence)
+    rows = torch.arange(seg.shape[0], device=seg.device).unsqueeze(1)
+    ids = (rows * (int(seg.max()) + 1) + seg)[valid]
+    keys, index = torch.unique(ids, return_inverse=True)  # (by row, then sequence)
+    sums = tokens.new_zeros(len(keys)).index_add_(0, index, tokens[valid])
+    counts = torch.bincount(index, minlength=len(keys))
+    return sums / counts
+
+
+def _segments(model: nn.Module, inputs: dict[str, Any], labels: Tensor) -> Tensor | None:
+    """``[B, T]`` sequence ids of packed rows: from ``position_ids`` (a sequence starts where
+    they restart at 0), else from ``cu_seq_lens_q`` (the flattened batch's boundaries); none
+    for encoder-decoders (their inputs' positions are not their labels')."""
+    if getattr(getattr(_unwrapped(model), "config", None), "is_encoder_decoder", False):
+        return None
+    positions = inputs.get("position_ids")
+    if isinstance(positions, Tensor) and positions.shape == labels.shape:
+        return (positions == 0).cumsum(dim=1)
+    bounds = inputs.get("cu_seq_lens_q")
+    if isinstance(bounds, Tensor) and labels.ndim == 2:
+        flat = torch.arange(labels.numel(), device=labels.device)
+        return torch.bucketize(flat, bounds.to(labels.device)[1:], right=True).view_as(labels)
+    return None
 
 
 _PROBLEMS = ("regression", "single_label_classification", "multi_label_classification")
