@@ -92,6 +92,20 @@ def hf_conv1d(name: str, d: int, p: int, middle: tuple[int, ...]) -> Setting:
     return Setting(key, f"hf_conv1d_{name}", build, inputs, (0,), (0,), needs="transformers")
 
 
+def falcon_linear(name: str, d: int, p: int, bias: bool, middle: tuple[int, ...]) -> Setting:
+    """Hugging Face's ``FalconLinear`` (``x @ W.T + b``, a ``Linear`` with a forward of its own)."""
+
+    def build() -> nn.Module:
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+
+        module: nn.Module = FalconLinear(d, p, bias=bias)
+        return module
+
+    key = "transformers.models.falcon.modeling_falcon.FalconLinear"
+    inputs = one(lambda g: randn(g, B, *middle, d))
+    return Setting(key, f"falcon_linear_{name}", build, inputs, (0,), (0,), needs="transformers")
+
+
 CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 

@@ -299,7 +299,7 @@ GROUPED = [s for s in SETTINGS if isinstance(registry_key(s.key), GroupedLinearR
 @pytest.mark.parametrize("setting", GROUPED, ids=[s.name for s in GROUPED])
 def test_both_branches_of_the_grouped_linear_cost_model(setting: Setting, mode: Mode) -> None:
     rule: GroupedLinearRule = ConvRule(mode)
-    if setting.key is nn.Linear:
+    if setting.key in (nn.Linear, "transformers.models.falcon.modeling_falcon.FalconLinear"):
         rule = LinearRule(mode)
     elif setting.key == "transformers.pytorch_utils.Conv1D":
         rule = TransposedLinearRule(mode)
