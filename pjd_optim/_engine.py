@@ -29,15 +29,14 @@ from ._distributed import CallGatherer, step_agreed, world
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
 from ._passes import NotConnected, Passes, keeps_graph
+from ._plan import plan_modules
 from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
 from ._resume import find as find_resume
 from ._tasks import heads
-from ._uses import check_rules_read, refuse_outside_uses, refuse_unrecorded_uses
+from ._uses import refuse_outside_uses, refuse_unrecorded_uses
 from .gramian import sum_of_gramians
 from .gramian._registry import accumulate, rule_for
-
-Plan = dict[nn.Module, dict[str, nn.Parameter]]
 
 
 class GramianSource:
@@ -76,59 +75,6 @@ class GramianSource:
     def finalize_with(self, owner: object) -> None:
         """Let go of the model (remove hooks) when ``owner`` is garbage-collected."""
         return None
-
-
-def plan_modules(model: nn.Module, considered: Sequence[Tensor]) -> Plan:
-    """Which module owns which considered parameter, by local name.
-
-    A module owns its direct parameters; a module whose rule covers its children
-    (``GramianRule.covers_children``: ``MultiheadAttention``, a module re-run by the generic
-    rule whose code reads a child's weight) owns those of its whole subtree. A parameter may
-    have several owners (tied weights), none of them an ancestor of another (the innermost
-    keeps it). Raises ``ValueError`` if some considered parameter has no owner in ``model``.
-    """
-    wanted = {id(p) for p in considered}
-    plan: Plan = {}
-    seen: set[int] = set()
-
-    def visit(module: nn.Module) -> None:
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        recursive = rule_for(module).covers_children(module)
-        # (a subtree's tied parameters once: a re-run takes each tensor under one name)
-        named = module.named_parameters(recurse=recursive, remove_duplicate=recursive)
-        owned = {name: p for name, p in named if id(p) in wanted}
-        if owned:
-            plan[module] = owned
-        if not recursive:
-            for child in module.children():
-                visit(child)
-
-    visit(model)
-    # A parameter registered in a module and in one of its descendants (Hugging Face's decoder
-    # bias, tied to its head's): the innermost owner's rule sees its uses there, which an
-    # ancestor's re-run would count again. (A use in the ancestor's own forward lies outside
-    # every call of the innermost owner: refused, see _uses.)
-    for module in list(plan):
-        inner = {
-            id(p) for m in module.modules() if m is not module for p in plan.get(m, {}).values()
-        }
-        kept = {name: p for name, p in plan[module].items() if id(p) not in inner}
-        if not kept:
-            del plan[module]
-        elif len(kept) < len(plan[module]):
-            plan[module] = kept
-    check_rules_read(plan)
-    owned_ids = {id(p) for params in plan.values() for p in params.values()}
-    missing = [p for p in considered if id(p) not in owned_ids]
-    if missing:
-        shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
-        raise ValueError(
-            f"{len(missing)} considered parameter(s) (shapes {shapes}) are not in `model`. Pass "
-            "the model that uses them, or consider modules and parameters of that model only."
-        )
-    return plan
 
 
 class HookedGramian(GramianSource):

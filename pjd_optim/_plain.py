@@ -118,7 +118,7 @@ class PlainSteps:
                 "whatever is in .grad (nothing, unless a plain backward ran since). Call "
                 "zero_grad() before backward(losses), not between backward(losses) and step(), "
                 "or call optimizer.step(losses).",
-                stacklevel=3,
+                stacklevel=4,  # (_plain_step, _step, step, the caller)
             )
         elif (
             not status.pending
@@ -133,7 +133,7 @@ class PlainSteps:
                 "PartialJDOptimizer.step() without losses applied the gradients already in .grad: "
                 "a plain step, without Jacobian descent. Pass the per-instance losses, "
                 "optimizer.step(losses), or call optimizer.backward(losses) before step().",
-                stacklevel=3,
+                stacklevel=4,  # (_plain_step, _step, step, the caller)
             )
         status.pending = status.cleared = status.weighted = False
         self._base_step(args)

@@ -57,7 +57,8 @@ class WrappedOptimizer(Optimizer):
                 raise RuntimeError(
                     "A step pre-hook of this optimizer returned new arguments for step(): its "
                     "hooks run after the gradient is computed, just before the base optimizer's "
-                    "update, where there are no arguments left to replace. Return None."
+                    "update, where there are no arguments left to replace. Return None. (No "
+                    "parameter changed; .grad holds this step's gradient: zero_grad() first.)"
                 )
         self.base.step()
         for post_hook in self._optimizer_step_post_hooks.values():

@@ -306,6 +306,12 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         losses, as torch's closures return theirs) is called, then ``step()``. ``step()``: a
         plain ``base.step()`` on the gradients already in ``.grad`` (e.g. from :meth:`backward`,
         called by ``GradScaler.step``)."""
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            return self._step(closure)
+
+    def _step(
+        self, closure: Losses | Callable[[], Losses | None] | Callable[[], float] | None
+    ) -> Losses | float | None:
         args = () if closure is None else (closure,)  # (what the step hooks receive)
         if closure is None:
             self._plain_step(args)

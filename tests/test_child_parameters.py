@@ -81,7 +81,7 @@ class Decorated(nn.Module):
 )
 def test_which_modules_cover_their_children(build: Callable[[], nn.Module], covers: bool) -> None:
     module = build()
-    assert rule_for(module).covers_children(module) is covers
+    assert bool(rule_for(module).covered_children(module)) is covers
 
 
 @pytest.mark.parametrize("build", [Decorated, DtypeOnly, BiasedMix], ids=lambda f: f.__name__)
@@ -130,3 +130,38 @@ def test_mamba_mixer_reading_its_convolution_and_projections_is_exact() -> None:
     for p, g in zip(model.parameters(), grads, strict=True):
         assert p.grad is not None and g is not None
         assert relative_error(p.grad, g) < 1e-10
+
+
+class DropoutParent(nn.Module):
+    """Reads ``a``'s weight, calls ``proj``, and drops out in between (train mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.rand(4) + 0.5)
+        self.a, self.proj = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.proj(self.drop(F.linear(x, self.a.weight) * self.gate))
+        return out
+
+
+def test_only_the_children_read_are_covered() -> None:
+    """A parent covers the children whose weights it reads, not the ones it calls: those keep
+    their own rules, so considering only them needs no re-run of the parent (which its dropout
+    refuses). Before, the parent covered its whole subtree, and this step was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), DropoutParent(), nn.Linear(4, 2)).double()
+    parent = model[2]
+    assert isinstance(parent, DropoutParent)
+    assert rule_for(parent).covered_children(parent) == {"a"}
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=parent.proj)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    weights = optimizer.backward(model(x).sin().sum(dim=1))
+    assert optimizer.last_step is not None
+    torch.manual_seed(1)  # (the same dropout mask)
+    losses = model(x).sin().sum(dim=1)
+    expected = oracle_gramian(losses, list(parent.proj.parameters()))
+    assert relative_error(optimizer.last_step.gramian, expected) < 1e-12
+    assert weights.shape == (6,)

@@ -144,3 +144,18 @@ def test_hooks_survive_a_scheduler_and_a_copy() -> None:
     twin = copy.deepcopy(optimizer)  # (a copy has no hooks, as torch's optimizers)
     twin.step(losses_of(twin.model))
     assert calls == ["pre"]
+
+
+def test_the_step_is_one_profiler_range_and_warns_at_the_caller() -> None:
+    model = mlp()
+    optimizer = PartialJDOptimizer(SGD(model.parameters(), lr=0.1), model, considered=model[2])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.step(losses_of(model))
+    names = {event.name for event in profile.events()}
+    assert "Optimizer.step#PartialJDOptimizer.step" in names
+    assert "Optimizer.step#SGD.step" in names
+    optimizer.zero_grad()
+    torch.autograd.backward(losses_of(model).sum())
+    with pytest.warns(UserWarning, match="plain step") as record:
+        optimizer.step()
+    assert record[0].filename == __file__

@@ -25,28 +25,30 @@ METADATA = frozenset(
 )
 
 
-def uses_children_outside_calls(module: nn.Module) -> bool:
-    """Whether the code of the module's class reads a direct parameter of one of its children
+def children_used_outside_calls(module: nn.Module) -> frozenset[str]:
+    """The children of ``module`` whose direct parameters its class's code reads
     (``self.qkv.weight``; only where the module has parameters of its own, as a container reading
-    a child's weight for a check would re-run all of it for nothing), or calls a child's method,
-    other than its ``forward``, that reads the child's parameters (``self.rel_pos.get_bias()``)."""
+    a child's weight for a check would re-run all of it for nothing), or whose methods other than
+    ``forward`` that read their parameters it calls (``self.rel_pos.get_bias()``)."""
     children = dict(module.named_children())
     if not children:
-        return False
+        return frozenset()
     own = any(p is not None for p in module._parameters.values())
     klass: type = type(module)
+    used: set[str] = set()
     for child_name, attribute in _reads(klass, "forward")[1]:
         child = children.get(child_name)
         if child is None:
             continue
         if own and child._parameters.get(attribute) is not None:
-            return True
+            used.add(child_name)
+            continue
         child_class: type = type(child)
         if attribute != "forward" and _method(child_class, attribute) is not None:
             names = _reads(child_class, attribute)[0]
             if any(child._parameters.get(name) is not None for name in names):
-                return True
-    return False
+                used.add(child_name)
+    return frozenset(used)
 
 
 def _method(klass: type, name: str) -> types.CodeType | None:

@@ -104,10 +104,12 @@ class GramianRule:
     # ``torch.nn.utils.weight_norm``, whose ``weight`` is rebuilt outside the forward) is refused.
     parameters: frozenset[str] | None = None
 
-    def covers_children(self, module: nn.Module) -> bool:
-        """Whether the rule covers the parameters of ``module``'s sub-modules too (default:
-        :attr:`recursive`)."""
-        return self.recursive
+    def covered_children(self, module: nn.Module) -> frozenset[str]:
+        """The names of ``module``'s children whose parameters (their whole subtrees) the rule
+        covers too (default: every child if :attr:`recursive`, else none)."""
+        if not self.recursive:
+            return frozenset()
+        return frozenset(name for name, _ in module.named_children())
 
     def batch_dims(self, module: nn.Module) -> tuple[Sequence[int], Sequence[int]]:
         """Dims of the batch in the module's tensor inputs (``args`` then ``kwargs``, flattened)

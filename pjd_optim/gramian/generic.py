@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._children import uses_children_outside_calls
+from ._children import children_used_outside_calls
 from ._registry import (
     Call,
     GramianRule,
@@ -239,11 +239,11 @@ class GenericRule(GramianRule):
     needs_outputs = True
     calls_hooks = True
 
-    def covers_children(self, module: nn.Module) -> bool:
-        """Also where the module's code uses a child's parameters outside the child's calls
+    def covered_children(self, module: nn.Module) -> frozenset[str]:
+        """Also the children whose parameters the module's code uses outside their calls
         (``F.linear(x, self.qkv.weight)``, ``self.rel_pos.get_bias()``): the re-run sees those
-        uses, which the child's rule cannot."""
-        return self.recursive or uses_children_outside_calls(module)
+        uses, which the child's rule cannot. (The other children keep their own rules.)"""
+        return super().covered_children(module) | children_used_outside_calls(module)
 
     def couples_batch(self, module: nn.Module) -> bool | None:
         """A BatchNorm subclass with a forward of its own (timm's ``BatchNormAct2d``) couples
