@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ._distributed import Ranks
 from ._engine import GramianSource
 from ._pass import GramianPass, Pass
 from .gramian import sum_of_gramians
@@ -21,7 +22,7 @@ class AutogradGramian(GramianSource):
     def considered(self) -> list[Tensor]:
         return self._considered
 
-    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
+    def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> Pass:
         return GramianPass(losses.reshape(-1), lambda: autograd_gramian(losses, self._considered))
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
@@ -49,10 +50,12 @@ def autograd_gramian(losses: Tensor, params: Iterable[Tensor]) -> Tensor:
 class ClosedGramian(GramianSource):
     """After ``close()``: the hooks are gone, so no Gramian can be computed."""
 
-    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
+    def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> Pass:
         raise self._closed()
 
-    def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:
+    def begin_tasks(
+        self, tasks: Sequence[Tensor], trainable: Sequence[Tensor], ranks: Ranks
+    ) -> Pass:
         raise self._closed()
 
     @staticmethod

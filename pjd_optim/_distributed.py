@@ -1,9 +1,16 @@
-"""Global Gramian across ``torch.distributed`` ranks (``distributed="global"``).
+"""The ranks a step agrees with (:class:`Ranks`), and the global Gramian across them
+(``distributed="global"``).
 
-Each rank all-gathers the saved inputs and output gradients of every considered call
-(``all_gather``, equal shapes on every rank), so every rank holds the factors of the whole global
-batch, computes the same ``[R·B, R·B]`` Gramian with the same rules and solves the same UPGrad
-problem; rank ``r`` then applies its slice of the weights. Bytes received per rank and step:
+A step's refusals and non-finite skips are agreed by one all-reduce over the ranks whose
+collectives its model takes part in: a ``DistributedDataParallel`` model's process group, every
+rank for a sharded model (FSDP) or under ``"global"``; none for a model no collective reaches
+(``"local"`` on a model trained on one rank only), which then waits for no other rank.
+
+Under ``"global"`` each rank all-gathers the saved inputs and output gradients of every
+considered call (``all_gather``, equal shapes on every rank, agreed first), so every rank holds
+the factors of the whole global batch, computes the same ``[R·B, R·B]`` Gramian with the same
+rules and solves the same UPGrad problem; rank ``r`` then applies its slice of the weights
+(times ``R``: DDP averages over its group). Bytes received per rank and step:
 
     (R − 1) · Σ_calls (numel(inputs) + numel(output grads)) · bytes per element.
 """
@@ -11,71 +18,128 @@ problem; rank ``r`` then applies its slice of the weights. Bytes received per ra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._records import Record
 from .gramian._registry import map_rows
 
 
-def world() -> tuple[int, int]:
-    """``(world size, rank)``, ``(1, 0)`` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+@dataclass(frozen=True)
+class Ranks:
+    """The ranks of a step: ``size`` of them in ``group`` (``None``: the default group), this
+    one's ``rank`` there; ``gather``: the considered calls are all-gathered (``"global"``);
+    ``sharded``: every backward pass gathers the model's sharded parameters (FSDP)."""
+
+    size: int = 1
+    rank: int = 0
+    group: Any = None
+    gather: bool = False
+    sharded: bool = False
 
 
-def all_ranks_agree(ok: bool, device: torch.device) -> bool:
-    """Whether every rank says ``ok`` (one all-reduce under torch.distributed, else ``ok``): a
-    step one rank refuses is refused on all, before any other collective, so none waits."""
-    return each_agreed([ok], device)[0]
+ALONE = Ranks()
 
 
-def step_agreed(ok: bool, finite: bool, rows: int, device: torch.device) -> tuple[bool, bool, bool]:
-    """The step's one agreement (one all-reduce; without torch.distributed the values
-    themselves): whether every rank went through (a rank that refused says ``ok=False``), whether
-    every rank's Gramian and losses are finite, and whether every rank has ``rows`` losses
-    (``"global"`` gathers equal shapes)."""
-    size, _ = world()
-    if size == 1:
-        return ok, finite, True
-    values = torch.tensor([int(ok), int(finite), rows, -rows], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    every_ok, every_finite, fewest, most = values.tolist()
-    return bool(every_ok), bool(every_finite), fewest == -most
+def step_ranks(model: nn.Module, distributed: str) -> Ranks:
+    """The ranks a step of ``model`` agrees with (see the module docstring): a
+    ``DistributedDataParallel`` model's process group, every rank for a sharded model or under
+    ``"global"``, none otherwise or without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ALONE
+    group = getattr(model, "process_group", None)  # (DistributedDataParallel's)
+    sharded = False
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        group, sharded = None, _sharded(model)
+        if distributed != "global" and not sharded:
+            return ALONE
+    size = dist.get_world_size(group)
+    gather = distributed == "global" and size > 1
+    return Ranks(size, dist.get_rank(group), group, gather, sharded and size > 1)
 
 
-def each_agreed(flags: list[bool], device: torch.device) -> list[bool]:
+def _sharded(model: nn.Module) -> bool:
+    r"""Whether ``model`` is sharded across ranks: FSDP2 (its parameters are ``DTensor``\ s) or
+    the FSDP1 wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FullyShardedDataParallel):
+        return True
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def all_ranks_agree(ok: bool, device: torch.device, ranks: Ranks) -> bool:
+    """Whether every rank says ``ok`` (one all-reduce, else ``ok``): a step one rank refuses is
+    refused on all, before any other collective, so none waits."""
+    return each_agreed([ok], device, ranks)[0]
+
+
+def step_agreed(
+    ok: bool, finite: bool, rows: int, device: torch.device, ranks: Ranks, shapes: int = 0
+) -> tuple[bool, bool, bool, bool]:
+    """The step's one agreement (one all-reduce; alone, the values themselves): whether every
+    rank went through (a rank that refused says ``ok=False``), whether every rank's Gramian and
+    losses are finite, whether every rank has ``rows`` losses and the same ``shapes`` (a
+    signature of the calls ``"global"`` gathers, which must have equal shapes)."""
+    if ranks.size == 1:
+        return ok, finite, True, True
+    values = torch.tensor([int(ok), int(finite), rows, -rows, shapes, -shapes], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=ranks.group)
+    every_ok, every_finite, fewest, most, least, greatest = values.tolist()
+    return bool(every_ok), bool(every_finite), fewest == -most, least == -greatest
+
+
+def each_agreed(flags: list[bool], device: torch.device, ranks: Ranks) -> list[bool]:
     """For each flag, whether every rank says it (one all-reduce for all, every rank passing as
-    many flags; without torch.distributed the flags themselves)."""
-    size, _ = world()
-    if size == 1:
+    many flags; alone, the flags themselves)."""
+    if ranks.size == 1:
         return flags
     values = torch.tensor([1 if f else 0 for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=ranks.group)
     return [bool(v) for v in values.tolist()]
 
 
-class CallGatherer:
-    """All-gathers the batched tensors of calls along dim 0; counts the bytes received."""
+def shapes_signature(records: Sequence[Record]) -> int:
+    """A signature of the shapes and element sizes of what :class:`CallGatherer` gathers from
+    ``records``: equal on ranks whose gathers match (a polynomial code of the integers, the same
+    in every process, unlike Python's salted hashes)."""
+    code = len(records)
+    for _, call in records:
+        inputs = [x for x, one in zip(call.tensors(), call.per_sample(), strict=True) if one]
+        for x in (*call.output_grads, *inputs):
+            for value in (x.ndim, *x.shape, x.element_size()):
+                code = (code * 1_000_003 + value) % _PRIME
+    return code
 
-    def __init__(self) -> None:
+
+_PRIME = (1 << 61) - 1
+
+
+class CallGatherer:
+    """All-gathers the batched tensors of calls along dim 0 over ``ranks``; counts the bytes
+    received."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
         self.received_bytes = 0
 
     def __call__(self, records: Sequence[Record]) -> list[Record]:
-        size, _ = world()
         self.received_bytes = 0
         gathered = []
         for module, call in records:
-            grads = tuple(self._gather(g, size) for g in call.output_grads)
+            grads = tuple(self._gather(g) for g in call.output_grads)
             rows = call.output_grads[0].shape[0]
-            gathered.append((module, map_rows(call, rows, lambda x: self._gather(x, size), grads)))
+            gathered.append((module, map_rows(call, rows, self._gather, grads)))
         return gathered
 
-    def _gather(self, x: Tensor, size: int) -> Tensor:
+    def _gather(self, x: Tensor) -> Tensor:
+        size = self.ranks.size
         parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=self.ranks.group)
         self.received_bytes += x.numel() * x.element_size() * (size - 1)
         return torch.cat(parts)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import _maps
 from ._checks import check_hookable, check_planned, is_finite, is_finite_tensor
-from ._distributed import CallGatherer, step_agreed, world
+from ._distributed import CallGatherer, Ranks, shapes_signature, step_agreed
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
 from ._passes import NotConnected, Passes, keeps_graph
@@ -43,15 +43,17 @@ class GramianSource:
     """Strategy interface: opens the pass of a step over per-instance losses (:meth:`begin`) or
     task losses (:meth:`begin_tasks`)."""
 
-    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> Pass:
-        """The pass of per-instance losses; ``keep_graph``: the caller runs the backward (the
-        passes keep the whole graph, the pass does not resume)."""
+    def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> Pass:
+        """The pass of per-instance losses over ``ranks``; ``keep_graph``: the caller runs the
+        backward (the passes keep the whole graph, the pass does not resume)."""
         raise NotImplementedError
 
-    def begin_tasks(self, tasks: Sequence[Tensor], trainable: Sequence[Tensor]) -> Pass:
+    def begin_tasks(
+        self, tasks: Sequence[Tensor], trainable: Sequence[Tensor], ranks: Ranks
+    ) -> Pass:
         """The pass of ``k`` scalar task losses (see ``_tasks``): the heads after the considered
         part get the plain sum of the task gradients, the rest the weighted sum."""
-        if world()[0] > 1:
+        if ranks.size > 1:
             raise ValueError("Task losses are not supported under torch.distributed yet.")
         head_params = heads(tasks, self.considered(), trainable)
         head_ids = {id(p) for p in head_params}
@@ -113,9 +115,9 @@ class HookedGramian(GramianSource):
     def ran_in_half(self) -> bool:
         return torch.float16 in self.hooks.live.dtypes()
 
-    def begin(self, losses: Tensor, distributed: str, keep_graph: bool = False) -> HookedPass:
+    def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> HookedPass:
         check_planned(self.plan, self.param_names)
-        return HookedPass(self, losses, distributed, keep_graph)
+        return HookedPass(self, losses, ranks, keep_graph)
 
     def _sum(self, records: list[Record], m: int) -> Tensor:
         """``Σ`` of the considered modules' Gramians over the records (``m`` rows each). A
@@ -211,15 +213,15 @@ class HookedPass(Pass):
     """A step's pass through the hooks: resume point, passes, row checks, other ranks' calls."""
 
     def __init__(
-        self, source: HookedGramian, losses: Tensor, distributed: str, keep_graph: bool
+        self, source: HookedGramian, losses: Tensor, ranks: Ranks, keep_graph: bool
     ) -> None:
         super().__init__(losses.reshape(-1))
         self.resumable = not keep_graph
-        self.source, self.losses = source, losses
-        self.size, self.rank = world() if distributed == "global" else (1, 0)
+        self.source, self.losses, self.ranks = source, losses, ranks
+        self.size, self.rank = (ranks.size, ranks.rank) if ranks.gather else (1, 0)
         if self.size > 1 and losses.ndim != 1:
             raise ValueError("distributed='global' needs 1-D losses (one per sample).")
-        self.gather = CallGatherer() if self.size > 1 else None
+        self.gather = CallGatherer(ranks) if self.size > 1 else None
         self.resume: Resume | None = None
 
     def gramian(self) -> tuple[Tensor, bool]:
@@ -231,27 +233,39 @@ class HookedPass(Pass):
         every rank's samples. Where exact, the passes also fill the resume point.
         """
         losses = self.losses
+        if self.ranks.sharded and losses.ndim > 1:
+            self._agree_positions()
         # Resume the trunk's backward at the considered part's boundary where that is exact.
         if self.resumable:
             self.resume = find_resume(losses, self.source.hooks, self.source.plan)
+        ranks = self.ranks
         try:
             records, gramian, finite = self._checked()
         except ValueError:
-            step_agreed(False, False, 0, losses.device)
+            step_agreed(False, False, 0, losses.device, ranks)
             raise
         # One all-reduce: whether every rank went through, and (the Gramians being local
         # unless "global") whether every rank's is finite, so that all skip, raise or go on
         # together (a rank stepping alone would wait in DDP's all-reduce).
-        ok, every_finite, same = step_agreed(True, finite, losses.numel(), losses.device)
+        shapes = shapes_signature(records) if self.gather is not None else 0
+        ok, every_finite, same, alike = step_agreed(
+            True, finite, losses.numel(), losses.device, ranks, shapes
+        )
         if not ok:
-            raise ValueError(
-                "Another rank refused this step (its error says why): nothing changed."
-            )
+            raise _another_rank_refused()
         if self.gather is not None and not same:
             raise ValueError(
                 "distributed='global' needs as many losses on every rank (it gathers the "
                 "considered calls): a last batch of another size? Use drop_last=True in the "
                 "DataLoader, or distributed='local'. Nothing was changed."
+            )
+        if self.gather is not None and not alike:
+            raise ValueError(
+                "distributed='global' gathers the considered calls' inputs and output gradients, "
+                "which need the same shapes on every rank: here they differ (sequences padded "
+                "to each rank's longest? Pad to one length on every rank, e.g. padding="
+                "'max_length' or pad_to_multiple_of, or use distributed='local'). Nothing was "
+                "changed."
             )
         if gramian is None:  # "global": the Gramian of every rank's calls
             assert self.gather is not None
@@ -261,6 +275,21 @@ class HookedPass(Pass):
             # (every rank's losses too: a NaN added to one rank's losses leaves its rows finite)
             every_finite = every_finite and is_finite(gramian, losses)
         return gramian, every_finite
+
+    def _agree_positions(self) -> None:
+        """Under FSDP, per-position losses (``[B, T]``) take passes per position, each gathering
+        the sharded parameters: every rank must take as many (one all-reduce first)."""
+        positions = self.losses[0].numel()
+        ok, _, same, _ = step_agreed(True, True, positions, self.losses.device, self.ranks)
+        if not ok:
+            raise _another_rank_refused()
+        if not same:
+            raise ValueError(
+                f"Per-position losses {tuple(self.losses.shape)} under FSDP need the same "
+                "positions on every rank (the step's passes per position each gather the sharded "
+                "parameters): pad every rank's batch to one length, or pass one loss per sample. "
+                "Nothing was changed."
+            )
 
     def _checked(self) -> tuple[list[Record], Tensor | None, bool]:
         """The checked records, their Gramian (``None`` under ``"global"``, where it is over
@@ -336,6 +365,10 @@ class HookedPass(Pass):
             self.source.weighted_backward(self.resume, weights)
         else:
             super().weighted_backward(weights)
+
+
+def _another_rank_refused() -> ValueError:
+    return ValueError("Another rank refused this step (its error says why): nothing changed.")
 
 
 def _row_weights(weights: Tensor, sigma: Tensor | None) -> Tensor:

@@ -49,8 +49,8 @@ class Pass:
         return weights[self.rank * m : (self.rank + 1) * m]
 
     def applied(self, weights: Tensor) -> Tensor:
-        """The cotangent of this rank's objectives: its weights, times the world size under
-        ``"global"`` (DDP averages the ranks' gradients)."""
+        """The cotangent of this rank's objectives: its weights, times the number of ranks under
+        ``"global"`` (DDP averages the gradients of the ranks of its group)."""
         return (self.own(weights) * self.size).to(self.objectives.dtype)
 
     def backward(self, weights: Tensor) -> None:

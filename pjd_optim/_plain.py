@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import RestoreGradsOnError, check_weights, nonfinite_gradient
-from ._distributed import all_ranks_agree
+from ._distributed import Ranks, all_ranks_agree
 from ._info import Status, StepInfo
 from ._pass import Pass
 from .weightings import Weighting
@@ -38,6 +38,9 @@ class PlainSteps:
     _base_step: Callable[[tuple[Any, ...]], None]  # (WrappedOptimizer's)
 
     def _trainable(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _ranks(self) -> Ranks:
         raise NotImplementedError
 
     def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
@@ -70,7 +73,7 @@ class PlainSteps:
                 jd.backward(weights)
                 nonfinite = nonfinite_gradient(trainable) if finite else None
                 stop = stop_on_nonfinite and finite  # (every rank takes the same decision)
-                if stop and not all_ranks_agree(nonfinite is None, weights.device):
+                if stop and not all_ranks_agree(nonfinite is None, weights.device, self._ranks()):
                     raise _NonFiniteGradients
         except _NonFiniteGradients:
             self._skip_or_raise(

@@ -19,7 +19,7 @@ from ._checks import (
     check_modes,
     check_task_losses,
 )
-from ._distributed import step_agreed
+from ._distributed import Ranks, step_agreed, step_ranks
 from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_names, considered_of
 from ._info import Status, StepInfo
@@ -253,8 +253,9 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
     def _begin(self, losses: Losses, keep_graph: bool = False) -> Pass:
         """The pass of this backward (per-instance or task losses), after checking them."""
         source = self._status.source
+        ranks = self._ranks()
         if isinstance(losses, (list, tuple)):
-            return source.begin_tasks(check_task_losses(losses), self._trainable())
+            return source.begin_tasks(check_task_losses(losses), self._trainable(), ranks)
         try:
             check_ddp(self.model)  # (DDP's _set_static_graph() may come after the build)
             check_losses(losses)
@@ -266,11 +267,15 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                     "considers trainable parameters, or call loss.backward() and step() for a "
                     "plain step. Nothing was changed."
                 )
-            return source.begin(losses, self.distributed, keep_graph)
+            return source.begin(losses, ranks, keep_graph)
         except ValueError:  # (the other ranks' passes wait for this one's word: it refuses)
             if self.gramian_mode == "hooks":
-                step_agreed(False, False, 0, self._considered[0].device)
+                step_agreed(False, False, 0, self._considered[0].device, ranks)
             raise
+
+    def _ranks(self) -> Ranks:
+        """The ranks this step agrees with (and, under ``"global"``, gathers from)."""
+        return step_ranks(self.model, self.distributed)
 
     def _trainable(self) -> list[Tensor]:
         params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}

@@ -54,6 +54,8 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
     the mode wanted). Every object that holds
     collective work (DDP's reducer, the optimizer) is local here, so it is gone on return."""
     model = make_model()
+    if mode in ("alone", "subgroup_global"):
+        return apart(rank, mode, model, out_dir)
     ddp = DistributedDataParallel(model, static_graph=mode == "static")
     if mode == "static":  # refused when the optimizer is built, on every rank
         try:
@@ -71,6 +73,15 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
     x, y = batch(rank)
     if "sizes" in mode and rank == 1:  # one example fewer ("global" gathers equal shapes)
         x, y = x[:-1], y[:-1]
+    if "shapes" in mode:  # sequences of another length on each rank, one loss per sequence
+        length = 3 + rank
+        x, y = x.unsqueeze(1).expand(-1, length, -1) * torch.arange(1.0, length + 1)[:, None], y
+        losses = (ddp(x).squeeze(-1) - y[:, None]).pow(2).mean(dim=1)
+        try:
+            optimizer.backward(losses)
+        except ValueError as error:
+            Path(out_dir, f"refused{rank}.txt").write_text(str(error))
+        return True
     if mode == "raise" and rank == 1:  # fails before the collective, e.g. a data error
         Path(out_dir, "error1.txt").write_text("rank 1 failed")
         return False
@@ -119,6 +130,29 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
         "resumed": info.resumed,
     }
     torch.save(result, Path(out_dir, f"rank{rank}.pt"))
+    return True
+
+
+def apart(rank: int, mode: str, model: nn.Sequential, out_dir: str) -> bool:
+    """``"alone"``: rank 0 steps a model of its own (no DDP), rank 1 waits at the barrier (a step
+    that agreed with every rank waited for it); ``"subgroup_global"``: each rank is a DDP group
+    of its own under ``"global"`` (it gathered from every rank, and scaled by the world size)."""
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # (every rank makes all)
+    if mode == "alone" and rank == 1:
+        return True
+    wrapped: nn.Module = model
+    if mode == "subgroup_global":
+        wrapped = DistributedDataParallel(model, process_group=groups[rank])
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        wrapped,
+        considered=[model[2], model[4]],
+        distributed="global" if mode.endswith("global") else "local",
+    )
+    x, y = batch(rank)
+    optimizer.step(losses_of(wrapped, x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.save({"params": params}, Path(out_dir, f"rank{rank}.pt"))
     return True
 
 

@@ -202,6 +202,25 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def positions(rank: int) -> dict[str, Any]:
+    """Per-token losses ``[B, T]`` through an attention block with another ``T`` on each rank:
+    refused on every rank (the passes per position, each gathering the sharded parameters, did
+    not match: gloo aborted both processes)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 8), layer, nn.Linear(8, 1)).double()
+    shard(model, "attention", mp=False)
+    base = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = PartialJDOptimizer(base, model, considered=[model[1], model[2]])
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(BATCH, 3 + rank, 4, generator=generator, dtype=torch.float64)
+    try:
+        optimizer.backward(model(x).squeeze(-1).pow(2))
+    except ValueError as error:
+        return {"refused": str(error)}
+    return {"refused": ""}
+
+
 def _zeros(v: Any) -> bool:
     return not isinstance(v, Tensor) or v.ndim == 0 or not bool(whole(v).any())
 
@@ -224,6 +243,7 @@ JOBS: dict[str, Callable[[int], dict[str, Any]]] = {
         for mode in ("local", "global")
     },
     "checkpoint": checkpoint,
+    "positions": positions,
 }
 
 

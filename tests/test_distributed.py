@@ -190,3 +190,34 @@ def test_ddp_with_a_static_graph_is_refused() -> None:
         spawn("static", Path(out))
         for rank in range(WORLD):
             assert "static_graph=True" in Path(out, f"refused{rank}.txt").read_text()
+
+
+def test_global_mode_with_calls_of_other_shapes_on_one_rank_is_refused_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """Sequences of another length on each rank (each rank padded to its own longest), one loss
+    per sequence: a clear error on every rank before the gather (gloo aborted both processes)."""
+    spawn("refuse_shapes_global", tmp_path)
+    for rank in range(WORLD):
+        assert "same shapes on every rank" in (tmp_path / f"refused{rank}.txt").read_text()
+
+
+def test_a_model_of_one_rank_steps_without_the_others(tmp_path: Path) -> None:
+    """A model without DDP or FSDP stepped on rank 0 only: its step agrees with no other rank
+    (it waited in an all-reduce until the process group's timeout)."""
+    spawn("alone", tmp_path)
+    params = torch.load(tmp_path / "rank0.pt")["params"]
+    x, y = batch(0)
+    for p, q in zip(params, single_process_step([x], [y]), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_global_mode_over_a_ddp_process_group_gathers_from_that_group(tmp_path: Path) -> None:
+    """DDP over a group of its own on each rank: ``"global"`` is JD on that group's batch (it
+    gathered from every rank and scaled by the world size: 40 % off, silently)."""
+    spawn("subgroup_global", tmp_path)
+    for rank in range(WORLD):
+        params = torch.load(tmp_path / f"rank{rank}.pt")["params"]
+        x, y = batch(rank)
+        for p, q in zip(params, single_process_step([x], [y]), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

@@ -135,6 +135,13 @@ def test_checkpoint_helpers_take_the_wrappers_state_as_the_bases(
         assert result["same_as_base"] and result["loaded_same"] and result["next_step_same"]
 
 
+def test_per_position_losses_of_other_lengths_are_refused_on_every_rank(
+    results: dict[str, list[dict[str, Any]]],
+) -> None:
+    for result in of(results, "positions"):
+        assert "same positions on every rank" in result["refused"]
+
+
 def test_fsdp_example_runs_under_torchrun() -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
