@@ -17,8 +17,8 @@ def check_modes(gramian_mode: str, distributed: str, nonfinite: str) -> None:
     """The wrapper's string options, each one of its values, and the combination allowed."""
     if gramian_mode not in ("hooks", "autograd"):
         raise ValueError(f"gramian_mode must be 'hooks' or 'autograd', got {gramian_mode!r}.")
-    if distributed not in ("local", "global"):
-        raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}.")
+    if distributed not in ("local", "global", "none"):
+        raise ValueError(f"distributed must be 'local', 'global' or 'none', got {distributed!r}.")
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
     if distributed == "global" and gramian_mode != "hooks":

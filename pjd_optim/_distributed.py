@@ -1,10 +1,10 @@
 """The ranks a step agrees with (:class:`Ranks`), and the global Gramian across them
 (``distributed="global"``).
 
-A step's refusals and non-finite skips are agreed by one all-reduce over the ranks whose
-collectives its model takes part in: a ``DistributedDataParallel`` model's process group, every
-rank for a sharded model (FSDP) or under ``"global"``; none for a model no collective reaches
-(``"local"`` on a model trained on one rank only), which then waits for no other rank.
+A step's refusals and non-finite skips are agreed by one all-reduce over the ranks of its model:
+a ``DistributedDataParallel`` wrapper's process group, else every rank (the optimizer of a model
+that DDP wraps later, as accelerate and Lightning do, sees the inner module only); none under
+``distributed="none"`` (a model one rank trains alone).
 
 Under ``"global"`` each rank all-gathers the saved inputs and output gradients of every
 considered call (``all_gather``, equal shapes on every rank, agreed first), so every rank holds
@@ -47,16 +47,14 @@ ALONE = Ranks()
 
 def step_ranks(model: nn.Module, distributed: str) -> Ranks:
     """The ranks a step of ``model`` agrees with (see the module docstring): a
-    ``DistributedDataParallel`` model's process group, every rank for a sharded model or under
-    ``"global"``, none otherwise or without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    ``DistributedDataParallel`` wrapper's process group, else every rank; none under
+    ``"none"`` or without an initialised process group."""
+    if distributed == "none" or not (dist.is_available() and dist.is_initialized()):
         return ALONE
     group = getattr(model, "process_group", None)  # (DistributedDataParallel's)
     sharded = False
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         group, sharded = None, _sharded(model)
-        if distributed != "global" and not sharded:
-            return ALONE
     size = dist.get_world_size(group)
     gather = distributed == "global" and size > 1
     return Ranks(size, dist.get_rank(group), group, gather, sharded and size > 1)

@@ -30,7 +30,7 @@ from .weightings import UPGrad, Weighting
 
 Losses = Tensor | Sequence[Tensor]  # per-instance losses, or task losses (one scalar each)
 GramianMode = Literal["hooks", "autograd"]
-Distributed = Literal["local", "global"]
+Distributed = Literal["local", "global", "none"]
 NonFinite = Literal["raise", "skip"]
 
 
@@ -70,7 +70,8 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
             layers' inputs and output gradients, every rank solves the same problem and applies
             its slice of the weights (times the world size, for DDP's averaging), so the update
             equals single-process JD on the concatenated batch. ``"global"`` needs 1-D losses
-            and equal shapes on every rank.
+            and equal shapes on every rank. ``"none"``: no collective at all, for a model this
+            rank trains alone (the others do not step it) while a process group exists.
         nonfinite: NaN/inf losses or Gramian in ``step(losses)``: ``"raise"`` (default) a
             ``ValueError``, or ``"skip"`` the step (``skipped_steps`` counts them); nothing
             changes either way. ``backward(losses)`` leaves non-finite gradients instead, as

@@ -134,8 +134,8 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
 
 
 def apart(rank: int, mode: str, model: nn.Sequential, out_dir: str) -> bool:
-    """``"alone"``: rank 0 steps a model of its own (no DDP), rank 1 waits at the barrier (a step
-    that agreed with every rank waited for it); ``"subgroup_global"``: each rank is a DDP group
+    """``"alone"``: rank 0 steps a model of its own (``distributed="none"``), rank 1 waits at the
+    barrier; ``"subgroup_global"``: each rank is a DDP group
     of its own under ``"global"`` (it gathered from every rank, and scaled by the world size)."""
     groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # (every rank makes all)
     if mode == "alone" and rank == 1:
@@ -147,7 +147,7 @@ def apart(rank: int, mode: str, model: nn.Sequential, out_dir: str) -> bool:
         torch.optim.SGD(wrapped.parameters(), lr=0.1),
         wrapped,
         considered=[model[2], model[4]],
-        distributed="global" if mode.endswith("global") else "local",
+        distributed="global" if mode.endswith("global") else "none",
     )
     x, y = batch(rank)
     optimizer.step(losses_of(wrapped, x, y))

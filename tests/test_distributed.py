@@ -203,8 +203,8 @@ def test_global_mode_with_calls_of_other_shapes_on_one_rank_is_refused_on_every_
 
 
 def test_a_model_of_one_rank_steps_without_the_others(tmp_path: Path) -> None:
-    """A model without DDP or FSDP stepped on rank 0 only: its step agrees with no other rank
-    (it waited in an all-reduce until the process group's timeout)."""
+    """A model stepped on rank 0 only, with ``distributed="none"``: its step agrees with no other
+    rank (any other mode waited in an all-reduce until the process group's timeout)."""
     spawn("alone", tmp_path)
     params = torch.load(tmp_path / "rank0.pt")["params"]
     x, y = batch(0)
