@@ -139,7 +139,7 @@ def as_weighting(weighting: Any) -> Weighting:
             raise TypeError(
                 f"TorchJD's {type(weighting).__name__} works on the Jacobian, not on its Gramian: "
                 "pass a Gramian weighting (e.g. pjd_optim.UPGrad() or "
-                "torchjd.aggregation.UPGradWeighting())."
+                "torchjd.aggregation.UPGradWeighting(); for the mean, pjd_optim.Mean())."
             )
     if not callable(weighting):
         raise TypeError("weighting must be a callable mapping an [m, m] Gramian to [m] weights.")
