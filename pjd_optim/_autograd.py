@@ -23,7 +23,8 @@ class AutogradGramian(GramianSource):
         return self._considered
 
     def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> Pass:
-        return GramianPass(losses.reshape(-1), lambda: autograd_gramian(losses, self._considered))
+        gramian_of = lambda: autograd_gramian(losses, self._considered)  # noqa: E731
+        return GramianPass(losses.reshape(-1), gramian_of, ranks)
 
     def task_gramian(self, losses: Sequence[Tensor]) -> Tensor:
         return autograd_gramian(torch.stack(list(losses)), self._considered)

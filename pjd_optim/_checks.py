@@ -25,11 +25,19 @@ def check_modes(gramian_mode: str, distributed: str, nonfinite: str) -> None:
         raise ValueError("distributed='global' needs gramian_mode='hooks'.")
 
 
-def check_ddp(model: nn.Module) -> None:
+def check_ddp(model: nn.Module, distributed: str) -> None:
     """``DistributedDataParallel(static_graph=True)`` is refused: its delayed all-reduce runs at
     the end of every backward through the model, the step's collection passes included, and
-    reduces gradients the step did not make (silently wrong by 10x and more)."""
+    reduces gradients the step did not make (silently wrong by 10x and more). So is
+    ``distributed="none"`` (no agreement between ranks) on a DDP model, whose backward every rank
+    must join."""
     ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp) and distributed == "none":
+        raise ValueError(
+            "distributed='none' is for a model that one rank trains alone; this model is "
+            "wrapped in DistributedDataParallel, whose backward every rank joins: use "
+            "distributed='local' or 'global'. Nothing was changed."
+        )
     if isinstance(model, ddp) and getattr(model, "static_graph", False):
         raise ValueError(
             "DistributedDataParallel(static_graph=True) is not supported: its delayed "

@@ -45,6 +45,14 @@ class Ranks:
 ALONE = Ranks()
 
 
+class Agreed(ValueError):
+    """A refusal every rank raises after agreeing on it (no further collective)."""
+
+
+def another_rank_refused() -> Agreed:
+    return Agreed("Another rank refused this step (its error says why): nothing changed.")
+
+
 def step_ranks(model: nn.Module, distributed: str) -> Ranks:
     """The ranks a step of ``model`` agrees with (see the module docstring): a
     ``DistributedDataParallel`` wrapper's process group, else every rank; none under

@@ -16,25 +16,22 @@ source, chosen at construction:
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import _maps
-from ._checks import check_hookable, check_planned, is_finite, is_finite_tensor
-from ._distributed import CallGatherer, Ranks, shapes_signature, step_agreed
+from ._checks import check_hookable, check_planned
+from ._distributed import Ranks
+from ._hooked_pass import HookedPass
 from ._hooks import HookSet, finalize_with, suspended
 from ._pass import Pass, TaskPass
-from ._passes import NotConnected, Passes, keeps_graph
+from ._passes import Passes
 from ._plan import plan_modules
 from ._records import Record, batch_major, by_module, rows_like, scaled
 from ._resume import Resume, book_kept
-from ._resume import find as find_resume
 from ._tasks import heads
-from ._uses import refuse_outside_uses, refuse_unrecorded_uses
 from .gramian import sum_of_gramians
 from .gramian._registry import accumulate, rule_for
 
@@ -207,168 +204,6 @@ class HookedGramian(GramianSource):
 
     def _trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.plan[module].items() if p.requires_grad}
-
-
-class HookedPass(Pass):
-    """A step's pass through the hooks: resume point, passes, row checks, other ranks' calls."""
-
-    def __init__(
-        self, source: HookedGramian, losses: Tensor, ranks: Ranks, keep_graph: bool
-    ) -> None:
-        super().__init__(losses.reshape(-1))
-        self.resumable = not keep_graph
-        self.source, self.losses, self.ranks = source, losses, ranks
-        self.size, self.rank = (ranks.size, ranks.rank) if ranks.gather else (1, 0)
-        if self.size > 1 and losses.ndim != 1:
-            raise ValueError("distributed='global' needs 1-D losses (one per sample).")
-        self.gather = CallGatherer(ranks) if self.size > 1 else None
-        self.resume: Resume | None = None
-
-    def gramian(self) -> tuple[Tensor, bool]:
-        """``[m, m]`` Gramian over ``losses.flatten()``, and whether it and the losses are finite.
-
-        Every row of every considered call is checked to feed one loss (``_maps``); the step is
-        refused before anything changes otherwise, on every rank under ``torch.distributed``.
-        Under ``"global"`` the calls are all-gathered (``_distributed``): the Gramian is over
-        every rank's samples. Where exact, the passes also fill the resume point.
-        """
-        losses = self.losses
-        if self.ranks.sharded and losses.ndim > 1:
-            self._agree_positions()
-        # Resume the trunk's backward at the considered part's boundary where that is exact.
-        if self.resumable:
-            self.resume = find_resume(losses, self.source.hooks, self.source.plan)
-        ranks = self.ranks
-        try:
-            records, gramian, finite = self._checked()
-        except ValueError:
-            step_agreed(False, False, 0, losses.device, ranks)
-            raise
-        # One all-reduce: whether every rank went through, and (the Gramians being local
-        # unless "global") whether every rank's is finite, so that all skip, raise or go on
-        # together (a rank stepping alone would wait in DDP's all-reduce).
-        shapes = shapes_signature(records) if self.gather is not None else 0
-        ok, every_finite, same, alike = step_agreed(
-            True, finite, losses.numel(), losses.device, ranks, shapes
-        )
-        if not ok:
-            raise _another_rank_refused()
-        if self.gather is not None and not same:
-            raise ValueError(
-                "distributed='global' needs as many losses on every rank (it gathers the "
-                "considered calls): a last batch of another size? Use drop_last=True in the "
-                "DataLoader, or distributed='local'. Nothing was changed."
-            )
-        if self.gather is not None and not alike:
-            raise ValueError(
-                "distributed='global' gathers the considered calls' inputs and output gradients, "
-                "which need the same shapes on every rank: here they differ (sequences padded "
-                "to each rank's longest? Pad to one length on every rank, e.g. padding="
-                "'max_length' or pad_to_multiple_of, or use distributed='local'). Nothing was "
-                "changed."
-            )
-        if gramian is None:  # "global": the Gramian of every rank's calls
-            assert self.gather is not None
-            records = self.gather(records)
-            self.received_bytes = self.gather.received_bytes
-            gramian = self.source._sum(records, losses.numel() * self.size)
-            # (every rank's losses too: a NaN added to one rank's losses leaves its rows finite)
-            every_finite = every_finite and is_finite(gramian, losses)
-        return gramian, every_finite
-
-    def _agree_positions(self) -> None:
-        """Under FSDP, per-position losses (``[B, T]``) take passes per position, each gathering
-        the sharded parameters: every rank must take as many (one all-reduce first)."""
-        positions = self.losses[0].numel()
-        ok, _, same, _ = step_agreed(True, True, positions, self.losses.device, self.ranks)
-        if not ok:
-            raise _another_rank_refused()
-        if not same:
-            raise ValueError(
-                f"Per-position losses {tuple(self.losses.shape)} under FSDP need the same "
-                "positions on every rank (the step's passes per position each gather the sharded "
-                "parameters): pad every rank's batch to one length, or pass one loss per sample. "
-                "Nothing was changed."
-            )
-
-    def _checked(self) -> tuple[list[Record], Tensor | None, bool]:
-        """The checked records, their Gramian (``None`` under ``"global"``, where it is over
-        every rank's calls) and whether it is finite."""
-        losses, resume, source = self.losses, self.resume, self.source
-        try:
-            collected = source.passes.collect(losses, resume)
-        except NotConnected:
-            refuse_unrecorded_uses(losses, source.owners, set(), source.param_names)
-            raise
-        reached = {id(r.module) for r in collected.reached}
-        refuse_unrecorded_uses(losses, source.owners, reached, source.param_names)
-        # (after: a module with no recorded call, e.g. run before the optimizer hooked it, is
-        # named as such rather than as used outside its forward)
-        refuse_outside_uses(losses, source.hooks, source.owners, source.param_names)
-        self.check_seconds = source.passes.check_seconds
-        m = collected.m
-        start = time.perf_counter()
-        fast = _maps.expected(collected)
-        self.check_seconds += time.perf_counter() - start
-        grads = [g.flatten() for r in collected.reached for g in (*r.call.output_grads, *r.tagged)]
-        if fast is not None:
-            records, verified = fast
-            # Non-finite gradients cannot be checked, and make the step non-finite anyway. Under
-            # "global" the Gramian comes after the gather: the gradients tell finiteness here.
-            gramian = None if self.gather is not None else source._sum(records, m)
-            finite = is_finite_tensor(torch.cat(grads) if gramian is None else gramian, losses)
-            flags = torch.stack([verified, finite]).tolist()
-            if not flags[1] or flags[0]:
-                if resume is not None:
-                    resume.records = records
-                return records, gramian, bool(flags[1])
-        grads_finite = is_finite(torch.cat(grads), losses)
-        if not grads_finite and self.gather is None:
-            return [], torch.full((m, m), torch.nan, device=losses.device), False
-        if self.gather is not None:
-            if grads_finite:
-                _maps.named(collected, None)  # a refusal naming what mixes the rows, if any does
-            raise ValueError(
-                "distributed='global' needs the losses in the order of the batch rows of every "
-                "considered call (row i feeding loss i); use distributed='local' for others."
-            )
-        per_column = None
-        if losses.ndim > 1 and resume is None:
-            per_column = lambda reached: source.passes.per_column(collected)  # noqa: E731
-        start = time.perf_counter()
-        freed = not keeps_graph(resume)
-        # Rows named by their tags are confirmed by a pass with the mirrored tags; where the
-        # graph is freed, only a one-to-one map (a permutation) is taken.
-        confirm = None if freed else source.passes.confirm(collected, resume)
-        records, rows = _maps.named(collected, per_column, confirm)
-        if freed:
-            _maps.one_to_one(rows, m)
-        self.check_seconds += time.perf_counter() - start
-        if resume is not None:
-            resume.records = records
-            if not resume.skips:
-                resume.rows = _maps.rows_of_inputs(resume.boundary, collected, rows)
-            else:
-                try:
-                    resume.rows = _maps.boundary_rows(collected, confirm)
-                except ValueError:  # the passes kept the graph: losses.backward(w) instead
-                    resume.usable = False
-        gramian = source._sum(records, m)
-        return records, gramian, is_finite(gramian, losses)
-
-    @property
-    def resumed(self) -> bool:  # type: ignore[override]
-        return self.resume is not None and self.resume.usable
-
-    def weighted_backward(self, weights: Tensor) -> None:
-        if self.resume is not None and self.resume.usable:
-            self.source.weighted_backward(self.resume, weights)
-        else:
-            super().weighted_backward(weights)
-
-
-def _another_rank_refused() -> ValueError:
-    return ValueError("Another rank refused this step (its error says why): nothing changed.")
 
 
 def _row_weights(weights: Tensor, sigma: Tensor | None) -> Tensor:

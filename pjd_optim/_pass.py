@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from ._checks import is_finite
+from ._distributed import ALONE, Ranks, another_rank_refused, step_agreed
 
 
 class Pass:
@@ -62,15 +63,27 @@ class Pass:
 
 
 class GramianPass(Pass):
-    """A pass whose Gramian comes from a function of the objectives (autograd's)."""
+    """A pass whose Gramian comes from a function of the objectives (autograd's), agreed with
+    ``ranks`` as the hooks' pass agrees (whether every rank went through, and is finite)."""
 
-    def __init__(self, objectives: Tensor, gramian_of: Callable[[], Tensor]) -> None:
+    def __init__(
+        self, objectives: Tensor, gramian_of: Callable[[], Tensor], ranks: Ranks = ALONE
+    ) -> None:
         super().__init__(objectives)
-        self.gramian_of = gramian_of
+        self.gramian_of, self.ranks = gramian_of, ranks
 
     def gramian(self) -> tuple[Tensor, bool]:
-        gramian = self.gramian_of()
-        return gramian, is_finite(gramian, self.objectives)
+        device = self.objectives.device
+        try:
+            gramian = self.gramian_of()
+        except ValueError:
+            step_agreed(False, False, 0, device, self.ranks)
+            raise
+        finite = is_finite(gramian, self.objectives)
+        ok, every_finite, _, _ = step_agreed(True, finite, 0, device, self.ranks)
+        if not ok:
+            raise another_rank_refused()
+        return gramian, every_finite
 
 
 class TaskPass(GramianPass):

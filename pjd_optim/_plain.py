@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import RestoreGradsOnError, check_weights, nonfinite_gradient
-from ._distributed import Ranks, all_ranks_agree
+from ._distributed import Ranks, all_ranks_agree, another_rank_refused
 from ._info import Status, StepInfo
 from ._pass import Pass
 from .weightings import Weighting
@@ -49,8 +49,15 @@ class PlainSteps:
         ``GradScaler`` skips), or, when stopping there, a skipped step (``None``) or an error, as
         ``nonfinite`` says."""
         if finite:
-            weights = self.weighting(gramian.detach())
-            return check_weights(weights, gramian.shape[0], gramian).detach()
+            try:
+                weights = self.weighting(gramian.detach())
+                weights = check_weights(weights, gramian.shape[0], gramian).detach()
+            except Exception:
+                self._weighed_everywhere(False)
+                raise
+            if not self._weighed_everywhere(True):
+                raise another_rank_refused()
+            return weights
         if not stop_on_nonfinite:
             return torch.full_like(gramian[0], torch.nan).detach()
         self._skip_or_raise(
@@ -84,6 +91,15 @@ class PlainSteps:
             )
             return False, None
         return True, nonfinite
+
+    def _weighed_everywhere(self, ok: bool) -> bool:
+        """Whether every rank's weighting went through (one all-reduce, where the ranks weigh
+        their own Gramians: a solver may refuse one rank's only; under ``"global"`` every rank
+        weighs the same one)."""
+        ranks = self._ranks()
+        if ranks.gather:
+            return ok
+        return all_ranks_agree(ok, self._considered[0].device, ranks)
 
     def _skip_or_raise(self, message: str) -> None:
         """A non-finite step: skipped (counted) under ``nonfinite="skip"``, else the error."""

@@ -112,7 +112,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         weighting = as_weighting(UPGrad() if weighting is None else weighting)
         check_modes(gramian_mode, distributed, nonfinite)
         check_base_step(base)
-        check_ddp(model)
+        check_ddp(model, distributed)
         check_disjoint(base.param_groups)
         params = considered_of(base.param_groups, [] if considered is None else considered)
         if not params:
@@ -255,10 +255,10 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         """The pass of this backward (per-instance or task losses), after checking them."""
         source = self._status.source
         ranks = self._ranks()
-        if isinstance(losses, (list, tuple)):
-            return source.begin_tasks(check_task_losses(losses), self._trainable(), ranks)
         try:
-            check_ddp(self.model)  # (DDP's _set_static_graph() may come after the build)
+            if isinstance(losses, (list, tuple)):
+                return source.begin_tasks(check_task_losses(losses), self._trainable(), ranks)
+            check_ddp(self.model, self.distributed)  # (_set_static_graph() may come later)
             check_losses(losses)
             assert isinstance(losses, Tensor)
             if not any(p.requires_grad for p in self._considered):
@@ -269,10 +269,13 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                     "plain step. Nothing was changed."
                 )
             return source.begin(losses, ranks, keep_graph)
-        except ValueError:  # (the other ranks' passes wait for this one's word: it refuses)
-            if self.gramian_mode == "hooks":
-                step_agreed(False, False, 0, self._considered[0].device, ranks)
+        except (ValueError, TypeError):  # (the other ranks wait for this one's word: it refuses)
+            self._refuse_everywhere()
             raise
+
+    def _refuse_everywhere(self) -> None:
+        """This rank refuses the step: the other ranks' agreement hears so (they refuse too)."""
+        step_agreed(False, False, 0, self._considered[0].device, self._ranks())
 
     def _ranks(self) -> Ranks:
         """The ranks this step agrees with (and, under ``"global"``, gathers from)."""
@@ -335,6 +338,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 self._plain_step(args)  # the scalar of a weighted_loss, whose backward ran
                 return result
             if not isinstance(result, (Tensor, list, tuple)):
+                self._refuse_everywhere()
                 raise TypeError(
                     "The closure must return the per-instance losses (a tensor), the task "
                     "losses (a list), the scalar of optimizer.weighted_loss(losses) after its "
@@ -343,6 +347,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 )
             losses = result
         else:
+            self._refuse_everywhere()
             raise TypeError(
                 "step() takes the per-instance losses (a Tensor), task losses (a list of scalar "
                 f"tensors), a closure returning them, or nothing; got {type(closure).__name__}."

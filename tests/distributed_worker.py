@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pjd_optim import PartialJDOptimizer, _resume
+from pjd_optim import Distributed, PartialJDOptimizer, _resume
 
 BATCH = 5
 WORLD_OFFSET = 10  # seed offset of the second micro-batch in the no_sync test
@@ -57,12 +57,16 @@ def step(rank: int, mode: str, out_dir: str) -> bool:
     if mode in ("alone", "subgroup_global"):
         return apart(rank, mode, model, out_dir)
     ddp = DistributedDataParallel(model, static_graph=mode == "static")
-    if mode == "static":  # refused when the optimizer is built, on every rank
+    if mode in ("static", "none"):  # refused when the optimizer is built, on every rank
+        distributed: Distributed = "none" if mode == "none" else "local"
         try:
-            PartialJDOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), ddp, considered=model[2])
+            base = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            PartialJDOptimizer(base, ddp, considered=model[2], distributed=distributed)
         except ValueError as error:
             Path(out_dir, f"refused{rank}.txt").write_text(str(error))
         return True
+    if mode.startswith("agree"):  # one rank refuses late or oddly: every rank must refuse
+        return disagree(rank, mode, model, ddp, out_dir)
     optimizer = PartialJDOptimizer(
         torch.optim.SGD(ddp.parameters(), lr=0.1),
         ddp,
@@ -153,6 +157,38 @@ def apart(rank: int, mode: str, model: nn.Sequential, out_dir: str) -> bool:
     optimizer.step(losses_of(wrapped, x, y))
     params = [p.detach().clone() for p in model.parameters()]
     torch.save({"params": params}, Path(out_dir, f"rank{rank}.pt"))
+    return True
+
+
+def disagree(rank: int, mode: str, model: nn.Sequential, ddp: nn.Module, out_dir: str) -> bool:
+    """Rank 1 refuses where the agreement used to miss it: its weighting raises (a custom one,
+    or a solver refusing one rank's Gramian), its step gets no losses (a ``TypeError``), or, in
+    ``gramian_mode="autograd"``, its losses are a scalar. Rank 0 must refuse too, not wait in
+    DDP's all-reduce."""
+
+    def picky(gramian: Tensor) -> Tensor:
+        if rank == 1:
+            raise ValueError("rank 1's weighting refuses")
+        return torch.full((gramian.shape[0],), 1.0 / gramian.shape[0], dtype=gramian.dtype)
+
+    optimizer = PartialJDOptimizer(
+        torch.optim.SGD(ddp.parameters(), lr=0.1),
+        ddp,
+        considered=[model[2], model[4]],
+        weighting=picky if mode == "agree_weighting" else None,
+        gramian_mode="autograd" if mode == "agree_autograd" else "hooks",
+    )
+    losses = losses_of(ddp, *batch(rank))
+    try:
+        if mode == "agree_type" and rank == 1:
+            optimizer.step(3)  # type: ignore[call-overload]
+        elif mode == "agree_autograd" and rank == 1:
+            optimizer.step(losses.sum())
+        else:
+            optimizer.step(losses)
+    except (ValueError, TypeError) as error:
+        Path(out_dir, f"refused{rank}.txt").write_text(str(error))
+        assert all(p.grad is None for p in model.parameters())
     return True
 
 

@@ -12,6 +12,7 @@ import gc
 import os
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
-from pjd_optim import Distributed, PartialJDOptimizer
+from pjd_optim import Distributed, NonFinite, PartialJDOptimizer
 
 FSDP2 = hasattr(fsdp, "fully_shard")  # public from torch 2.6 (before, it fails on the CPU)
 BATCH = 3
@@ -221,6 +222,39 @@ def positions(rank: int) -> dict[str, Any]:
     return {"refused": ""}
 
 
+def disagreeing(rank: int, case: str) -> dict[str, Any]:
+    """Rank 1 alone: scalar losses (``"scalar"``, refused before the first pass), its losses
+    flipped (``"flipped"``: a valid permutation that takes more passes there), NaN in its
+    ``[B, T]`` losses (``"nan"``, under ``nonfinite="skip"``). Each used to hang both ranks in
+    FSDP's parameter gathers; now every rank refuses, or skips."""
+    model, considered = make_model("generic")
+    model.double()
+    shard(model, "generic", mp=False)
+    base = torch.optim.SGD(model.parameters(), lr=LR)
+    nonfinite: NonFinite = "skip" if case == "nan" else "raise"
+    optimizer = PartialJDOptimizer(base, model, considered=considered, nonfinite=nonfinite)
+    x, y = batch("generic", rank, torch.float64)
+    if case == "nan":  # per-token losses: [B, T]
+        x = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1)
+    losses = (model(x).squeeze(-1) - (y if case != "nan" else y[:, None])).pow(2)
+    if rank == 1:
+        if case == "scalar":
+            losses = losses.sum()
+        elif case == "flipped":
+            losses = losses.flip(0)
+        else:
+            losses = losses * torch.tensor([[float("nan")] + [1.0] * 2] + [[1.0] * 3] * 2)
+    before = [whole(p) for p in model.parameters()]
+    try:
+        optimizer.step(losses)
+    except ValueError as error:
+        return {"refused": str(error), "skipped": optimizer.skipped_steps}
+    unchanged = all(
+        torch.equal(whole(p), b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    return {"refused": "", "skipped": optimizer.skipped_steps, "unchanged": unchanged}
+
+
 def _zeros(v: Any) -> bool:
     return not isinstance(v, Tensor) or v.ndim == 0 or not bool(whole(v).any())
 
@@ -244,6 +278,9 @@ JOBS: dict[str, Callable[[int], dict[str, Any]]] = {
     },
     "checkpoint": checkpoint,
     "positions": positions,
+    **{
+        f"disagree-{case}": partial(disagreeing, case=case) for case in ("scalar", "flipped", "nan")
+    },
 }
 
 

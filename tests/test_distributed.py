@@ -221,3 +221,25 @@ def test_global_mode_over_a_ddp_process_group_gathers_from_that_group(tmp_path: 
         x, y = batch(rank)
         for p, q in zip(params, single_process_step([x], [y]), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["agree_weighting", "agree_type", "agree_autograd"])
+def test_a_late_or_odd_refusal_on_one_rank_is_refused_on_every_rank(
+    mode: str, tmp_path: Path
+) -> None:
+    """A weighting that raises on one rank only (after the step's agreement), a step given no
+    losses (a ``TypeError``), or a scalar in ``gramian_mode="autograd"`` (which agreed on
+    nothing): rank 0 waited in DDP's all-reduce until the timeout. Now every rank refuses."""
+    spawn(mode, tmp_path)
+    for rank in range(WORLD):
+        assert (tmp_path / f"refused{rank}.txt").exists(), f"rank {rank} did not refuse"
+    assert "Another rank refused" in (tmp_path / "refused0.txt").read_text()
+
+
+def test_no_agreement_with_a_ddp_model_is_refused() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        spawn("none", Path(out))
+        for rank in range(WORLD):
+            assert "distributed='none'" in Path(out, f"refused{rank}.txt").read_text()

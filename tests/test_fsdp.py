@@ -142,6 +142,28 @@ def test_per_position_losses_of_other_lengths_are_refused_on_every_rank(
         assert "same positions on every rank" in result["refused"]
 
 
+def test_a_refusal_or_a_reordering_on_one_rank_is_refused_on_every_rank(
+    results: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Scalar losses on one rank (refused before the first pass), or its losses reordered
+    (more passes there): every rank refuses, before the passes go different ways (both ranks
+    hung in FSDP's parameter gathers)."""
+    scalar = of(results, "disagree-scalar")
+    assert "Another rank refused" in scalar[0]["refused"]
+    assert "scalar" in scalar[1]["refused"].lower() or "one loss" in scalar[1]["refused"]
+    for result in of(results, "disagree-flipped"):
+        assert "same passes" in result["refused"]
+
+
+def test_non_finite_losses_on_one_rank_skip_the_step_on_every_rank(
+    results: dict[str, list[dict[str, Any]]],
+) -> None:
+    """NaN in one rank's ``[B, T]`` losses: that rank stopped at its non-finite Gramian while
+    the other took its passes per position (both hung); now every rank skips the step."""
+    for result in of(results, "disagree-nan"):
+        assert result["refused"] == "" and result["skipped"] == 1 and result["unchanged"]
+
+
 def test_fsdp_example_runs_under_torchrun() -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]

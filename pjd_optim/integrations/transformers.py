@@ -196,7 +196,8 @@ class JDTrainer(Trainer):
             for shifted in (guess, not guess) if logits.ndim == 3 else (guess,):
                 mean = objective_losses(logits, labels, "token", shifted, problem_type=problem)
                 means[shifted] = float(mean.mean())
-        found = [a for a, m in means.items() if math.isclose(m, float(own), rel_tol=_LOSS_RTOL)]
+        value = float(own.detach())
+        found = [a for a, m in means.items() if math.isclose(m, value, rel_tol=_LOSS_RTOL)]
         if len(found) > 1:
             by_gradient = _same_gradients(own, logits, labels, problem, found)
             if by_gradient is None:
@@ -205,7 +206,7 @@ class JDTrainer(Trainer):
         if given is not None and found and given not in found:
             raise ValueError(
                 f"shift_labels={given} does not reproduce {type(_unwrapped(model)).__name__}'s "
-                f"own loss ({float(own):.6g}), shift_labels={not given} does: pass that, or "
+                f"own loss ({value:.6g}), shift_labels={not given} does: pass that, or "
                 "leave shift_labels out (the model's loss decides)."
             )
         if found:
@@ -214,7 +215,7 @@ class JDTrainer(Trainer):
         name = type(_unwrapped(model)).__name__
         values = " or ".join(f"{m:.6g}" for m in means.values())
         raise ValueError(
-            f"JDTrainer's objectives do not reproduce {name}'s own loss ({float(own):.6g}; "
+            f"JDTrainer's objectives do not reproduce {name}'s own loss ({value:.6g}; "
             f"the mean of the objectives' losses is {values}, "
             "labels shifted or not): its loss has other terms (MoE router losses with "
             "output_router_logits=True?) or another form, which the objectives would leave "
