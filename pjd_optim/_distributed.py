@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ._records import Record
 from .gramian._registry import map_rows
+from .gramian._sharded import sharded
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,8 @@ def _sharded(model: nn.Module) -> bool:
     r"""Whether ``model`` is sharded across ranks: FSDP2 (its parameters are ``DTensor``\ s) or
     the FSDP1 wrapper."""
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
 
-    if isinstance(model, FullyShardedDataParallel):
-        return True
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(model, FullyShardedDataParallel) or sharded(model)
 
 
 def all_ranks_agree(ok: bool, device: torch.device, ranks: Ranks) -> bool:

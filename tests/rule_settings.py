@@ -103,7 +103,8 @@ def falcon_linear(name: str, d: int, p: int, bias: bool, middle: tuple[int, ...]
 
     key = "transformers.models.falcon.modeling_falcon.FalconLinear"
     inputs = one(lambda g: randn(g, B, *middle, d))
-    return Setting(key, f"falcon_linear_{name}", build, inputs, (0,), (0,), needs="transformers")
+    needs = "transformers.models.falcon.modeling_falcon"  # (not with transformers 5 on torch < 2.6)
+    return Setting(key, f"falcon_linear_{name}", build, inputs, (0,), (0,), needs=needs)
 
 
 CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

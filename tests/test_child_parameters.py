@@ -104,6 +104,8 @@ def test_covered_or_not_the_step_is_exact(build: Callable[[], nn.Module]) -> Non
 
 def test_mamba_mixer_reading_its_convolution_and_projections_is_exact() -> None:
     transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():  # (transformers 5 needs torch >= 2.6)
+        pytest.skip("this transformers does not run with this torch")
     torch.manual_seed(0)
     config = transformers.MambaConfig(
         vocab_size=40, hidden_size=8, state_size=4, num_hidden_layers=2, expand=2,
