@@ -23,6 +23,12 @@ class AutogradGramian(GramianSource):
         return self._considered
 
     def begin(self, losses: Tensor, ranks: Ranks, keep_graph: bool = False) -> Pass:
+        if ranks.sharded:
+            raise ValueError(
+                "gramian_mode='autograd' does not support FSDP-sharded models (its per-loss "
+                "backward cannot differentiate w.r.t. sharded parameters): use "
+                "gramian_mode='hooks'. Nothing was changed."
+            )
         gramian_of = lambda: autograd_gramian(losses, self._considered)  # noqa: E731
         return GramianPass(losses.reshape(-1), gramian_of, ranks)
 

@@ -161,8 +161,10 @@ class HookedPass(Pass):
         if fast is not None:
             records, verified = fast
             # Non-finite gradients cannot be checked, and make the step non-finite anyway. Under
-            # "global" the Gramian comes after the gather: the gradients tell finiteness here.
-            gramian = None if self.gather is not None else source._sum(records, m)
+            # "global" the Gramian comes after the gather, and under FSDP after the agreement
+            # (re-running a module gathers its parameters): the gradients tell finiteness here.
+            late = self.gather is not None or self.ranks.sharded
+            gramian = None if late else source._sum(records, m)
             finite = is_finite_tensor(torch.cat(grads) if gramian is None else gramian, losses)
             flags = torch.stack([verified, finite]).tolist()
             done = not flags[1] or flags[0]
@@ -171,6 +173,9 @@ class HookedPass(Pass):
             if done:
                 if resume is not None:
                     resume.records = records
+                if gramian is None and self.gather is None:
+                    gramian = source._sum(records, m)
+                    return records, gramian, bool(flags[1]) and is_finite(gramian, losses)
                 return records, gramian, bool(flags[1])
         grads_finite = is_finite(torch.cat(grads), losses)
         if fast is None and self.ranks.sharded:
@@ -205,6 +210,10 @@ class HookedPass(Pass):
                     resume.rows = _maps.boundary_rows(collected, confirm)
                 except ValueError:  # the passes kept the graph: losses.backward(w) instead
                     resume.usable = False
+        if self.ranks.sharded:  # (a rank that refused above says so before the parameter gathers)
+            ok, _, _, _ = step_agreed(True, True, 0, losses.device, self.ranks)
+            if not ok:
+                raise another_rank_refused()
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
-from pjd_optim import Distributed, NonFinite, PartialJDOptimizer
+from pjd_optim import Distributed, GramianMode, NonFinite, PartialJDOptimizer
 
 FSDP2 = hasattr(fsdp, "fully_shard")  # public from torch 2.6 (before, it fails on the CPU)
 BATCH = 3
@@ -225,24 +225,31 @@ def positions(rank: int) -> dict[str, Any]:
 def disagreeing(rank: int, case: str) -> dict[str, Any]:
     """Rank 1 alone: scalar losses (``"scalar"``, refused before the first pass), its losses
     flipped (``"flipped"``: a valid permutation that takes more passes there), NaN in its
-    ``[B, T]`` losses (``"nan"``, under ``nonfinite="skip"``). Each used to hang both ranks in
-    FSDP's parameter gathers; now every rank refuses, or skips."""
+    ``[B, T]`` losses (``"nan"``, under ``nonfinite="skip"``), rows that mix while rank 0's are
+    reordered (``"mixed"``: refused after the passes, before the generic rule's re-run gathers
+    parameters). Each used to hang both ranks in FSDP's parameter gathers; now every rank
+    refuses, or skips. ``"autograd"``: that mode, refused clearly (an internal error before)."""
     model, considered = make_model("generic")
     model.double()
     shard(model, "generic", mp=False)
     base = torch.optim.SGD(model.parameters(), lr=LR)
     nonfinite: NonFinite = "skip" if case == "nan" else "raise"
-    optimizer = PartialJDOptimizer(base, model, considered=considered, nonfinite=nonfinite)
+    mode: GramianMode = "autograd" if case == "autograd" else "hooks"
+    optimizer = PartialJDOptimizer(
+        base, model, considered=considered, nonfinite=nonfinite, gramian_mode=mode
+    )
     x, y = batch("generic", rank, torch.float64)
     if case == "nan":  # per-token losses: [B, T]
         x = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1)
     losses = (model(x).squeeze(-1) - (y if case != "nan" else y[:, None])).pow(2)
-    if rank == 1:
+    if case == "mixed":  # both reordered; rank 1's rows mix (refused after the passes)
+        losses = losses.cumsum(0) if rank == 1 else losses.flip(0)
+    elif rank == 1:
         if case == "scalar":
             losses = losses.sum()
         elif case == "flipped":
             losses = losses.flip(0)
-        else:
+        elif case == "nan":
             losses = losses * torch.tensor([[float("nan")] + [1.0] * 2] + [[1.0] * 3] * 2)
     before = [whole(p) for p in model.parameters()]
     try:
@@ -279,7 +286,8 @@ JOBS: dict[str, Callable[[int], dict[str, Any]]] = {
     "checkpoint": checkpoint,
     "positions": positions,
     **{
-        f"disagree-{case}": partial(disagreeing, case=case) for case in ("scalar", "flipped", "nan")
+        f"disagree-{case}": partial(disagreeing, case=case)
+        for case in ("scalar", "flipped", "nan", "mixed", "autograd")
     },
 }
 

@@ -153,6 +153,11 @@ def test_a_refusal_or_a_reordering_on_one_rank_is_refused_on_every_rank(
     assert "scalar" in scalar[1]["refused"].lower() or "one loss" in scalar[1]["refused"]
     for result in of(results, "disagree-flipped"):
         assert "same passes" in result["refused"]
+    mixed = of(results, "disagree-mixed")
+    assert "Another rank refused" in mixed[0]["refused"]
+    assert "feed several losses" in mixed[1]["refused"]
+    for result in of(results, "disagree-autograd"):
+        assert "gramian_mode='hooks'" in result["refused"]
 
 
 def test_non_finite_losses_on_one_rank_skip_the_step_on_every_rank(
