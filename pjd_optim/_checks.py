@@ -31,14 +31,15 @@ def check_ddp(model: nn.Module, distributed: str) -> None:
     reduces gradients the step did not make (silently wrong by 10x and more). So is
     ``distributed="none"`` (no agreement between ranks) on a DDP model, whose backward every rank
     must join."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if isinstance(model, ddp) and distributed == "none":
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    if distributed == "none":
         raise ValueError(
             "distributed='none' is for a model that one rank trains alone; this model is "
             "wrapped in DistributedDataParallel, whose backward every rank joins: use "
             "distributed='local' or 'global'. Nothing was changed."
         )
-    if isinstance(model, ddp) and getattr(model, "static_graph", False):
+    if getattr(model, "static_graph", False):
         raise ValueError(
             "DistributedDataParallel(static_graph=True) is not supported: its delayed "
             "all-reduce runs after every backward through the model, the step's own passes "

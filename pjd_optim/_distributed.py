@@ -77,35 +77,37 @@ def _sharded(model: nn.Module) -> bool:
     return isinstance(model, FullyShardedDataParallel) or sharded(model)
 
 
-def all_ranks_agree(ok: bool, device: torch.device, ranks: Ranks) -> bool:
-    """Whether every rank says ``ok`` (one all-reduce, else ``ok``): a step one rank refuses is
-    refused on all, before any other collective, so none waits."""
-    return each_agreed([ok], device, ranks)[0]
+def agree(
+    device: torch.device, ranks: Ranks, finite: bool = True, count: int = 0, shapes: int = 0
+) -> tuple[bool, bool, bool]:
+    """An agreement point of a rank that went through (one all-reduce, of the same shape at every
+    point, so that a refusing rank's word, :func:`refuse`, meets whichever point the others are
+    at): raises :func:`another_rank_refused` where a rank refused; else whether every rank is
+    ``finite``, has the same ``count`` (of losses, positions, ...) and the same ``shapes`` (a
+    signature of the calls ``"global"`` gathers). Alone: the values themselves."""
+    ok, every_finite, same, alike = _reduced(True, finite, count, shapes, device, ranks)
+    if not ok:
+        raise another_rank_refused()
+    return every_finite, same, alike
 
 
-def step_agreed(
-    ok: bool, finite: bool, rows: int, device: torch.device, ranks: Ranks, shapes: int = 0
+def refuse(device: torch.device, ranks: Ranks) -> None:
+    """This rank refuses the step: it says so at the other ranks' agreement point, where they
+    refuse too (none waits for it in a later collective)."""
+    _reduced(False, False, 0, 0, device, ranks)
+
+
+def _reduced(
+    ok: bool, finite: bool, count: int, shapes: int, device: torch.device, ranks: Ranks
 ) -> tuple[bool, bool, bool, bool]:
-    """The step's one agreement (one all-reduce; alone, the values themselves): whether every
-    rank went through (a rank that refused says ``ok=False``), whether every rank's Gramian and
-    losses are finite, whether every rank has ``rows`` losses and the same ``shapes`` (a
-    signature of the calls ``"global"`` gathers, which must have equal shapes)."""
+    """Every rank's ``ok`` and ``finite`` (all of them), and whether ``count`` and ``shapes`` are
+    the same on every rank: one MIN all-reduce of six integers."""
     if ranks.size == 1:
         return ok, finite, True, True
-    values = torch.tensor([int(ok), int(finite), rows, -rows, shapes, -shapes], device=device)
+    values = torch.tensor([int(ok), int(finite), count, -count, shapes, -shapes], device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MIN, group=ranks.group)
     every_ok, every_finite, fewest, most, least, greatest = values.tolist()
     return bool(every_ok), bool(every_finite), fewest == -most, least == -greatest
-
-
-def each_agreed(flags: list[bool], device: torch.device, ranks: Ranks) -> list[bool]:
-    """For each flag, whether every rank says it (one all-reduce for all, every rank passing as
-    many flags; alone, the flags themselves)."""
-    if ranks.size == 1:
-        return flags
-    values = torch.tensor([1 if f else 0 for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=ranks.group)
-    return [bool(v) for v in values.tolist()]
 
 
 def shapes_signature(records: Sequence[Record]) -> int:

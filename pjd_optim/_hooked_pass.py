@@ -11,14 +11,7 @@ from torch import Tensor
 
 from . import _maps
 from ._checks import is_finite, is_finite_tensor
-from ._distributed import (
-    Agreed,
-    CallGatherer,
-    Ranks,
-    another_rank_refused,
-    shapes_signature,
-    step_agreed,
-)
+from ._distributed import Agreed, CallGatherer, Ranks, agree, refuse, shapes_signature
 from ._pass import Pass
 from ._passes import NotConnected, keeps_graph
 from ._records import Record
@@ -67,17 +60,13 @@ class HookedPass(Pass):
         except Agreed:
             raise
         except ValueError:
-            step_agreed(False, False, 0, losses.device, ranks)
+            refuse(losses.device, ranks)
             raise
         # One all-reduce: whether every rank went through, and (the Gramians being local
         # unless "global") whether every rank's is finite, so that all skip, raise or go on
         # together (a rank stepping alone would wait in DDP's all-reduce).
         shapes = shapes_signature(records) if self.gather is not None else 0
-        ok, every_finite, same, alike = step_agreed(
-            True, finite, losses.numel(), losses.device, ranks, shapes
-        )
-        if not ok:
-            raise another_rank_refused()
+        every_finite, same, alike = agree(losses.device, ranks, finite, losses.numel(), shapes)
         if self.gather is not None and not same:
             raise ValueError(
                 "distributed='global' needs as many losses on every rank (it gathers the "
@@ -106,10 +95,7 @@ class HookedPass(Pass):
         one all-reduce before the first says whether every rank got this far (a rank that
         refused earlier says no), and, for per-position losses (``[B, T]``, one pass per
         position), whether every rank has as many positions."""
-        positions = self.losses[0].numel()
-        ok, _, same, _ = step_agreed(True, True, positions, self.losses.device, self.ranks)
-        if not ok:
-            raise another_rank_refused()
+        _, same, _ = agree(self.losses.device, self.ranks, count=self.losses[0].numel())
         if not same:
             raise ValueError(
                 f"Per-position losses {tuple(self.losses.shape)} under FSDP need the same "
@@ -124,9 +110,7 @@ class HookedPass(Pass):
         non-finite rank makes every rank stop there (a non-finite step); a mix of both is
         refused on every rank."""
         device = self.losses.device
-        ok, every_finite, same, _ = step_agreed(True, finite, int(done), device, self.ranks)
-        if not ok:
-            raise another_rank_refused()
+        every_finite, same, _ = agree(device, self.ranks, finite, int(done))
         if not every_finite:
             m = self.objectives.numel()
             raise _NotFinite(torch.full((m, m), torch.nan, device=device))
@@ -211,9 +195,7 @@ class HookedPass(Pass):
                 except ValueError:  # the passes kept the graph: losses.backward(w) instead
                     resume.usable = False
         if self.ranks.sharded:  # (a rank that refused above says so before the parameter gathers)
-            ok, _, _, _ = step_agreed(True, True, 0, losses.device, self.ranks)
-            if not ok:
-                raise another_rank_refused()
+            agree(losses.device, self.ranks)
         gramian = source._sum(records, m)
         return records, gramian, is_finite(gramian, losses)
 

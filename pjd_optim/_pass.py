@@ -22,17 +22,18 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from ._checks import is_finite
-from ._distributed import ALONE, Ranks, another_rank_refused, step_agreed
+from ._distributed import ALONE, Ranks, agree, refuse
 
 
 class Pass:
     """The Gramian of :attr:`objectives` and their weighted backward (by default
     ``objectives.backward(w)``). ``size``/``rank``: the ranks whose objectives the Gramian covers
-    (``distributed="global"``); ``resumed``, ``check_seconds``, ``received_bytes``: for
-    ``StepInfo``."""
+    (``distributed="global"``); ``ranks``: the ranks the step agrees with, decided once per step;
+    ``resumed``, ``check_seconds``, ``received_bytes``: for ``StepInfo``."""
 
     size = 1
     rank = 0
+    ranks = ALONE
     resumed = False
     check_seconds = 0.0
     received_bytes = 0
@@ -77,12 +78,9 @@ class GramianPass(Pass):
         try:
             gramian = self.gramian_of()
         except ValueError:
-            step_agreed(False, False, 0, device, self.ranks)
+            refuse(device, self.ranks)
             raise
-        finite = is_finite(gramian, self.objectives)
-        ok, every_finite, _, _ = step_agreed(True, finite, 0, device, self.ranks)
-        if not ok:
-            raise another_rank_refused()
+        every_finite, _, _ = agree(device, self.ranks, is_finite(gramian, self.objectives))
         return gramian, every_finite
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import RestoreGradsOnError, check_weights, nonfinite_gradient
-from ._distributed import Ranks, all_ranks_agree, another_rank_refused
+from ._distributed import ALONE, Ranks, agree, refuse
 from ._info import Status, StepInfo
 from ._pass import Pass
 from .weightings import Weighting
@@ -40,23 +40,25 @@ class PlainSteps:
     def _trainable(self) -> list[Tensor]:
         raise NotImplementedError
 
-    def _ranks(self) -> Ranks:
-        raise NotImplementedError
-
-    def _weigh(self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool) -> Tensor | None:
+    def _weigh(
+        self, gramian: Tensor, finite: bool, stop_on_nonfinite: bool, ranks: Ranks
+    ) -> Tensor | None:
         """The weighting's weights; where the losses or the Gramian are not finite, ``NaN``
         weights (as ``Tensor.backward`` on an overflowed loss: a non-finite gradient, which
         ``GradScaler`` skips), or, when stopping there, a skipped step (``None``) or an error, as
-        ``nonfinite`` says."""
+        ``nonfinite`` says. Every rank's weighting went through, or all refuse (the ranks weigh
+        their own Gramians, and a solver may refuse one rank's only; under ``"global"`` every
+        rank weighs the same one)."""
         if finite:
+            ranks = ALONE if ranks.gather else ranks
+            device = gramian.device
             try:
                 weights = self.weighting(gramian.detach())
                 weights = check_weights(weights, gramian.shape[0], gramian).detach()
             except Exception:
-                self._weighed_everywhere(False)
+                refuse(device, ranks)
                 raise
-            if not self._weighed_everywhere(True):
-                raise another_rank_refused()
+            agree(device, ranks)
             return weights
         if not stop_on_nonfinite:
             return torch.full_like(gramian[0], torch.nan).detach()
@@ -80,7 +82,7 @@ class PlainSteps:
                 jd.backward(weights)
                 nonfinite = nonfinite_gradient(trainable) if finite else None
                 stop = stop_on_nonfinite and finite  # (every rank takes the same decision)
-                if stop and not all_ranks_agree(nonfinite is None, weights.device, self._ranks()):
+                if stop and not agree(weights.device, jd.ranks, nonfinite is None)[0]:
                     raise _NonFiniteGradients
         except _NonFiniteGradients:
             self._skip_or_raise(
@@ -91,15 +93,6 @@ class PlainSteps:
             )
             return False, None
         return True, nonfinite
-
-    def _weighed_everywhere(self, ok: bool) -> bool:
-        """Whether every rank's weighting went through (one all-reduce, where the ranks weigh
-        their own Gramians: a solver may refuse one rank's only; under ``"global"`` every rank
-        weighs the same one)."""
-        ranks = self._ranks()
-        if ranks.gather:
-            return ok
-        return all_ranks_agree(ok, self._considered[0].device, ranks)
 
     def _skip_or_raise(self, message: str) -> None:
         """A non-finite step: skipped (counted) under ``nonfinite="skip"``, else the error."""

@@ -19,7 +19,7 @@ from ._checks import (
     check_modes,
     check_task_losses,
 )
-from ._distributed import Ranks, step_agreed, step_ranks
+from ._distributed import refuse, step_ranks
 from ._engine import GramianSource, HookedGramian
 from ._groups import check_disjoint, check_optimized, considered_names, considered_of
 from ._info import Status, StepInfo
@@ -196,7 +196,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         with full_precision(losses):
             gramian, finite = self._scaled_gramian(jd, losses) if half else jd.gramian()
             middle = time.perf_counter()
-            weights = self._weigh(gramian, finite, stop_on_nonfinite=False)
+            weights = self._weigh(gramian, finite, False, jd.ranks)
         assert weights is not None
         info = StepInfo(
             gramian.detach(),
@@ -232,7 +232,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
         with full_precision(jd.objectives):
             gramian, finite = jd.gramian()  # (refused here if the rows mix losses)
             middle = time.perf_counter()
-            weights = self._weigh(gramian, finite, stop_on_nonfinite)
+            weights = self._weigh(gramian, finite, stop_on_nonfinite, jd.ranks)
         if weights is None:
             return None
         end = time.perf_counter()
@@ -254,7 +254,7 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
     def _begin(self, losses: Losses, keep_graph: bool = False) -> Pass:
         """The pass of this backward (per-instance or task losses), after checking them."""
         source = self._status.source
-        ranks = self._ranks()
+        ranks = step_ranks(self.model, self.distributed)  # (decided once: the pass carries them)
         try:
             if isinstance(losses, (list, tuple)):
                 return source.begin_tasks(check_task_losses(losses), self._trainable(), ranks)
@@ -270,16 +270,13 @@ class PartialJDOptimizer(PlainSteps, WrappedOptimizer):
                 )
             return source.begin(losses, ranks, keep_graph)
         except (ValueError, TypeError):  # (the other ranks wait for this one's word: it refuses)
-            self._refuse_everywhere()
+            refuse(self._considered[0].device, ranks)
             raise
 
     def _refuse_everywhere(self) -> None:
-        """This rank refuses the step: the other ranks' agreement hears so (they refuse too)."""
-        step_agreed(False, False, 0, self._considered[0].device, self._ranks())
-
-    def _ranks(self) -> Ranks:
-        """The ranks this step agrees with (and, under ``"global"``, gathers from)."""
-        return step_ranks(self.model, self.distributed)
+        """This rank refuses the step before opening its pass: the other ranks' agreement hears
+        so (they refuse too)."""
+        refuse(self._considered[0].device, step_ranks(self.model, self.distributed))
 
     def _trainable(self) -> list[Tensor]:
         params = {id(p): p for p in (*self.model.parameters(), *self._group_parameters())}
